@@ -1,0 +1,31 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="megatron-prime",
+    version="0.1.0",
+    description="PRIME (Process Reinforcement through Implicit Rewards) trainer on megatron-core",
+    packages=find_packages(include=["megatron_prime", "megatron_prime.*"]),
+    python_requires=">=3.11",
+    install_requires=[
+        # Install the CPU build first (`pip install torch==2.13.0`); any torch >= 2.4 works.
+        "torch>=2.4",
+        # 0.16.1 is the newest release for Python 3.11; GPU clusters on 3.12 may use newer.
+        "megatron-core>=0.16.1",
+        "psutil",  # megatron-core dist_checkpointing needs it
+        "transformers>=4.51",  # HF configs, tokenizers, chat templates, the CPU rollout engine
+        "safetensors",
+        "tokenizers",  # the toy task's tokenizer is built locally
+        "pyyaml",
+        "math-verify[antlr4_13_2]",  # math answer equivalence
+        "pyarrow",  # parquet datasets
+        "tensorboard",
+        "tqdm",
+        "matplotlib",  # tools/compare_runs.py
+    ],
+    extras_require={
+        "gpu": ["transformer-engine[pytorch]", "sglang", "sglang-router"],
+        "vllm": ["vllm"],
+        "test": ["pytest", "hypothesis"],
+    },
+    entry_points={"console_scripts": ["megatron-prime=megatron_prime.cli:main"]},
+)

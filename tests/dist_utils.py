@@ -1,0 +1,60 @@
+"""Launch a function on N real gloo ranks (torch.multiprocessing spawn) from a test.
+
+Each rank runs ``fn(rank, world_size, *args)`` inside an initialised gloo process group.
+Starting processes costs seconds (imports), so put many checks into one launched function.
+Whatever rank 0 returns is handed back to the test (it must be picklable).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import tempfile
+import traceback
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank, world_size, port, result_path, fn, args):
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        WORLD_SIZE=str(world_size),
+        LOCAL_RANK=str(rank),
+    )
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    try:
+        result = fn(rank, world_size, *args)
+        if rank == 0:
+            torch.save(result, result_path)
+    except Exception:
+        # mp.spawn reports the exception, but print the full rank-tagged trace for humans.
+        print(f"[rank {rank}]\n{traceback.format_exc()}", flush=True)
+        raise
+    finally:
+        dist.destroy_process_group()
+
+
+def run_distributed(fn, *args, world_size: int = 2):
+    """Run ``fn(rank, world_size, *args)`` on ``world_size`` gloo ranks; return rank 0's result."""
+    with tempfile.TemporaryDirectory() as tmp:
+        result_path = os.path.join(tmp, "result.pt")
+        mp.spawn(
+            _worker,
+            args=(world_size, free_port(), result_path, fn, args),
+            nprocs=world_size,
+            join=True,
+        )
+        if os.path.exists(result_path):
+            return torch.load(result_path, weights_only=False)
+        return None
