@@ -1,0 +1,68 @@
+"""Implicit process rewards (paper Eq. 3) and the implicit PRM's cross-entropy loss (Algorithm 1)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from megatron_prime.algorithm.masked_ops import as_bool_mask, zero_invalid
+from megatron_prime.algorithm.metrics import metric
+
+
+def implicit_process_rewards(
+    prm_logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: torch.Tensor, beta: float
+) -> torch.Tensor:
+    """Token-level implicit process rewards, paper Eq. 3.
+
+    r_phi(y_t) = beta * (log pi_phi(y_t | y_<t) - log pi_ref(y_t | y_<t)), zero on padding.
+    All tensors are ``[batch, response_len]``; the result has ``prm_logprobs``' dtype.
+    """
+    valid = as_bool_mask(mask)
+    return zero_invalid(beta * (prm_logprobs - ref_logprobs), valid)
+
+
+def prm_loss(
+    prm_logprobs: torch.Tensor,
+    ref_logprobs: torch.Tensor,
+    mask: torch.Tensor,
+    outcome: torch.Tensor,
+    beta: float,
+    *,
+    loss_normalizer: float | torch.Tensor | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Cross-entropy of the implicit PRM against outcome labels (Algorithm 1, PRM update).
+
+    With the sequence reward s = beta * sum_t q_t = r_phi(y) (Eq. 3 summed over the response):
+        L_CE = -[ r_o * log sigma(s) + (1 - r_o) * log(1 - sigma(s)) ]
+    computed as -[ r_o * logsigmoid(s) + (1 - r_o) * logsigmoid(-s) ], which is finite for any
+    s. ``outcome`` is ``[batch]`` in [0, 1]; fractional labels (code pass rates) are soft targets.
+
+    The loss is sum_i L_CE_i / loss_normalizer. The default normaliser is this call's number of
+    responses (a plain mean); under micro-batching pass the global batch's response count so the
+    micro-batch losses add up to the global mean.
+
+    Metrics, as (sum, count) pairs over responses (see ``metrics.py``):
+      prm/loss            the cross-entropy
+      prm/accuracy        sign agreement: the PRM says "correct" (s > 0, i.e. sigma(s) > 0.5)
+                          exactly when the label says so (r_o > 0.5); s = 0 counts as "wrong"
+      prm/sequence_reward s = beta * sum_t q_t
+    """
+    valid = as_bool_mask(mask)
+    if outcome.shape != prm_logprobs.shape[:1]:
+        raise ValueError(f"outcome must be [batch]={tuple(prm_logprobs.shape[:1])}, got {tuple(outcome.shape)}")
+    sequence_reward = implicit_process_rewards(prm_logprobs, ref_logprobs, valid, beta).sum(dim=-1)
+    label = outcome.to(sequence_reward.dtype)
+    cross_entropy = -(label * F.logsigmoid(sequence_reward) + (1.0 - label) * F.logsigmoid(-sequence_reward))
+
+    num_responses = sequence_reward.shape[0]
+    normalizer = num_responses if loss_normalizer is None else loss_normalizer
+    loss = cross_entropy.sum() / normalizer
+
+    with torch.no_grad():
+        agrees = (sequence_reward > 0) == (label > 0.5)
+        metrics = {
+            "prm/loss": metric(cross_entropy.sum(), num_responses),
+            "prm/accuracy": metric(agrees.sum(), num_responses),
+            "prm/sequence_reward": metric(sequence_reward.sum(), num_responses),
+        }
+    return loss, metrics

@@ -1,0 +1,146 @@
+"""Move weights between HF tensors and a Megatron model sharded over TP/PP ranks.
+
+* ``load_hf_weights``: each rank reads only the slices of the HF tensors it owns.
+* ``export_hf_weights``: a generator of byte-bounded buckets of full, HF-named tensors. TP shards
+  are gathered to the stage's TP rank 0, later pipeline stages send to stage 0, and only the
+  (tp 0, pp 0) rank of each data-parallel replica materialises full tensors and yields them.
+  Every rank of the replica must iterate the generator to the end (it drives the collectives);
+  the others get no buckets. Peak extra memory on the leader: one bucket plus the largest tensor.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+
+from megatron_prime.bridge.mapping import (
+    SliceSource,
+    expected_hf_shape,
+    megatron_param_names,
+    param_spec,
+    read_shard,
+    shards_to_hf,
+)
+from megatron_prime.bridge.hf_io import CheckpointError
+from megatron_prime.models.gpt import padded_vocab_size
+from megatron_prime.models.hf_config import HFArch
+
+Bucket = list[tuple[str, torch.Tensor]]
+
+
+def unwrap(model):
+    """The GPTModel inside DDP / Float16Module wrappers."""
+    while hasattr(model, "module"):
+        model = model.module
+    return model
+
+
+def local_to_global_names(model) -> dict[str, str]:
+    """This stage's parameter names -> global canonical names (global layer numbers)."""
+    model = unwrap(model)
+    out = {}
+    for name, _ in model.named_parameters():
+        if name.startswith("decoder.layers."):
+            local, rest = name[len("decoder.layers."):].split(".", 1)
+            global_index = model.decoder.layers[int(local)].layer_number - 1
+            out[name] = f"decoder.layers.{global_index}.{rest}"
+        else:
+            out[name] = name
+    return out
+
+
+def load_hf_weights(model, arch: HFArch, source: SliceSource, vocab_pad_multiple: int = 128) -> None:
+    """Copy HF weights into this rank's shards of ``model`` (any TP/PP layout)."""
+    tp_rank = parallel_state.get_tensor_model_parallel_rank()
+    tp_size = parallel_state.get_tensor_model_parallel_world_size()
+    padded = padded_vocab_size(arch.vocab_size, tp_size, vocab_pad_multiple)
+    names = local_to_global_names(model)
+    params = dict(unwrap(model).named_parameters())
+    for local_name, global_name in names.items():
+        param = params[local_name]
+        spec = param_spec(arch, global_name)
+        shard = read_shard(arch, spec, source, tp_rank, tp_size, padded)
+        if tuple(shard.shape) != tuple(param.shape):
+            raise CheckpointError(
+                f"tensor(s) {', '.join(spec.hf_names)}: shard for Megatron '{global_name}' has shape "
+                f"{list(shard.shape)}, expected {list(param.shape)} (config and weights disagree)"
+            )
+        with torch.no_grad():
+            param.copy_(shard)
+
+
+def _owner_stage(arch: HFArch, global_name: str, pp_size: int) -> int:
+    if global_name.startswith("embedding."):
+        return 0
+    if global_name.startswith("decoder.layers."):
+        layer = int(global_name.split(".")[2])
+        return layer // (arch.num_layers // pp_size)
+    return pp_size - 1
+
+
+def _gather_tp(tensor: torch.Tensor, tp_dim: int | None) -> list[torch.Tensor] | None:
+    """All TP shards on TP rank 0 (None elsewhere); replicated tensors are not gathered."""
+    tp_size = parallel_state.get_tensor_model_parallel_world_size()
+    if tp_dim is None or tp_size == 1:
+        return [tensor]
+    group = parallel_state.get_tensor_model_parallel_group()
+    is_src = parallel_state.get_tensor_model_parallel_rank() == 0
+    shards = [torch.empty_like(tensor) for _ in range(tp_size)] if is_src else None
+    dist.gather(tensor.contiguous(), shards, dst=parallel_state.get_tensor_model_parallel_src_rank(),
+                group=group)
+    return shards
+
+
+@torch.no_grad()
+def export_hf_weights(model, arch: HFArch, bucket_bytes: int = 512 * 2**20) -> Iterator[Bucket]:
+    """Yield buckets of ``(hf_name, full tensor)`` on each replica's (tp 0, pp 0) rank."""
+    pp_size = parallel_state.get_pipeline_model_parallel_world_size()
+    pp_rank = parallel_state.get_pipeline_model_parallel_rank()
+    tp_rank = parallel_state.get_tensor_model_parallel_rank()
+    pp_ranks = dist.get_process_group_ranks(parallel_state.get_pipeline_model_parallel_group()) \
+        if pp_size > 1 else None
+    is_leader = pp_rank == 0 and tp_rank == 0
+    local_params = dict(unwrap(model).named_parameters())
+    params = {g: local_params[l] for l, g in local_to_global_names(model).items()}
+    dtype = next(iter(params.values())).dtype
+    device = next(iter(params.values())).device
+
+    bucket: Bucket = []
+    bucket_size = 0
+    for global_name in megatron_param_names(arch):
+        spec = param_spec(arch, global_name)
+        owner = _owner_stage(arch, global_name, pp_size)
+        tensors: list[tuple[str, torch.Tensor]] = []
+        if pp_rank == owner:
+            shards = _gather_tp(params[global_name].detach(), spec.tp_dim)
+            if tp_rank == 0:
+                tensors = shards_to_hf(arch, spec, shards)
+                if owner != 0:
+                    for _, t in tensors:
+                        dist.send(t.contiguous(), dst=pp_ranks[0])
+                    tensors = []
+        elif is_leader:
+            for hf_name in spec.hf_names:
+                t = torch.empty(expected_hf_shape(arch, hf_name), dtype=dtype, device=device)
+                dist.recv(t, src=pp_ranks[owner])
+                tensors.append((hf_name, t))
+        if not is_leader:
+            continue
+        for name, t in tensors:
+            nbytes = t.numel() * t.element_size()
+            if bucket and bucket_size + nbytes > bucket_bytes:
+                yield bucket
+                bucket, bucket_size = [], 0
+            bucket.append((name, t))
+            bucket_size += nbytes
+    if bucket:
+        yield bucket
+
+
+def iter_hf_tensors(model, arch: HFArch, bucket_bytes: int = 512 * 2**20) -> Iterator[tuple[str, torch.Tensor]]:
+    """``export_hf_weights`` flattened to ``(hf_name, tensor)`` pairs (what engines consume)."""
+    for bucket in export_hf_weights(model, arch, bucket_bytes):
+        yield from bucket

@@ -1,0 +1,116 @@
+"""Read a Hugging Face ``config.json`` into the few numbers a Megatron GPT model needs.
+
+Plain JSON (no transformers import) so config validation stays cheap. Handles both the
+transformers 4 layout (``rope_theta`` / ``rope_scaling``) and the 5 layout (``rope_parameters``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+
+
+class ModelConfigError(ValueError):
+    """A Hugging Face config that we cannot build a model from."""
+
+
+# architecture -> family
+SUPPORTED_ARCHITECTURES = {
+    "LlamaForCausalLM": "llama",
+    "Qwen2ForCausalLM": "qwen2",
+    "Qwen3ForCausalLM": "qwen3",
+}
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+
+
+@dataclass(frozen=True)
+class HFArch:
+    architecture: str
+    family: str
+    num_layers: int
+    hidden_size: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    ffn_hidden_size: int
+    vocab_size: int
+    max_position_embeddings: int
+    rms_norm_eps: float
+    rope_theta: float
+    rope_type: str = "default"
+    rope_params: dict = field(default_factory=dict)  # factor, low/high_freq_factor, ...
+    tie_embeddings: bool = False
+    qkv_bias: bool = False
+    qk_norm: bool = False
+
+
+def _require(cfg: dict, key: str, path: str):
+    if key not in cfg:
+        raise ModelConfigError(f"{path}: missing field '{key}'")
+    return cfg[key]
+
+
+def arch_from_dict(cfg: dict, path: str = "config.json") -> HFArch:
+    archs = cfg.get("architectures") or []
+    arch = next((a for a in archs if a in SUPPORTED_ARCHITECTURES), None)
+    if arch is None:
+        raise ModelConfigError(
+            f"{path}: architectures={archs!r} is not supported; supported: "
+            + ", ".join(SUPPORTED_ARCHITECTURES)
+        )
+    family = SUPPORTED_ARCHITECTURES[arch]
+    act = cfg.get("hidden_act", "silu")
+    if act != "silu":
+        raise ModelConfigError(f"{path}: hidden_act={act!r} is not supported; expected 'silu'")
+    if cfg.get("use_sliding_window"):
+        raise ModelConfigError(f"{path}: use_sliding_window=true is not supported")
+
+    rope = dict(cfg.get("rope_parameters") or cfg.get("rope_scaling") or {})
+    rope_theta = float(rope.pop("rope_theta", cfg.get("rope_theta", 10000.0)))
+    rope_type = rope.pop("rope_type", rope.pop("type", "default"))
+    if rope_type not in SUPPORTED_ROPE_TYPES:
+        raise ModelConfigError(
+            f"{path}: rope type {rope_type!r} is not supported; supported: {', '.join(SUPPORTED_ROPE_TYPES)}"
+        )
+
+    hidden = int(_require(cfg, "hidden_size", path))
+    heads = int(_require(cfg, "num_attention_heads", path))
+    kv_heads = int(cfg.get("num_key_value_heads") or heads)
+    head_dim = int(cfg.get("head_dim") or hidden // heads)
+    if heads % kv_heads:
+        raise ModelConfigError(
+            f"{path}: num_attention_heads={heads} is not a multiple of num_key_value_heads={kv_heads}"
+        )
+    return HFArch(
+        architecture=arch,
+        family=family,
+        num_layers=int(_require(cfg, "num_hidden_layers", path)),
+        hidden_size=hidden,
+        num_heads=heads,
+        num_kv_heads=kv_heads,
+        head_dim=head_dim,
+        ffn_hidden_size=int(_require(cfg, "intermediate_size", path)),
+        vocab_size=int(_require(cfg, "vocab_size", path)),
+        max_position_embeddings=int(cfg.get("max_position_embeddings", 4096)),
+        rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+        rope_theta=rope_theta,
+        rope_type=rope_type,
+        rope_params=rope,
+        tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+        # Qwen2 always has q/k/v biases; Llama and Qwen3 only with attention_bias=true.
+        qkv_bias=family == "qwen2" or bool(cfg.get("attention_bias", False)),
+        qk_norm=family == "qwen3",
+    )
+
+
+def read_hf_config(hf_dir: str) -> HFArch:
+    path = os.path.join(hf_dir, "config.json")
+    try:
+        with open(path) as f:
+            cfg = json.load(f)
+    except FileNotFoundError:
+        raise ModelConfigError(f"{path}: file not found (expected a Hugging Face checkpoint dir)") from None
+    except json.JSONDecodeError as e:
+        raise ModelConfigError(f"{path}: not valid JSON ({e})") from None
+    return arch_from_dict(cfg, path)
