@@ -1,0 +1,114 @@
+"""Megatron distributed checkpoints (torch_dist) of one model, written atomically.
+
+Layout of a model checkpoint directory::
+
+    MCORE_DIR/            megatron-core dist_checkpointing files (reshardable to any TP/PP)
+    MCORE_DIR/hf/         config.json + tokenizer files of the HF model it came from
+    MCORE_DIR/megatron_prime.json   what wrote it
+
+The directory appears in one rename when every rank has finished writing, so a crash leaves
+either the previous checkpoint or none, never a half-written one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+
+import torch.distributed as dist
+from megatron.core import dist_checkpointing
+
+from megatron_prime.bridge.hf_io import CheckpointError, copy_hf_metadata
+from megatron_prime.bridge.transfer import unwrap
+from megatron_prime.models.hf_config import HFArch, read_hf_config
+
+META_FILE = "megatron_prime.json"
+
+
+def _rank0() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def _broadcast(obj):
+    if not dist.is_initialized():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+class DistributedAtomicDir:
+    """``with DistributedAtomicDir(final) as tmp:`` — all ranks write into ``tmp``; on success
+    rank 0 renames it to ``final`` after a barrier. On error the temporary dir is removed."""
+
+    def __init__(self, final_dir: str):
+        self.final_dir = os.path.abspath(final_dir)
+
+    def __enter__(self) -> str:
+        tmp = None
+        if _rank0():
+            parent = os.path.dirname(self.final_dir)
+            os.makedirs(parent, exist_ok=True)
+            tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(self.final_dir)}.tmp-", dir=parent)
+        self.tmp = _broadcast(tmp)
+        return self.tmp
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is None and dist.is_initialized():
+            dist.barrier()
+        if not _rank0():
+            return False
+        if exc_type is not None:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            return False
+        if os.path.exists(self.final_dir):
+            trash = self.final_dir + ".old"
+            shutil.rmtree(trash, ignore_errors=True)
+            os.rename(self.final_dir, trash)
+            os.rename(self.tmp, self.final_dir)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            os.rename(self.tmp, self.final_dir)
+        return False
+
+
+def save_model(model, out_dir: str, hf_meta_dir: str, extra_meta: dict | None = None) -> None:
+    """Write ``model`` (all ranks call this) as a torch_dist checkpoint plus its HF metadata."""
+    sharded = unwrap(model).sharded_state_dict()
+    with DistributedAtomicDir(out_dir) as tmp:
+        dist_checkpointing.save(sharded, tmp)
+        if _rank0():
+            os.makedirs(os.path.join(tmp, "hf"))
+            copy_hf_metadata(hf_meta_dir, os.path.join(tmp, "hf"))
+            with open(os.path.join(tmp, META_FILE), "w") as f:
+                json.dump({"format": "megatron-prime/torch_dist", "version": 1, **(extra_meta or {})}, f)
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def read_meta(mcore_dir: str) -> dict:
+    path = os.path.join(mcore_dir, META_FILE)
+    if not os.path.exists(path):
+        raise CheckpointError(
+            f"{mcore_dir}: not a megatron-prime checkpoint ({META_FILE} missing; incomplete write?)"
+        )
+    with open(path) as f:
+        return json.load(f)
+
+
+def read_arch(mcore_dir: str) -> HFArch:
+    read_meta(mcore_dir)
+    return read_hf_config(os.path.join(mcore_dir, "hf"))
+
+
+def load_model(model, mcore_dir: str) -> None:
+    """Load a checkpoint written at any TP/PP into this rank's shards of ``model``."""
+    read_arch(mcore_dir)
+    inner = unwrap(model)
+    try:
+        state = dist_checkpointing.load(inner.sharded_state_dict(), mcore_dir)
+    except Exception as e:  # dist_checkpointing raises many types; name the dir
+        raise CheckpointError(f"{mcore_dir}: cannot load Megatron checkpoint: {e}") from e
+    inner.load_state_dict(state)

@@ -1,0 +1,68 @@
+"""``megatron-prime`` command line: train | sft | eval | demo | convert | data.
+
+Each subcommand imports its module lazily so ``--help`` and ``data check`` stay fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+
+CONVERT_SCRIPTS = {
+    "hf-to-mcore": "hf_to_mcore.py",
+    "mcore-to-hf": "mcore_to_hf.py",
+    "verify": "verify.py",
+}
+
+
+def _convert(argv: list[str]) -> int:
+    if not argv or argv[0] not in CONVERT_SCRIPTS:
+        print(f"usage: megatron-prime convert {{{'|'.join(CONVERT_SCRIPTS)}}} ARGS...", file=sys.stderr)
+        return 2
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    script = os.path.join(root, "checkpoints_convert", CONVERT_SCRIPTS[argv[0]])
+    return subprocess.call([sys.executable, script, *argv[1:]])
+
+
+def _data(argv: list[str]) -> int:
+    if not argv or argv[0] != "check":
+        print("usage: megatron-prime data check FILE [FILE...]", file=sys.stderr)
+        return 2
+    from megatron_prime.data import cli_check
+
+    return cli_check(argv[1:])
+
+
+def _training_command(name: str):
+    def run(argv: list[str]) -> int:
+        from megatron_prime.training import entrypoints
+
+        return getattr(entrypoints, name)(argv)
+
+    return run
+
+
+COMMANDS = {
+    "train": (_training_command("train"), "PRIME RL training: megatron-prime train CONFIG [key=value ...]"),
+    "sft": (_training_command("sft"), "supervised fine-tuning: megatron-prime sft CONFIG [key=value ...]"),
+    "eval": (_training_command("evaluate"), "greedy accuracy of a checkpoint on eval sets"),
+    "demo": (_training_command("demo"), "the tiny CPU demo: toy task, SFT, PRIME, before/after accuracy"),
+    "convert": (_convert, "checkpoint conversion: hf-to-mcore | mcore-to-hf | verify"),
+    "data": (_data, "dataset tools: data check FILE"),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        width = max(map(len, COMMANDS))
+        lines = [f"  {name:<{width}}  {help_}" for name, (_, help_) in COMMANDS.items()]
+        print("usage: megatron-prime COMMAND [ARGS...]\n\ncommands:\n" + "\n".join(lines))
+        return 0 if argv and argv[0] in ("-h", "--help") else 2
+    return COMMANDS[argv[0]][0](argv[1:]) or 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

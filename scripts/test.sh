@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Set up and run the whole test suite. Extra arguments go to pytest.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+set +e
+python3 -m pytest tests -q "$@"
+code=$?
+set -e
+if [ "$code" = 5 ]; then
+    echo "error: pytest collected no tests" >&2
+    exit 1
+fi
+exit $code

@@ -1,0 +1,53 @@
+import subprocess
+import sys
+import textwrap
+
+from megatron_prime.platform.distributed import detect_launch_env, expand_slurm_nodelist
+
+
+def test_slurm_nodelist_expansion():
+    assert expand_slurm_nodelist("gpu[001-003,007],login1") == ["gpu001", "gpu002", "gpu003", "gpu007", "login1"]
+    assert expand_slurm_nodelist("node7") == ["node7"]
+    assert expand_slurm_nodelist("a[9-11]") == ["a9", "a10", "a11"]
+
+
+def test_launch_env_from_slurm_and_torchrun():
+    env = detect_launch_env({
+        "SLURM_PROCID": "5", "SLURM_NTASKS": "16", "SLURM_LOCALID": "5",
+        "SLURM_JOB_NODELIST": "h100-[12-13]", "SLURM_JOB_ID": "4242",
+    })
+    assert (env.rank, env.world_size, env.local_rank, env.master_addr) == (5, 16, 5, "h100-12")
+    assert env.master_port == 20000 + 4242 and env.launcher == "slurm"
+    env = detect_launch_env({"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1",
+                             "MASTER_ADDR": "10.0.0.1", "MASTER_PORT": "1234", "SLURM_PROCID": "9"})
+    assert (env.rank, env.master_addr, env.master_port, env.launcher) == (1, "10.0.0.1", 1234, "torchrun")
+    assert detect_launch_env({}).launcher == "single"
+
+
+def _run(code: str) -> str:
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True,
+                          text=True, check=True).stdout.strip()
+
+
+def test_cpu_backend_active_without_cuda():
+    out = _run("""
+        import torch
+        from megatron_prime.platform import cpu_backend
+        assert cpu_backend.enable() and cpu_backend.is_active()
+        t = torch.zeros(2, device="cuda")
+        print(t.device, torch.ones(1).cuda().device, torch.cuda.current_device(), torch.ones(1).type())
+    """)
+    assert out == "cpu cpu 0 torch.cuda.FloatTensor"
+
+
+def test_cpu_backend_inactive_when_cuda_present():
+    # Pretend CUDA is available: enable() must not patch torch.cuda or install the mode.
+    out = _run("""
+        import torch
+        torch.cuda.is_available = lambda: True
+        original = torch.cuda.current_device
+        from megatron_prime.platform import cpu_backend
+        print(cpu_backend.enable(), cpu_backend.is_active(), torch.cuda.current_device is original,
+              torch.ones(1).type())
+    """)
+    assert out == "False False True torch.FloatTensor"
