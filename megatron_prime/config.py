@@ -27,6 +27,7 @@ class ConfigError(ValueError):
 class ModelConfig:
     hf_path: str = ""  # Hugging Face checkpoint dir: config.json, *.safetensors, tokenizer
     mcore_path: str = ""  # optional Megatron checkpoint to start from instead of hf_path's weights
+    prm_hf_path: str = ""  # optional separate starting point for the implicit PRM (same architecture)
     dtype: Literal["fp32", "bf16", "fp16"] = "bf16"
     fp8: Optional[Literal["e4m3", "hybrid"]] = None  # needs Transformer Engine on Hopper
     transformer_engine: Literal["auto", "on", "off"] = "auto"
@@ -116,7 +117,23 @@ class TrainConfig:
     micro_batch_tokens: int = 16384  # token budget per micro-batch (dynamic batch size)
     max_rollout_rounds: int = 8  # rollout rounds per step to fill the filtered batch
     offload: bool = True  # offload training state around rollout (GPU only)
+    eval_every: int = 0  # greedy accuracy on data.eval_files every N steps (0: start and end only)
+    eval_limit: int = 0  # evaluate on the first N eval prompts (0: all)
     seed: int = 1234
+
+
+@dataclass
+class SFTConfig:
+    train_file: str = ""  # jsonl rows {"prompt", "response"}
+    steps: int = 200
+    batch_size: int = 64
+    lr: float = 1e-5
+    min_lr: float = 0.0
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    output_dir: str = "outputs/sft"  # Megatron checkpoint + HF export (output_dir/hf)
+    log_every: int = 10
 
 
 @dataclass
@@ -126,6 +143,7 @@ class CheckpointConfig:
     keep_last: int = 3
     resume: str = "latest"  # "latest", "none", or a checkpoint dir
     export_hf: bool = True
+    export_dir: str = "outputs/hf"  # final HF exports: export_dir/policy, export_dir/prm
 
 
 @dataclass
@@ -146,6 +164,7 @@ class Config:
     algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
@@ -186,6 +205,11 @@ def _coerce(key: str, value: Any, tp) -> Any:
     elif tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str):  # PyYAML reads "1e-6" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
     elif tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value

@@ -7,10 +7,11 @@ from tests.hf_models import make_tiny_hf
 def test_yaml_and_dotted_overrides(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("parallel:\n  tp: 2\nalgorithm:\n  beta: 0.1\noptim:\n  policy:\n    lr: 1.0e-6\n")
-    cfg = load_config(str(path), ["parallel.pp=2", "algorithm.estimator=rloo", "data.train_files=a.parquet"])
+    cfg = load_config(str(path), ["parallel.pp=2", "algorithm.estimator=rloo", "data.train_files=a.parquet",
+                                  "optim.prm.lr=3e-6"])
     assert (cfg.parallel.tp, cfg.parallel.pp) == (2, 2)
     assert cfg.algorithm.beta == 0.1 and cfg.algorithm.estimator == "rloo"
-    assert cfg.optim.policy.lr == 1e-6 and cfg.optim.prm.lr == 1e-6  # paper defaults kept
+    assert cfg.optim.policy.lr == 1e-6 and cfg.optim.prm.lr == 3e-6  # "3e-6" is a string to PyYAML
     assert cfg.data.train_files == ["a.parquet"]
 
 

@@ -1,0 +1,49 @@
+"""The mathematics of PRIME (DESIGN.md §2) as pure, vectorised tensor functions.
+
+Imports only torch: no process groups, no I/O, no Megatron. Tensors are ``[batch, response_len]``
+with a 0/1 ``mask``; the K responses of one prompt are adjacent rows (``group_size=K``).
+"""
+
+from megatron_prime.algorithm.advantages import (
+    ADVANTAGE_ESTIMATORS,
+    OUTCOME_ONLY_ESTIMATORS,
+    compute_advantages,
+    gae_advantages,
+    grpo_advantages,
+    prime_rloo_advantages,
+    reinforce_advantages,
+    reinforce_pp_advantages,
+    reinforce_returns,
+    rloo_advantages,
+)
+from megatron_prime.algorithm.filtering import GroupBuffer, filter_groups
+from megatron_prime.algorithm.masked_ops import discounted_reverse_cumsum, leave_one_out_mean, masked_whiten
+from megatron_prime.algorithm.metrics import accumulate_metrics, metric, metric_means
+from megatron_prime.algorithm.policy_loss import KL_ESTIMATORS, kl_penalty, policy_loss
+from megatron_prime.algorithm.rewards import implicit_process_rewards, prm_loss
+
+__all__ = [
+    "ADVANTAGE_ESTIMATORS",
+    "KL_ESTIMATORS",
+    "OUTCOME_ONLY_ESTIMATORS",
+    "GroupBuffer",
+    "accumulate_metrics",
+    "compute_advantages",
+    "discounted_reverse_cumsum",
+    "filter_groups",
+    "gae_advantages",
+    "grpo_advantages",
+    "implicit_process_rewards",
+    "kl_penalty",
+    "leave_one_out_mean",
+    "masked_whiten",
+    "metric",
+    "metric_means",
+    "policy_loss",
+    "prime_rloo_advantages",
+    "prm_loss",
+    "reinforce_advantages",
+    "reinforce_pp_advantages",
+    "reinforce_returns",
+    "rloo_advantages",
+]

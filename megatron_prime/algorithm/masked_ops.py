@@ -41,22 +41,37 @@ def leave_one_out_mean(values: torch.Tensor, group_size: int) -> torch.Tensor:
     """For each response i, the mean of ``values`` over the *other* K-1 responses of its group.
 
     ``values`` is ``[batch]``. With K = 1 there are no other responses; the empty mean is taken as
-    0 (no baseline), so RLOO degrades to REINFORCE instead of dividing by zero.
+    0 (no baseline), so RLOO degrades to REINFORCE instead of dividing by zero. Computed in
+    float64 so that a group of equal values gets a baseline exactly equal to them.
     """
     check_groups(values.shape[0], group_size)
     if group_size == 1:
         return torch.zeros_like(values)
-    grouped = values.view(-1, group_size)
+    grouped = values.to(torch.float64).reshape(-1, group_size)
     others_sum = grouped.sum(dim=1, keepdim=True) - grouped
-    return (others_sum / (group_size - 1)).reshape(-1)
+    return (others_sum / (group_size - 1)).reshape(-1).to(values.dtype)
 
 
-def masked_mean_var(values: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean and unbiased (n - 1) variance over all valid entries. n <= 1 gives variance 0."""
-    count = valid.sum()
-    mean = zero_invalid(values, valid).sum() / count.clamp(min=1)
-    squared_dev = zero_invalid((values - mean) ** 2, valid).sum()
-    var = squared_dev / (count - 1).clamp(min=1)
+def masked_mean_var(
+    values: torch.Tensor, valid: torch.Tensor, dim: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and unbiased (n - 1) variance over the valid entries of ``dim`` (kept as size 1), or
+    of the whole tensor when ``dim`` is None.
+
+    n <= 1 gives variance 0. Sums accumulate in float64 and the mean is rounded to ``values``'
+    dtype before taking deviations, so equal values give exactly zero deviations: a later
+    division by a tiny std (GRPO, whitening) then sees 0, not amplified rounding noise.
+    """
+
+    def masked_sum(x: torch.Tensor) -> torch.Tensor:
+        x = zero_invalid(x, valid)
+        return (
+            x.sum(dtype=torch.float64) if dim is None else x.sum(dim=dim, keepdim=True, dtype=torch.float64)
+        )
+
+    count = valid.sum() if dim is None else valid.sum(dim=dim, keepdim=True)
+    mean = (masked_sum(values) / count.clamp(min=1)).to(values.dtype)
+    var = (masked_sum((values - mean) ** 2) / (count - 1).clamp(min=1)).to(values.dtype)
     return mean, var
 
 
@@ -68,7 +83,7 @@ def masked_whiten(values: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -
     return zero_invalid((values - mean) * torch.rsqrt(var + eps), valid)
 
 
-def _is_right_padded(valid: torch.Tensor) -> bool:
+def is_right_padded(valid: torch.Tensor) -> bool:
     """True when every row is a run of valid positions followed only by padding."""
     if valid.shape[-1] < 2:
         return True
@@ -129,7 +144,7 @@ def discounted_reverse_cumsum(values: torch.Tensor, mask: torch.Tensor, gamma: f
     valid = as_bool_mask(mask)
     x = zero_invalid(values, valid)
     # With gamma = 1 the discount does not depend on token indices, so holes need no compaction.
-    if gamma == 1.0 or _is_right_padded(valid):
+    if gamma == 1.0 or is_right_padded(valid):
         return zero_invalid(_scan_right_padded(x, gamma), valid)
     order = compaction_order(valid)
     scanned = _scan_right_padded(x.gather(-1, order), gamma)

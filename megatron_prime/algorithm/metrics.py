@@ -18,7 +18,9 @@ def metric(total: torch.Tensor, count: torch.Tensor | int | float) -> torch.Tens
     return torch.stack([total, count])
 
 
-def accumulate_metrics(into: dict[str, torch.Tensor], new: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def accumulate_metrics(
+    into: dict[str, torch.Tensor], new: dict[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
     """Add ``new``'s (sum, count) pairs into ``into`` (in place) and return it."""
     for name, value in new.items():
         into[name] = into[name] + value if name in into else value.clone()

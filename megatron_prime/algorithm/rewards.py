@@ -49,7 +49,9 @@ def prm_loss(
     """
     valid = as_bool_mask(mask)
     if outcome.shape != prm_logprobs.shape[:1]:
-        raise ValueError(f"outcome must be [batch]={tuple(prm_logprobs.shape[:1])}, got {tuple(outcome.shape)}")
+        raise ValueError(
+            f"outcome must be [batch]={tuple(prm_logprobs.shape[:1])}, got {tuple(outcome.shape)}"
+        )
     sequence_reward = implicit_process_rewards(prm_logprobs, ref_logprobs, valid, beta).sum(dim=-1)
     label = outcome.to(sequence_reward.dtype)
     cross_entropy = -(label * F.logsigmoid(sequence_reward) + (1.0 - label) * F.logsigmoid(-sequence_reward))

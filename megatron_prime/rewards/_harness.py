@@ -6,7 +6,7 @@ process with its own wall-clock and CPU limit and an output cap, so one slow or 
 fails itself.
 
 Protocol: a JSON job on stdin
-    {"token", "mode": "stdio"|"call", "fn_name", "inputs", "timeout_s", "budget_s",
+    {"token", "mode": "stdio"|"call"|"check", "fn_name", "inputs", "timeout_s", "budget_s",
      "max_output_bytes", "python", "solution", "call_runner"}
 and one line on stdout: token + JSON {"results": [{"status", "stdout", "returncode"}, ...]}.
 The token is random per run and only ever travels on our stdin, so the graded program (which
@@ -115,13 +115,14 @@ def main():
         argv = [job["python"], "-I", job["solution"]]
     else:
         argv = [job["python"], "-I", job["call_runner"], job["solution"], job["fn_name"]]
+        argv += ["--check"] if job["mode"] == "check" else []
     results = []
     for case_input in job["inputs"]:
         left = deadline - time.monotonic()
         if left <= 0.05:
             results.append({"status": "skipped", "stdout": "", "returncode": None})
             continue
-        data = case_input if job["mode"] == "stdio" else json.dumps(case_input)
+        data = json.dumps(case_input) if job["mode"] == "call" else case_input
         results.append(
             _run_case(argv, data.encode("utf-8"), min(job["timeout_s"], left), job["max_output_bytes"])
         )

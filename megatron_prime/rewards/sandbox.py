@@ -9,9 +9,10 @@ What the graded program gets (see ``_bwrap_argv``):
   * a cleared environment (``--clearenv``), so none of our environment variables;
   * limits: address space, processes, file size and open files via setrlimit, CPU seconds and
     wall time per test case, a total wall budget per program, and at most N bytes of output read;
-  * ``--die-with-parent`` and its own pid namespace: killing the outer bwrap (which we do on a
-    wall timeout, by process group) kills every process in the sandbox, including ones that
-    called ``setsid`` to escape their process group.
+  * its own pid namespace: on a wall timeout we SIGKILL the sandbox's pid 1 (found through
+    bwrap's --info-fd), and the kernel then kills every process in the namespace, including
+    ones that called ``setsid`` to leave their process group; ``--die-with-parent`` does the
+    same if we die.
 When we run as root, each sandbox runs under its own otherwise unused uid, so the process limit
 is counted for that sandbox alone (RLIMIT_NPROC is per uid and never applies to root).
 
@@ -44,6 +45,11 @@ logger = logging.getLogger(__name__)
 UNSAFE_ENV = "MEGATRON_PRIME_UNSAFE_CODE_EXEC"
 SANDBOX_PYTHON_ENV = "MEGATRON_PRIME_SANDBOX_PYTHON"
 INSTALL_HINT = "install bubblewrap: apt-get install bubblewrap"
+USERNS_HINT = (
+    "bubblewrap needs unprivileged user namespaces (sysctl kernel.unprivileged_userns_clone=1; on "
+    "Ubuntu >= 23.10 kernel.apparmor_restrict_unprivileged_userns=0 or an AppArmor profile for "
+    f"bwrap); if it is missing, {INSTALL_HINT}"
+)
 
 _HERE = Path(__file__).resolve().parent
 _HARNESS = (_HERE / "_harness.py").read_bytes()
@@ -101,15 +107,17 @@ def sandbox_python() -> str:
 _UID_BASE = 1_000_000_000
 _SLOTS_PER_PROCESS = 64
 _uid_slots: queue.Queue[int] | None = None
+_uid_slots_pid = 0
 _uid_lock = threading.Lock()
 
 
 def _acquire_uid() -> int | None:
-    global _uid_slots
+    global _uid_slots, _uid_slots_pid
     if os.geteuid() != 0:
         return None
     with _uid_lock:
-        if _uid_slots is None:
+        if _uid_slots is None or _uid_slots_pid != os.getpid():  # a forked child gets its own
+            _uid_slots_pid = os.getpid()
             # Spread processes (several trainer ranks on a node) over disjoint uid ranges.
             base = _UID_BASE + (os.getpid() % 1_000_000) * _SLOTS_PER_PROCESS
             _uid_slots = queue.Queue()
@@ -172,17 +180,31 @@ def _memfd(name: str, data: bytes) -> int:
     return fd
 
 
-def _bwrap_argv(python: str, limits: SandboxLimits, data_fds: dict[str, int]) -> list[str]:
+_options_cache: dict[str, frozenset[str]] = {}
+
+
+def _bwrap_options(bwrap: str) -> frozenset[str]:
+    """Options this bwrap knows: --disable-userns needs 0.8 and --size 0.7 (Ubuntu 22.04 ships
+    0.6); without them the sandbox is slightly weaker, not absent."""
+    if bwrap not in _options_cache:
+        text = subprocess.run([bwrap, "--help"], capture_output=True, text=True).stdout
+        _options_cache[bwrap] = frozenset(w for w in text.split() if w.startswith("--"))
+    return _options_cache[bwrap]
+
+
+def _bwrap_argv(python: str, limits: SandboxLimits, data_fds: dict[str, int], info_fd: int) -> list[str]:
     bwrap = shutil.which("bwrap")
     if bwrap is None:
         raise SandboxUnavailableError(f"bubblewrap (bwrap) not found on PATH; {INSTALL_HINT}")
+    options = _bwrap_options(bwrap)
     argv = [
         bwrap,
         "--unshare-all",
-        "--unshare-user",  # explicit, so --disable-userns is allowed
-        "--disable-userns",
+        "--unshare-user",  # explicit: --unshare-all only tries, and --disable-userns needs it
+        *(["--disable-userns"] if "--disable-userns" in options else []),
         "--die-with-parent",
         "--new-session",
+        "--info-fd", str(info_fd),
         "--clearenv",
         "--setenv", "PATH", "/usr/bin:/bin",
         "--setenv", "HOME", "/tmp",
@@ -203,7 +225,9 @@ def _bwrap_argv(python: str, limits: SandboxLimits, data_fds: dict[str, int]) ->
         prefix = str(Path(real_python).parent.parent)
         argv += ["--ro-bind", prefix, prefix]
     argv += ["--proc", "/proc", "--dev", "/dev"]
-    argv += ["--size", str(limits.max_file_bytes), "--tmpfs", "/tmp"]
+    if "--size" in options:
+        argv += ["--size", str(limits.max_file_bytes)]
+    argv += ["--tmpfs", "/tmp"]
     for dest, fd in data_fds.items():
         argv += ["--ro-bind-data", str(fd), dest]
     argv += ["--remount-ro", "/dev", "--remount-ro", "/", "--chdir", "/tmp", "--"]
@@ -253,7 +277,8 @@ def _launch(job: dict, solution: bytes, limits: SandboxLimits, unsafe: bool) -> 
     job = dict(job, python=python, budget_s=total)
     max_stdout = len(job["inputs"]) * (limits.max_output_bytes * 2 + 256) + 65536
     uid = None
-    fds: list[int] = []
+    fds: list[int] = []  # to close in the parent once the child has them
+    info_r = None
     workdir = None
     try:
         if unsafe:
@@ -269,7 +294,10 @@ def _launch(job: dict, solution: bytes, limits: SandboxLimits, unsafe: bool) -> 
             data = {_SOLUTION: solution, _HARNESS_PATH: _HARNESS, _CALL_RUNNER_PATH: _CALL_RUNNER}
             data_fds = {dest: _memfd(Path(dest).name, content) for dest, content in data.items()}
             fds += data_fds.values()
-            argv = _bwrap_argv(python, limits, data_fds) + [python, "-I", _HARNESS_PATH]
+            # bwrap reports the host pid of the sandbox's init on this pipe (see _stop).
+            info_r, info_w = os.pipe()
+            fds.append(info_w)
+            argv = _bwrap_argv(python, limits, data_fds, info_w) + [python, "-I", _HARNESS_PATH]
             env = {}
             uid = _acquire_uid()
         argv = _prlimit_argv(limits, uid, cpu_s=int(total) + 2) + argv
@@ -289,29 +317,66 @@ def _launch(job: dict, solution: bytes, limits: SandboxLimits, unsafe: bool) -> 
         for fd in fds:
             os.close(fd)
         fds = []
+        deadline = time.monotonic() + total + 2.0
+        init_pidfd = _sandbox_init_pidfd(info_r, deadline) if info_r is not None else None
+        timed_out = True  # until _communicate says otherwise
         try:
-            stdout, stderr, timed_out = _communicate(proc, time.monotonic() + total + 2.0, max_stdout)
+            stdout, stderr, timed_out = _communicate(proc, deadline, max_stdout)
         finally:
-            _kill_group(proc)
+            _stop(proc, init_pidfd, kill_now=timed_out)
         return _Raw(stdout, stderr, proc.returncode, timed_out)
     finally:
         for fd in fds:
             os.close(fd)
+        if info_r is not None:
+            os.close(info_r)
         _release_uid(uid)
         if workdir is not None:
             shutil.rmtree(workdir, ignore_errors=True)
 
 
-def _kill_group(proc: subprocess.Popen) -> None:
-    # Killing bwrap's process group ends bwrap; --die-with-parent and the pid namespace then take
-    # every sandboxed process with it.
+def _sandbox_init_pidfd(info_r: int, deadline: float) -> int | None:
+    """A pidfd for the sandbox's pid-1 from bwrap's --info-fd JSON (bwrap closes the pipe right
+    after writing it); None if bwrap failed before creating the sandbox."""
+    data = b""
+    with selectors.DefaultSelector() as sel:
+        sel.register(info_r, selectors.EVENT_READ)
+        while time.monotonic() < deadline and sel.select(deadline - time.monotonic()):
+            chunk = os.read(info_r, 4096)
+            if not chunk:
+                break
+            data += chunk
     try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
-    proc.wait()
-    proc.stdout.close()
-    proc.stderr.close()
+        return os.pidfd_open(json.loads(data)["child-pid"])
+    except (ValueError, KeyError, ProcessLookupError):
+        return None
+
+
+def _stop(proc: subprocess.Popen, init_pidfd: int | None, kill_now: bool) -> None:
+    """End the run and reap it. Killing the sandbox's pid-1 makes the kernel kill every process
+    in its pid namespace (setsid or not); bwrap then sees it die and exits."""
+    try:
+        if init_pidfd is not None:
+            try:
+                # After a clean finish bwrap exits by itself within moments.
+                proc.wait(timeout=0 if kill_now else 0.5)
+            except subprocess.TimeoutExpired:
+                signal.pidfd_send_signal(init_pidfd, signal.SIGKILL)
+            try:
+                proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                pass
+        if proc.poll() is None:
+            # Unsafe mode, or bwrap stuck: kill its whole process group.
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    except ProcessLookupError:
+        proc.wait()
+    finally:
+        if init_pidfd is not None:
+            os.close(init_pidfd)
+        proc.stdout.close()
+        proc.stderr.close()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -328,15 +393,17 @@ def check_sandbox() -> None:
     with _check_lock:
         if _checked:
             return
-        results = _run(
-            "print(6 * 7)", "stdio", [""], None, SandboxLimits(timeout_s=10, total_timeout_s=20), False
-        )
+        limits = SandboxLimits(timeout_s=10, total_timeout_s=20)
+        results, stderr = _run("print(6 * 7)", "stdio", [""], None, limits, False)
         if results is None or results[0].stdout.strip() != "42":
-            raise SandboxUnavailableError(f"the bubblewrap sandbox could not run Python: {results}")
+            raise SandboxUnavailableError(
+                f"the bubblewrap sandbox could not run {sandbox_python()}: {results}, stderr: {stderr!r}"
+            )
         _checked = True
 
 
-def _run(source, mode, inputs, fn_name, limits, unsafe) -> list[CaseResult] | None:
+def _run(source, mode, inputs, fn_name, limits, unsafe) -> tuple[list[CaseResult] | None, str]:
+    """(results, stderr tail); results is None when the harness reported nothing."""
     token = secrets.token_hex(16)
     job = {
         "token": token,
@@ -349,14 +416,14 @@ def _run(source, mode, inputs, fn_name, limits, unsafe) -> list[CaseResult] | No
         "call_runner": _CALL_RUNNER_PATH,
     }
     raw = _launch(job, source.encode("utf-8"), limits, unsafe)
+    message = raw.stderr.decode("utf-8", errors="replace").strip()
     for line in reversed(raw.stdout.decode("utf-8", errors="replace").splitlines()):
         if line.startswith(token):
-            return [CaseResult(**r) for r in json.loads(line[len(token) :])["results"]]
-    message = raw.stderr.decode("utf-8", errors="replace").strip()
+            return [CaseResult(**r) for r in json.loads(line[len(token) :])["results"]], message
     if message.startswith("bwrap:"):
         # bwrap failed before running anything: a broken sandbox must not look like wrong code.
-        raise SandboxUnavailableError(f"bubblewrap failed to start: {message}; {INSTALL_HINT}")
-    return None
+        raise SandboxUnavailableError(f"bubblewrap failed to start: {message}; {USERNS_HINT}")
+    return None, message
 
 
 def run_tests(
@@ -373,13 +440,15 @@ def run_tests(
     mode "stdio": each input is a string fed to the program's stdin; ``stdout`` is what it printed.
     mode "call": each input is a JSON list of arguments for ``fn_name`` (a function, or a method
     of ``class Solution``); ``stdout`` is the runner's JSON line {"ok", "result"}.
+    mode "check": each input is HumanEval-style test code defining ``check(candidate)``, called
+    with ``fn_name``; the runner's line has "ok": true when no assertion failed.
     If the whole run produced no result (the harness was killed, e.g. by the program killing its
     parent or by the total time limit), every case has status "no_result".
     """
-    if mode not in ("stdio", "call"):
-        raise ValueError(f"mode must be 'stdio' or 'call', got {mode!r}")
-    if mode == "call" and not fn_name:
-        raise ValueError("mode 'call' needs fn_name")
+    if mode not in ("stdio", "call", "check"):
+        raise ValueError(f"mode must be 'stdio', 'call' or 'check', got {mode!r}")
+    if mode != "stdio" and not fn_name:
+        raise ValueError(f"mode {mode!r} needs fn_name")
     unsafe = unsafe_requested(unsafe)
     if unsafe:
         _warn_unsafe()
@@ -387,7 +456,7 @@ def run_tests(
         check_sandbox()
     if not inputs:
         return []
-    results = _run(source, mode, list(inputs), fn_name, limits, unsafe)
+    results, _ = _run(source, mode, list(inputs), fn_name, limits, unsafe)
     if results is None:
         return [CaseResult("no_result", "", None) for _ in inputs]
     return results

@@ -54,7 +54,7 @@ def choose_tokens(
         cdf = probs.double().cumsum(dim=-1)
         # right=True returns the first index whose cdf exceeds u*total: never a token whose
         # probability is zero (its cdf equals its predecessor's).
-        tokens = torch.searchsorted(cdf, (u * cdf[:, -1]).unsqueeze(-1).to(cdf.device), right=True)
+        tokens = torch.searchsorted(cdf, (u.to(cdf.device) * cdf[:, -1]).unsqueeze(-1), right=True)
         tokens = tokens.squeeze(-1).clamp(max=logits.shape[-1] - 1)
     chosen = logprobs.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
     return tokens, chosen

@@ -1,0 +1,404 @@
+"""Advantage estimators: PRIME's RLOO with implicit process rewards (paper Eq. 5) and the other
+estimators of the paper's Table 4, each able to take the implicit process rewards.
+
+Shared conventions
+------------------
+* ``token_rewards`` are the implicit process rewards r_phi(y_t) = beta * q_t (Eq. 3), ``[B, T]``;
+  ``None`` means "no process rewards" (outcome-only) and equals ``process_coef = 0``.
+* ``outcome`` is the verifier's reward r_o in [0, 1], ``[B]``.
+* ``mask`` is 0/1 ``[B, T]``; rows are grouped so that the K = ``group_size`` responses of one
+  prompt are adjacent. Advantages are exactly 0 on padding and do not depend on what padding holds
+  or on how many padding columns there are.
+* PRIME's rule for mixing the two rewards (paper Sec. 3.3): returns are computed for the process
+  and the outcome rewards *separately* and then summed. The process return is the (discounted)
+  reverse cumulative sum over the response; the outcome term is placed, undiscounted, on every
+  token, exactly as in Eq. 5. ``process_coef`` and ``outcome_coef`` weight the two terms.
+* ``gamma`` discounts per *valid* token: masked positions inside a response are skipped
+  (see ``masked_ops.discounted_reverse_cumsum``).
+* ``whiten=True`` standardises the final advantages with the masked mean and unbiased std over
+  every valid token of the whole batch passed in. Under data parallelism call the estimators on
+  the full rollout batch, not per rank, if whitening or REINFORCE++ must see the whole batch.
+
+The registry ``ADVANTAGE_ESTIMATORS`` maps config names to these functions behind one uniform
+keyword signature; the trainer calls ``compute_advantages(name, ...)``.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from megatron_prime.algorithm.masked_ops import (
+    as_bool_mask,
+    check_groups,
+    compaction_order,
+    discounted_reverse_cumsum,
+    is_right_padded,
+    leave_one_out_mean,
+    masked_mean_var,
+    masked_whiten,
+    zero_invalid,
+)
+
+
+def _check_shapes(outcome: torch.Tensor, mask: torch.Tensor, *token_tensors: torch.Tensor | None) -> None:
+    if mask.dim() != 2:
+        raise ValueError(f"mask must be [batch, response_len], got shape {tuple(mask.shape)}")
+    for tensor in token_tensors:
+        if tensor is not None and tensor.shape != mask.shape:
+            raise ValueError(f"token tensor shape {tuple(tensor.shape)} != mask shape {tuple(mask.shape)}")
+    if outcome.shape != mask.shape[:1]:
+        raise ValueError(f"outcome must be [batch]={tuple(mask.shape[:1])}, got {tuple(outcome.shape)}")
+
+
+def _result_dtype(outcome: torch.Tensor, token_rewards: torch.Tensor | None) -> torch.dtype:
+    reference = token_rewards if token_rewards is not None else outcome
+    return reference.dtype if reference.is_floating_point() else torch.get_default_dtype()
+
+
+def _uses_process(token_rewards: torch.Tensor | None, process_coef: float) -> bool:
+    return token_rewards is not None and process_coef != 0.0
+
+
+def _combine(
+    valid: torch.Tensor,
+    outcome_term: torch.Tensor,
+    outcome_coef: float,
+    process_return: torch.Tensor | None = None,
+    process_coef: float = 1.0,
+    whiten: bool = False,
+) -> torch.Tensor:
+    """process_coef * process_return + outcome_coef * outcome_term (``[B]``, on every token),
+    exactly 0 on padding, optionally whitened over the batch."""
+    advantages = (outcome_coef * outcome_term)[:, None]  # broadcast along tokens, not materialised
+    if process_return is not None:
+        advantages = advantages + (process_return if process_coef == 1.0 else process_coef * process_return)
+    advantages = zero_invalid(advantages, valid)  # also broadcasts [B, 1] to [B, T]
+    return masked_whiten(advantages, valid) if whiten else advantages
+
+
+def prime_rloo_advantages(
+    token_rewards: torch.Tensor | None,
+    outcome: torch.Tensor,
+    mask: torch.Tensor,
+    group_size: int,
+    gamma: float = 1.0,
+    process_coef: float = 1.0,
+    outcome_coef: float = 1.0,
+    whiten: bool = False,
+    *,
+    k_scaled_tokens: bool = False,
+) -> torch.Tensor:
+    """PRIME's advantage, paper Eq. 5 (RLOO with implicit process rewards):
+
+        A_t^i = sum_{s=t}^{|y^i|} gamma^(s-t) [ r_phi(y_s^i) - 1/(K-1) sum_{j!=i} r_phi(y^j) / |y^j| ]
+              + [ r_o(y^i) - 1/(K-1) sum_{j!=i} r_o(y^j) ]
+
+    r_phi(y^j) / |y^j| is response j's mean process reward per valid token; its leave-one-out
+    mean over the other K-1 responses is subtracted from every token of response i before the
+    reverse discounted cumsum. The outcome term is plain RLOO, added to every token.
+
+    K = 1: the leave-one-out baselines are empty means, taken as 0 (REINFORCE). An empty response
+    (no valid tokens) contributes a mean process reward of 0 to the others' baselines.
+
+    ``k_scaled_tokens=True`` is the official PRIME code's variant (not Eq. 5): each token reward
+    becomes r_t * K/(K-1) - (sum over all K responses' per-token means)/(K-1)
+    = r_t - baseline_i + (r_t - own mean)/(K-1). The extra term sums to zero over a response, so
+    A_0 is unchanged and only later tokens differ. Ignored for K = 1.
+    """
+    _check_shapes(outcome, mask, token_rewards)
+    check_groups(mask.shape[0], group_size)
+    valid = as_bool_mask(mask)
+    dtype = _result_dtype(outcome, token_rewards)
+
+    outcome_term = outcome.to(dtype) - leave_one_out_mean(outcome.to(dtype), group_size)
+
+    process_return = None
+    if _uses_process(token_rewards, process_coef):
+        rewards = zero_invalid(token_rewards.to(dtype), valid)
+        lengths = valid.sum(dim=-1).clamp(min=1)
+        # r_phi(y^j) / |y^j|, accumulated in float64 (see masked_mean_var for why)
+        mean_reward = (rewards.sum(dim=-1, dtype=torch.float64) / lengths).to(dtype)
+        shaped = rewards - leave_one_out_mean(mean_reward, group_size)[:, None]
+        if k_scaled_tokens and group_size > 1:
+            shaped = shaped + (rewards - mean_reward[:, None]) / (group_size - 1)
+        process_return = discounted_reverse_cumsum(shaped, valid, gamma)
+
+    return _combine(valid, outcome_term, outcome_coef, process_return, process_coef, whiten)
+
+
+def rloo_advantages(
+    outcome: torch.Tensor,
+    mask: torch.Tensor,
+    group_size: int,
+    outcome_coef: float = 1.0,
+    whiten: bool = False,
+) -> torch.Tensor:
+    """Outcome-only RLOO, the paper's baseline: A_t^i = r_o(y^i) - 1/(K-1) sum_{j!=i} r_o(y^j) on
+    every token. Identical to ``prime_rloo_advantages`` with ``process_coef=0`` (or no process
+    rewards), so the baseline run is one switch away. K = 1 gives A = r_o (empty baseline = 0).
+    """
+    return prime_rloo_advantages(None, outcome, mask, group_size, outcome_coef=outcome_coef, whiten=whiten)
+
+
+def grpo_advantages(
+    token_rewards: torch.Tensor | None,
+    outcome: torch.Tensor,
+    mask: torch.Tensor,
+    group_size: int,
+    gamma: float = 1.0,
+    process_coef: float = 1.0,
+    outcome_coef: float = 1.0,
+    whiten: bool = False,
+    *,
+    eps: float = 1e-6,
+) -> torch.Tensor:
+    """GRPO (group mean/std normalisation) with implicit process rewards.
+
+        A_t^i = process_coef * sum_{s>=t} gamma^(s-t) (r_phi(y_s^i) - mu_g) / (sigma_g + eps)
+              + outcome_coef * (r_o(y^i) - mean_g r_o) / (std_g r_o + eps)
+
+    The outcome term is GRPO's outcome supervision. The process term follows GRPO's process
+    supervision (DeepSeekMath Sec. 4.1.3): every process reward is normalised by the mean and std
+    of *all* valid process rewards of its group (all tokens of the K responses), and the advantage
+    of a token is the sum of the normalised rewards from it to the end. Stds are unbiased (n - 1);
+    a single sample has std 0. K = 1 therefore gives a zero outcome term, not NaN; groups whose
+    outcomes are all equal get a zero outcome term.
+    """
+    _check_shapes(outcome, mask, token_rewards)
+    num_groups = check_groups(mask.shape[0], group_size)
+    valid = as_bool_mask(mask)
+    dtype = _result_dtype(outcome, token_rewards)
+
+    grouped = outcome.to(dtype).reshape(num_groups, group_size)
+    mean, var = masked_mean_var(grouped, torch.ones_like(grouped, dtype=torch.bool), dim=1)
+    outcome_term = ((grouped - mean) / (var.sqrt() + eps)).reshape(-1)
+
+    process_return = None
+    if _uses_process(token_rewards, process_coef):
+        # Pool every valid token of the group: [G, K*T] rows with their mask.
+        group_rewards = token_rewards.to(dtype).reshape(num_groups, -1)
+        group_valid = valid.reshape(num_groups, -1)
+        token_mean, token_var = masked_mean_var(group_rewards, group_valid, dim=1)
+        normalised = ((group_rewards - token_mean) / (token_var.sqrt() + eps)).reshape(valid.shape)
+        process_return = discounted_reverse_cumsum(normalised, valid, gamma)
+
+    return _combine(valid, outcome_term, outcome_coef, process_return, process_coef, whiten)
+
+
+def reinforce_returns(
+    token_rewards: torch.Tensor | None,
+    outcome: torch.Tensor,
+    mask: torch.Tensor,
+    gamma: float = 1.0,
+    process_coef: float = 1.0,
+    outcome_coef: float = 1.0,
+) -> torch.Tensor:
+    """PRIME's combined return without a baseline:
+    G_t = process_coef * sum_{s>=t} gamma^(s-t) r_phi(y_s) + outcome_coef * r_o(y) on every token."""
+    _check_shapes(outcome, mask, token_rewards)
+    valid = as_bool_mask(mask)
+    dtype = _result_dtype(outcome, token_rewards)
+    process_return = None
+    if _uses_process(token_rewards, process_coef):
+        process_return = discounted_reverse_cumsum(token_rewards.to(dtype), valid, gamma)
+    return _combine(valid, outcome.to(dtype), outcome_coef, process_return, process_coef)
+
+
+def reinforce_advantages(
+    token_rewards: torch.Tensor | None,
+    outcome: torch.Tensor,
+    mask: torch.Tensor,
+    gamma: float = 1.0,
+    process_coef: float = 1.0,
+    outcome_coef: float = 1.0,
+    whiten: bool = False,
+) -> torch.Tensor:
+    """REINFORCE (Williams 1992) with implicit process rewards: A_t = G_t of ``reinforce_returns``,
+    no baseline."""
+    returns = reinforce_returns(token_rewards, outcome, mask, gamma, process_coef, outcome_coef)
+    return masked_whiten(returns, mask) if whiten else returns
+
+
+def reinforce_pp_advantages(
+    token_rewards: torch.Tensor | None,
+    outcome: torch.Tensor,
+    mask: torch.Tensor,
+    gamma: float = 1.0,
+    process_coef: float = 1.0,
+    outcome_coef: float = 1.0,
+) -> torch.Tensor:
+    """REINFORCE++ (Hu 2025): the REINFORCE return G_t, normalised over the whole batch,
+    A_t = (G_t - mean) / std with the masked mean and unbiased std over every valid token.
+    REINFORCE++'s KL-in-reward term lives in ``policy_loss`` (``kl_coef``) in this code base."""
+    valid = as_bool_mask(mask)
+    returns = reinforce_returns(token_rewards, outcome, mask, gamma, process_coef, outcome_coef)
+    return masked_whiten(returns, valid)
+
+
+def gae_advantages(
+    token_rewards: torch.Tensor | None,
+    outcome: torch.Tensor,
+    mask: torch.Tensor,
+    values: torch.Tensor,
+    gamma: float = 1.0,
+    lam: float = 1.0,
+    process_coef: float = 1.0,
+    outcome_coef: float = 1.0,
+    whiten: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """GAE (Schulman et al. 2016) for PPO with a value model, the implicit reward as the reward.
+
+    Per-token reward r_t = process_coef * r_phi(y_t), plus outcome_coef * r_o(y) on the last valid
+    token. With V the value model's ``values`` ([B, T], V(s_t) before emitting y_t) and
+    V after the last valid token = 0:
+        delta_t = r_t + gamma * V_{t+1} - V_t,    A_t = sum_{l>=0} (gamma * lam)^l delta_{t+l}
+    Returns ``(advantages, returns)`` with returns = A + V (the value targets), taken before any
+    whitening. With gamma = lam = 1 and V = 0, A equals ``reinforce_advantages``.
+    "Next" means the next valid token: masked positions inside a response are skipped.
+    """
+    _check_shapes(outcome, mask, token_rewards, values)
+    valid = as_bool_mask(mask)
+    dtype = values.dtype
+    rewards = torch.zeros(mask.shape, dtype=dtype, device=mask.device)
+    if _uses_process(token_rewards, process_coef):
+        rewards = process_coef * zero_invalid(token_rewards.to(dtype), valid)
+
+    # Work in a layout where each row's valid tokens come first, so "next token" is t + 1 and
+    # the last valid token sits at length - 1. Right padding already is that layout.
+    order = None if is_right_padded(valid) else compaction_order(valid)
+
+    def compact(x: torch.Tensor) -> torch.Tensor:
+        return x if order is None else x.gather(-1, order)
+
+    c_valid = compact(valid)
+    c_values = zero_invalid(compact(values), c_valid)
+    lengths = valid.sum(dim=-1)
+    rows = torch.arange(mask.shape[0], device=mask.device)
+    outcome_at_end = torch.where(lengths > 0, outcome_coef * outcome.to(dtype), 0.0)
+    c_rewards = compact(rewards).index_put(
+        (rows, (lengths - 1).clamp(min=0)), outcome_at_end, accumulate=True
+    )
+
+    next_values = torch.nn.functional.pad(c_values[:, 1:], (0, 1))  # 0 past the last valid token
+    deltas = c_rewards + gamma * next_values - c_values
+    c_advantages = discounted_reverse_cumsum(deltas, c_valid, gamma * lam)
+
+    advantages = (
+        c_advantages if order is None else torch.empty_like(c_advantages).scatter_(-1, order, c_advantages)
+    )
+    advantages = zero_invalid(advantages, valid)
+    returns = zero_invalid(advantages + values, valid)
+    return (masked_whiten(advantages, valid) if whiten else advantages), returns
+
+
+# --- registry -----------------------------------------------------------------------------------
+# Uniform keyword signature used by the trainer; each entry ignores the arguments its estimator
+# has no use for (documented per entry).
+AdvantageEstimator = Callable[..., torch.Tensor]
+
+
+def _prime_rloo(*, token_rewards, outcome, mask, group_size, gamma, process_coef, outcome_coef, whiten, **_):
+    return prime_rloo_advantages(
+        token_rewards, outcome, mask, group_size, gamma, process_coef, outcome_coef, whiten
+    )
+
+
+def _prime_rloo_k_scaled(
+    *, token_rewards, outcome, mask, group_size, gamma, process_coef, outcome_coef, whiten, **_
+):
+    return prime_rloo_advantages(
+        token_rewards,
+        outcome,
+        mask,
+        group_size,
+        gamma,
+        process_coef,
+        outcome_coef,
+        whiten,
+        k_scaled_tokens=True,
+    )
+
+
+def _rloo(*, outcome, mask, group_size, outcome_coef, whiten, **_):
+    return rloo_advantages(outcome, mask, group_size, outcome_coef, whiten)
+
+
+def _grpo(*, token_rewards, outcome, mask, group_size, gamma, process_coef, outcome_coef, whiten, **_):
+    return grpo_advantages(
+        token_rewards, outcome, mask, group_size, gamma, process_coef, outcome_coef, whiten
+    )
+
+
+def _reinforce(*, token_rewards, outcome, mask, gamma, process_coef, outcome_coef, whiten, **_):
+    return reinforce_advantages(token_rewards, outcome, mask, gamma, process_coef, outcome_coef, whiten)
+
+
+def _reinforce_pp(*, token_rewards, outcome, mask, gamma, process_coef, outcome_coef, **_):
+    # Already batch-normalised; `whiten` would only repeat that.
+    return reinforce_pp_advantages(token_rewards, outcome, mask, gamma, process_coef, outcome_coef)
+
+
+def _gae(*, token_rewards, outcome, mask, values, gamma, lam, process_coef, outcome_coef, whiten, **_):
+    if values is None:
+        raise ValueError("advantage estimator 'gae' needs `values` from a value model")
+    advantages, _returns = gae_advantages(
+        token_rewards, outcome, mask, values, gamma, lam, process_coef, outcome_coef, whiten
+    )
+    return advantages
+
+
+ADVANTAGE_ESTIMATORS: dict[str, AdvantageEstimator] = {
+    "prime_rloo": _prime_rloo,  # Eq. 5, the paper's method
+    "prime_rloo_k_scaled": _prime_rloo_k_scaled,  # official code's K/(K-1) token scaling
+    "rloo": _rloo,  # outcome-only RLOO, the paper's baseline (ignores token_rewards)
+    "grpo": _grpo,
+    "reinforce": _reinforce,  # ignores group_size
+    "reinforce_pp": _reinforce_pp,  # ignores group_size and whiten
+    "gae": _gae,  # needs values; ignores group_size; use gae_advantages for value targets
+}
+
+# Estimators that never read process rewards: a trainer may skip the PRM forward for them.
+OUTCOME_ONLY_ESTIMATORS = frozenset({"rloo"})
+
+
+def compute_advantages(
+    name: str,
+    *,
+    token_rewards: torch.Tensor | None,
+    outcome: torch.Tensor,
+    mask: torch.Tensor,
+    group_size: int,
+    gamma: float = 1.0,
+    lam: float = 1.0,
+    values: torch.Tensor | None = None,
+    process_coef: float = 1.0,
+    outcome_coef: float = 1.0,
+    whiten: bool = False,
+) -> torch.Tensor:
+    """Advantages ``[B, T]`` from the estimator registered as ``name`` (see ADVANTAGE_ESTIMATORS).
+
+    Runs without autograd: advantages are constants of the policy loss, and in PRIME's
+    single-forward mode ``token_rewards`` come from the PRM forward that also builds the PRM
+    loss's graph, which must not be extended here. Pass whole groups (K adjacent rows).
+    """
+    try:
+        estimator = ADVANTAGE_ESTIMATORS[name]
+    except KeyError:
+        raise ValueError(
+            f"unknown advantage estimator {name!r}; choose one of {sorted(ADVANTAGE_ESTIMATORS)}"
+        ) from None
+    with torch.no_grad():
+        return estimator(
+            token_rewards=token_rewards,
+            outcome=outcome,
+            mask=mask,
+            group_size=group_size,
+            gamma=gamma,
+            lam=lam,
+            values=values,
+            process_coef=process_coef,
+            outcome_coef=outcome_coef,
+            whiten=whiten,
+        )

@@ -1,0 +1,230 @@
+"""SGLang rollout engine on remote servers (disaggregated mode).
+
+SGLang servers run on other nodes, optionally behind ``sglang-router``; they are reached
+over HTTP. ``/generate`` goes to the router when one is given (else round-robin over the
+workers); weight and cache routes go to every worker directly (the router has no weight
+or memory routes). Weights travel by NCCL broadcast from the trainer's global rank 0 on
+a group it forms with every TP rank of every server (``/init_weights_update_group``),
+one flattened single-dtype bucket per ``/update_weights_from_distributed`` call.
+
+Written against SGLang ``SGLANG_VERSION`` (routes and bodies are in
+``sglang_engine.SGLANG_HTTP_USED``, checked by ``tests/test_sglang_contract.py``); not run
+on a GPU here. The trainer side needs sglang installed only for weight updates.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from typing import Iterable
+
+import torch
+
+from .base import Response, RolloutEngine, RolloutError, SamplingParams, check_prompts, describe_request
+from .sglang_engine import expand_requests, parse_output
+from .weight_buckets import DEFAULT_BUCKET_BYTES, bucket_meta, iter_buckets
+
+
+class SGLangRemoteEngine(RolloutEngine):
+    """``worker_urls``: every SGLang server (``http://host:port``), each with ``tp_size``
+    GPUs. ``router_url``: the sglang-router in front of them, for ``/generate``.
+    ``master_address``/``master_port``: where the trainer's rank 0 hosts the rendezvous of
+    the weight-broadcast group (reachable from the servers).
+
+    Construct on every trainer rank. ``generate`` works on any rank (HTTP is stateless).
+    ``update_weights`` is called on every rank (all ranks drive the bridge's export);
+    only global rank 0 sends. ``sleep``/``wake`` do nothing: remote servers do not share
+    GPUs with training. Requests time out after ``timeout_s`` seconds.
+    """
+
+    name = "sglang-remote"
+
+    def __init__(
+        self,
+        worker_urls: list[str],
+        tp_size: int,
+        master_address: str,
+        master_port: int,
+        router_url: str | None = None,
+        group_name: str = "megatron_prime_weights",
+        timeout_s: float = 1800.0,
+        samples_per_request: int = 64,
+        max_concurrent_requests: int = 32,
+        bucket_bytes: int = DEFAULT_BUCKET_BYTES,
+    ):
+        if not worker_urls:
+            raise ValueError("sglang-remote engine: no worker_urls")
+        self.workers = [u.rstrip("/") for u in worker_urls]
+        self.router = router_url.rstrip("/") if router_url else None
+        self.tp_size = tp_size
+        self.master_address, self.master_port = master_address, master_port
+        self.group_name = group_name
+        self.timeout_s = timeout_s
+        self.samples_per_request = samples_per_request
+        self.bucket_bytes = bucket_bytes
+        self.is_sender = not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
+        self._pool = ThreadPoolExecutor(max_workers=max(max_concurrent_requests, len(self.workers)))
+        self._group = None  # NCCL group with the servers, formed on first update
+
+    # ---- HTTP -----------------------------------------------------------------------------
+
+    def _request(self, base: str, route: str, body: dict | None, method: str = "POST"):
+        url = base + route
+        data = None if body is None else json.dumps(body).encode()
+        req = urllib.request.Request(url, data=data, method=method, headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=self.timeout_s) as resp:
+                raw = resp.read()
+        except urllib.error.HTTPError as exc:
+            detail = exc.read().decode(errors="replace")[:500]
+            raise RolloutError(self.name, f"{method} {url}", f"HTTP {exc.code}: {detail}") from exc
+        except (urllib.error.URLError, TimeoutError, ConnectionError) as exc:
+            raise RolloutError(self.name, f"{method} {url}", f"no answer ({exc!r}); server down or timed out") from exc
+        try:
+            return json.loads(raw)
+        except ValueError:
+            return raw.decode(errors="replace")
+
+    def _post(self, base: str, route: str, body: dict) -> object:
+        result = self._request(base, route, body)
+        if isinstance(result, dict) and result.get("success") is False:
+            raise RolloutError(self.name, f"POST {base}{route}", f"SGLang answered failure: {result.get('message')}")
+        return result
+
+    def _get(self, base: str, route: str) -> object:
+        return self._request(base, route, None, method="GET")
+
+    def _on_all_workers(self, route: str, body: dict) -> None:
+        for future in [self._pool.submit(self._post, w, route, body) for w in self.workers]:
+            future.result()
+
+    def wait_ready(self, timeout_s: float = 900.0) -> None:
+        """Block until every worker answers ``/health`` (servers take minutes to start)."""
+        deadline = time.monotonic() + timeout_s
+        for worker in self.workers:
+            while True:
+                try:
+                    self._get(worker, "/health")
+                    break
+                except RolloutError as exc:
+                    if time.monotonic() > deadline:
+                        raise RolloutError(self.name, f"GET {worker}/health", f"not ready after {timeout_s}s") from exc
+                    time.sleep(2.0)
+
+    # ---- generation -------------------------------------------------------------------------
+
+    def generate(self, prompt_token_ids: list[list[int]], sampling: SamplingParams) -> list[Response]:
+        request = describe_request(prompt_token_ids, sampling)
+        check_prompts(self.name, prompt_token_ids)
+        input_ids, params, prompt_of_row = expand_requests(prompt_token_ids, sampling)
+        targets = itertools.cycle([self.router] if self.router else self.workers)
+        chunks = []
+        for start in range(0, len(input_ids), self.samples_per_request):
+            rows = slice(start, start + self.samples_per_request)
+            body = {"input_ids": input_ids[rows], "sampling_params": params[rows], "return_logprob": True}
+            chunks.append(self._pool.submit(self._post, next(targets), "/generate", body))
+        outs = []
+        for future in chunks:
+            try:
+                outs.extend(future.result())
+            except RolloutError as exc:
+                raise RolloutError(self.name, f"{request} via {exc.request}", exc.reason) from exc
+        if len(outs) != len(input_ids):
+            raise RolloutError(self.name, request, f"asked for {len(input_ids)} responses, got {len(outs)}")
+        return [parse_output(self.name, request, out, p) for out, p in zip(outs, prompt_of_row)]
+
+    # ---- weights ------------------------------------------------------------------------------
+
+    def _connect(self) -> None:
+        """Form the broadcast group: rank 0 is this trainer rank, then each server's TP
+        ranks. The servers block in the HTTP call until the trainer joins, so the calls
+        run in threads while this thread joins."""
+        from sglang.srt.utils.common import init_custom_process_group
+
+        world_size = 1 + self.tp_size * len(self.workers)
+        calls = [
+            self._pool.submit(
+                self._post,
+                worker,
+                "/init_weights_update_group",
+                {
+                    "master_address": self.master_address,
+                    "master_port": self.master_port,
+                    "rank_offset": 1 + i * self.tp_size,
+                    "world_size": world_size,
+                    "group_name": self.group_name,
+                    "backend": "nccl",
+                },
+            )
+            for i, worker in enumerate(self.workers)
+        ]
+        self._group = init_custom_process_group(
+            backend="nccl",
+            init_method=f"tcp://{self.master_address}:{self.master_port}",
+            world_size=world_size,
+            rank=0,
+            group_name=self.group_name,
+        )
+        for call in calls:
+            call.result()
+
+    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Every rank calls this; non-senders only drain the stream (the bridge's export
+        is collective across the trainer's ranks). Tensors must be on this rank's GPU."""
+        if not self.is_sender:
+            for _ in named_tensors:
+                pass
+            return
+        from sglang.srt.weight_sync.tensor_bucket import FlattenedTensorBucket
+
+        if self._group is None:
+            self._connect()
+        self._on_all_workers("/begin_weight_update", {})
+        for bucket in iter_buckets(named_tensors, self.bucket_bytes):
+            names, dtypes, shapes = bucket_meta(bucket)
+            flat = FlattenedTensorBucket(named_tensors=bucket).get_flattened_tensor()
+            body = {
+                "names": names,
+                "dtypes": dtypes,
+                "shapes": shapes,
+                "group_name": self.group_name,
+                "flush_cache": False,
+                "load_format": "flattened_bucket",
+            }
+            # Each server allocates the same byte layout and joins the broadcast from
+            # inside this call, so post first, then send.
+            calls = [self._pool.submit(self._post, w, "/update_weights_from_distributed", body) for w in self.workers]
+            torch.distributed.broadcast(flat, src=0, group=self._group)
+            for call in calls:
+                call.result()
+        self._on_all_workers("/end_weight_update", {})
+        for worker in self.workers:  # old prefixes hold keys/values of the old weights
+            self._post(worker, "/flush_cache", {})
+
+    def sleep(self) -> None:
+        """Nothing to release: remote servers keep their own GPUs."""
+
+    def wake(self) -> None:
+        """Nothing to restore (see ``sleep``)."""
+
+    def restart(self) -> None:
+        """Servers are restarted by their launcher (SLURM job step); this waits until they
+        answer again and drops the old broadcast group, re-formed at the next update."""
+        if self._group is not None:
+            try:
+                self._on_all_workers("/destroy_weights_update_group", {"group_name": self.group_name})
+            except RolloutError:
+                pass  # a restarted server no longer knows the group
+            torch.distributed.destroy_process_group(self._group)
+            self._group = None
+        self.wait_ready()
+
+    def shutdown(self) -> None:
+        if self._group is not None:
+            torch.distributed.destroy_process_group(self._group)
+            self._group = None
+        self._pool.shutdown(wait=False, cancel_futures=True)

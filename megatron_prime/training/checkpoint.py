@@ -1,0 +1,142 @@
+"""Trainer checkpoints: policy and PRM with their optimizers and lr schedules (Megatron
+distributed checkpoints, reshardable), plus step, RNG states, data cursor and filter buffer.
+
+    CKPT_ROOT/step_00000010/
+        policy/   dist checkpoint {model, optimizer, scheduler} + hf/ + megatron_prime.json
+        prm/      the same for the implicit PRM (absent for outcome-only runs)
+        rng/rank_00000.pt ...   per-rank RNG states
+        trainer_state.pt        step, data cursor, filter buffer (rank 0)
+
+Each step directory appears in one rename once every rank has written (so a visible one is
+complete); ``policy/`` and ``prm/`` are also plain model checkpoints that
+``checkpoints_convert/mcore_to_hf.py`` converts. A directory that fails to load (corrupt or
+truncated files) is skipped with a warning and the previous one is used.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import warnings
+
+import torch
+import torch.distributed as dist
+from megatron.core import dist_checkpointing
+
+from megatron_prime.bridge.hf_io import copy_hf_metadata
+from megatron_prime.bridge.mcore_io import META_FILE, DistributedAtomicDir
+from megatron_prime.bridge.transfer import unwrap
+from megatron_prime.training.distributed_utils import is_rank0
+from megatron_prime.training.models import TrainableModel
+
+STEP_PATTERN = re.compile(r"^step_(\d{8})$")
+
+
+def step_dir(root: str, step: int) -> str:
+    return os.path.join(root, f"step_{step:08d}")
+
+
+def list_checkpoints(root: str) -> list[str]:
+    """Complete step directories under ``root``, oldest first."""
+    if not os.path.isdir(root):
+        return []
+    names = sorted(n for n in os.listdir(root) if STEP_PATTERN.match(n))
+    return [os.path.join(root, n) for n in names if os.path.exists(os.path.join(root, n, "trainer_state.pt"))]
+
+
+def _model_state(tm: TrainableModel, is_loading: bool) -> dict:
+    model_sd = unwrap(tm.model).sharded_state_dict()
+    return {
+        "model": model_sd,
+        # "fully_reshardable": optimizer state in model-parameter space, loadable at any TP/PP/DP
+        # (megatron-core 0.16's default format is rejected by its own checkpointing).
+        "optimizer": tm.optimizer.sharded_state_dict(
+            model_sd, is_loading=is_loading, metadata={"distrib_optim_sharding_type": "fully_reshardable"}
+        ),
+    }
+
+
+def _barrier():
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def save_checkpoint(root: str, step: int, models: dict[str, TrainableModel], trainer_state: dict,
+                    hf_meta_dir: str, keep_last: int, dtype: str) -> str:
+    """Write step ``step`` atomically (all ranks call this); keep the newest ``keep_last``."""
+    final = step_dir(root, step)
+    with DistributedAtomicDir(final) as tmp:
+        for name, tm in models.items():
+            path = os.path.join(tmp, name)
+            if is_rank0():
+                os.makedirs(path)
+            _barrier()
+            dist_checkpointing.save(_model_state(tm, is_loading=False), path)
+            if is_rank0():
+                torch.save(tm.scheduler.state_dict(), os.path.join(path, "scheduler.pt"))
+                os.makedirs(os.path.join(path, "hf"))
+                copy_hf_metadata(hf_meta_dir, os.path.join(path, "hf"))
+                with open(os.path.join(path, META_FILE), "w") as f:
+                    json.dump({"format": "megatron-prime/torch_dist", "version": 1, "dtype": dtype,
+                               "step": step, "role": name}, f)
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        if is_rank0():
+            os.makedirs(os.path.join(tmp, "rng"))
+        _barrier()
+        torch.save({"torch": torch.get_rng_state(),
+                    "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None},
+                   os.path.join(tmp, "rng", f"rank_{rank:05d}.pt"))
+        if is_rank0():
+            torch.save({"step": step, **trainer_state}, os.path.join(tmp, "trainer_state.pt"))
+    if is_rank0():
+        for old in list_checkpoints(root)[:-keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+    _barrier()
+    return final
+
+
+def load_checkpoint(path: str, models: dict[str, TrainableModel]) -> dict:
+    """Load one step directory into ``models``; returns the trainer state (on every rank)."""
+    for name, tm in models.items():
+        sub = os.path.join(path, name)
+        state = dist_checkpointing.load(_model_state(tm, is_loading=True), sub)
+        unwrap(tm.model).load_state_dict(state["model"])
+        tm.optimizer.load_state_dict(state["optimizer"])
+        tm.scheduler.load_state_dict(torch.load(os.path.join(sub, "scheduler.pt"), weights_only=False))
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    rng_path = os.path.join(path, "rng", f"rank_{rank:05d}.pt")
+    if os.path.exists(rng_path):  # absent when resuming on a different number of ranks
+        rng = torch.load(rng_path, weights_only=False)
+        torch.set_rng_state(rng["torch"])
+        if rng["cuda"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state(rng["cuda"])
+    return torch.load(os.path.join(path, "trainer_state.pt"), weights_only=False)
+
+
+def resume(root: str, resume_from: str, models: dict[str, TrainableModel]) -> dict | None:
+    """``resume_from``: "none", "latest" (newest loadable under ``root``) or a step directory.
+
+    A checkpoint that fails to load on any rank is skipped with a warning and the one before it
+    is tried. Returns the trainer state, or None when starting fresh."""
+    if resume_from == "none":
+        return None
+    candidates = [resume_from] if resume_from != "latest" else list(reversed(list_checkpoints(root)))
+    for path in candidates:
+        error = None
+        try:
+            state = load_checkpoint(path, models)
+        except Exception as e:  # corrupt / truncated / mismatched files
+            state, error = None, e
+        ok = torch.tensor([0 if error else 1], dtype=torch.int)
+        if dist.is_initialized():
+            dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+        if ok.item():
+            return state
+        if is_rank0():
+            warnings.warn(f"checkpoint {path} could not be loaded ({error or 'failed on another rank'}); "
+                          "trying the previous one", stacklevel=2)
+        if resume_from != "latest":
+            raise RuntimeError(f"cannot resume from {path}: {error}")
+    return None

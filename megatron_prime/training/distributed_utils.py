@@ -1,0 +1,61 @@
+"""Small collectives the trainer needs on top of megatron-core's ``parallel_state``."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+
+
+def is_rank0() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def broadcast_object(obj, src: int = 0):
+    """Rank ``src``'s picklable object on every rank."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return obj
+    box = [obj if dist.get_rank() == src else None]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def dp_rank_and_size() -> tuple[int, int]:
+    return parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()
+
+
+def dp_rows(num_rows: int) -> slice:
+    """This data-parallel rank's contiguous share of ``num_rows`` rows."""
+    rank, size = dp_rank_and_size()
+    if num_rows % size:
+        raise ValueError(f"{num_rows} rows do not split over {size} data-parallel ranks")
+    per = num_rows // size
+    return slice(rank * per, (rank + 1) * per)
+
+
+def gather_dp_rows(local: torch.Tensor) -> torch.Tensor:
+    """Concatenate every data-parallel rank's rows (inverse of ``dp_rows``)."""
+    _, size = dp_rank_and_size()
+    if size == 1:
+        return local
+    parts = [torch.empty_like(local) for _ in range(size)]
+    dist.all_gather(parts, local.contiguous(), group=parallel_state.get_data_parallel_group())
+    return torch.cat(parts, dim=0)
+
+
+def reduce_metric_pairs(metrics: dict) -> dict:
+    """Sum (sum, count) metric pairs over every rank (ranks without a key contribute nothing).
+
+    Tensor-parallel ranks hold identical copies: sum and count both scale by TP, so means
+    are unchanged.
+    """
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return metrics
+    local = {k: v.detach().cpu().double() for k, v in metrics.items()}
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, local)
+    total: dict = {}
+    for part in gathered:
+        for k, v in part.items():
+            total[k] = total[k] + v if k in total else v.clone()
+    return total

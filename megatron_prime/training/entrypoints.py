@@ -1,0 +1,91 @@
+"""Argument parsing for ``megatron-prime train | sft | eval | demo``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from megatron_prime.config import ConfigError, load_config
+
+
+def _config_args(argv, prog, description):
+    p = argparse.ArgumentParser(prog=prog, description=description)
+    p.add_argument("config", help="YAML config (see examples/configs)")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. parallel.tp=2")
+    args = p.parse_args(argv)
+    return load_config(args.config, args.overrides)
+
+
+def _guard(fn) -> int:
+    """Known user errors: one line on stderr and exit code 2, not a stack trace."""
+    from megatron_prime.bridge.hf_io import CheckpointError
+    from megatron_prime.data import DatasetError
+    from megatron_prime.models.hf_config import ModelConfigError
+
+    try:
+        fn()
+    except (ConfigError, CheckpointError, DatasetError, ModelConfigError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def train(argv) -> int:
+    def run():
+        from megatron_prime.training.trainer import train as run_train
+
+        cfg = _config_args(argv, "megatron-prime train", "PRIME RL training")
+        run_train(cfg)
+
+    return _guard(run)
+
+
+def sft(argv) -> int:
+    def run():
+        from megatron_prime.training.sft import sft as run_sft
+
+        cfg = _config_args(argv, "megatron-prime sft", "supervised fine-tuning")
+        result = run_sft(cfg)
+        print(f"SFT done: Megatron checkpoint {result['mcore']}, HF checkpoint {result['hf']}")
+
+    return _guard(run)
+
+
+def demo(argv) -> int:
+    p = argparse.ArgumentParser(prog="megatron-prime demo", description="the tiny CPU demo")
+    p.add_argument("--out", default="outputs/demo")
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--config", default=None, help="default: examples/configs/tiny_cpu.yaml")
+    p.add_argument("overrides", nargs="*")
+    args = p.parse_args(argv)
+
+    def run():
+        from megatron_prime.training.demo import run_demo
+
+        run_demo(args.out, args.seed, args.config, args.overrides)
+
+    return _guard(run)
+
+
+def evaluate(argv) -> int:
+    p = argparse.ArgumentParser(prog="megatron-prime eval",
+                                description="greedy accuracy of an HF checkpoint on prompt files")
+    p.add_argument("--model", required=True, help="Hugging Face checkpoint dir")
+    p.add_argument("--data", nargs="+", required=True, help="prompt files (jsonl/parquet)")
+    p.add_argument("--max-new-tokens", type=int, default=1024)
+    p.add_argument("--max-prompt-len", type=int, default=4096)
+    args = p.parse_args(argv)
+
+    def run():
+        from megatron_prime.data import load_prompt_dataset, render_prompt
+        from megatron_prime.rollout import build_engine
+        from megatron_prime.training.evaluate import greedy_accuracy
+
+        engine = build_engine("hf", model_dir_or_model=args.model)
+        for path in args.data:
+            rows = load_prompt_dataset(path)
+            acc = greedy_accuracy(engine, rows, engine.tokenizer, render_prompt,
+                                  max_prompt_len=args.max_prompt_len, max_new_tokens=args.max_new_tokens)
+            print(f"{path}: greedy accuracy {acc:.4f} over {len(rows)} prompts")
+
+    return _guard(run)

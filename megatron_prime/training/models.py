@@ -1,0 +1,106 @@
+"""The three models of PRIME in one parallel layout: trainable policy and implicit PRM (each with
+its own DDP buffers, distributed optimizer and lr schedule), and the frozen reference.
+
+Each model gets its own ``TransformerConfig``; megatron-core reads ``finalize_model_grads_func``,
+``grad_scale_func`` and ``no_sync_func`` from it but never sets them, so we do. Losses are
+per-token (``calculate_per_token_loss``): micro-batch losses are sums and
+``finalize_model_grads`` divides the grads by the global item count over all micro-batches and
+data-parallel ranks, which gives exact global-batch means.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+from megatron.core.optimizer import OptimizerConfig as MegatronOptimizerConfig
+from megatron.core.optimizer import get_megatron_optimizer
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+from megatron.core.transformer.module import Float16Module
+
+from megatron_prime.config import OptimizerConfig
+from megatron_prime.models.gpt import ModelOptions, build_gpt_model
+from megatron_prime.models.hf_config import HFArch
+
+
+@dataclass
+class TrainableModel:
+    model: DistributedDataParallel
+    optimizer: object  # MegatronOptimizer
+    scheduler: OptimizerParamScheduler
+
+    def zero_grad(self) -> None:
+        self.model.zero_grad_buffer()
+        self.optimizer.zero_grad()
+
+    def step(self) -> dict:
+        """Optimizer step (grads are already reduced by finalize_model_grads) + lr schedule."""
+        ok, grad_norm, _ = self.optimizer.step()
+        self.scheduler.step(increment=1)
+        return {"grad_norm": float(grad_norm or 0.0), "lr": self.optimizer.param_groups[0]["lr"],
+                "update_ok": bool(ok)}
+
+
+def _wrap_half(model, opts: ModelOptions):
+    return Float16Module(model.config, model) if opts.dtype in ("bf16", "fp16") else model
+
+
+def build_trainable(arch: HFArch, opts: ModelOptions, optim: OptimizerConfig, *, total_steps: int,
+                    distributed_optimizer: bool) -> TrainableModel:
+    gpt = build_gpt_model(arch, opts)
+    config = gpt.config
+    config.calculate_per_token_loss = True
+    model = DistributedDataParallel(
+        config,
+        DistributedDataParallelConfig(
+            grad_reduce_in_fp32=True,
+            overlap_grad_reduce=False,
+            use_distributed_optimizer=distributed_optimizer,
+            average_in_collective=False,  # per-token losses: finalize_model_grads divides
+        ),
+        _wrap_half(gpt, opts),
+    )
+    optimizer = get_megatron_optimizer(
+        MegatronOptimizerConfig(
+            optimizer="adam",
+            lr=optim.lr,
+            min_lr=optim.min_lr,
+            weight_decay=optim.weight_decay,
+            adam_beta1=optim.adam_beta1,
+            adam_beta2=optim.adam_beta2,
+            adam_eps=optim.adam_eps,
+            clip_grad=optim.grad_clip,
+            bf16=opts.dtype == "bf16",
+            fp16=opts.dtype == "fp16",
+            params_dtype=config.params_dtype,
+            use_distributed_optimizer=distributed_optimizer,
+        ),
+        [model],
+    )
+    config.finalize_model_grads_func = finalize_model_grads
+    config.grad_scale_func = optimizer.scale_loss
+    config.no_sync_func = model.no_sync
+    scheduler = OptimizerParamScheduler(
+        optimizer,
+        init_lr=0.0 if optim.warmup_steps else optim.lr,
+        max_lr=optim.lr,
+        min_lr=optim.min_lr if optim.lr_schedule != "constant" else optim.lr,
+        lr_warmup_steps=optim.warmup_steps,
+        lr_decay_steps=max(total_steps, optim.warmup_steps + 1),
+        lr_decay_style=optim.lr_schedule,
+        start_wd=optim.weight_decay,
+        end_wd=optim.weight_decay,
+        wd_incr_steps=max(total_steps, 1),
+        wd_incr_style="constant",
+    )
+    return TrainableModel(model, optimizer, scheduler)
+
+
+def build_frozen(arch: HFArch, opts: ModelOptions):
+    """The reference model: no DDP, no optimizer, no grads."""
+    model = _wrap_half(build_gpt_model(arch, opts), opts)
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model

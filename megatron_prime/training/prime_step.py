@@ -1,0 +1,273 @@
+"""One PRIME step, top-down, mirroring the paper's Algorithm 1 (DESIGN.md §2).
+
+    rollout K responses per prompt -> verify -> accuracy filter (resample; surplus to buffer)
+    -> reference and PRM log-probs -> PRM update (single forward by default, or double)
+    -> implicit process rewards -> advantages -> old log-probs -> policy update -> weight sync
+
+Rollout and verification run on global rank 0 (the rollout driver); the batch is broadcast and
+every data-parallel rank takes its rows. Per-token tensors are gathered back over data-parallel
+ranks so advantages are computed on the whole batch (whitening and batch-normalised estimators
+see every response), identically on every rank.
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from megatron_prime.algorithm import (
+    OUTCOME_ONLY_ESTIMATORS,
+    GroupBuffer,
+    compute_advantages,
+    implicit_process_rewards,
+    metric_means,
+    policy_loss,
+    prm_loss,
+)
+from megatron_prime.bridge.transfer import iter_hf_tensors
+from megatron_prime.config import Config
+from megatron_prime.models.hf_config import HFArch
+from megatron_prime.training.batch import RolloutBatch, build_rollout_batch
+from megatron_prime.training.distributed_utils import (
+    broadcast_object,
+    dp_rank_and_size,
+    dp_rows,
+    gather_dp_rows,
+    is_rank0,
+    reduce_metric_pairs,
+)
+from megatron_prime.training.models import TrainableModel
+from megatron_prime.training.passes import run_pass
+from megatron_prime.training.rollout_collect import Group, collect_groups
+
+
+@dataclass
+class PrimeContext:
+    cfg: Config
+    arch: HFArch
+    policy: TrainableModel
+    prm: TrainableModel | None  # None for outcome-only estimators
+    reference: object | None  # frozen model; None when neither PRM nor KL needs it
+    engine: object | None  # rollout engine, on global rank 0 only
+    sampler: object | None  # prompt sampler, rank 0 only
+    buffer: GroupBuffer
+    tokenizer: object
+    render: Callable  # render_prompt(tokenizer, prompt) -> str
+
+    @property
+    def uses_process_rewards(self) -> bool:
+        return self.cfg.algorithm.estimator not in OUTCOME_ONLY_ESTIMATORS
+
+
+class PhaseTimer:
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+        self.start = time.perf_counter()
+
+    @contextmanager
+    def __call__(self, name: str):
+        t0 = time.perf_counter()
+        yield
+        self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t0
+
+    def metrics(self) -> dict[str, float]:
+        total = time.perf_counter() - self.start
+        out = {f"time/{k}": v for k, v in self.seconds.items()}
+        out["time/other"] = max(0.0, total - sum(self.seconds.values()))
+        out["time/step"] = total
+        return out
+
+
+def prime_step(ctx: PrimeContext, step: int) -> tuple[dict[str, float], list[Group]]:
+    cfg, a = ctx.cfg, ctx.cfg.algorithm
+    timer = PhaseTimer()
+
+    # 1-3. Rollout K responses per prompt, verify, accuracy filter (rank 0), then share.
+    groups, stats = None, None
+    if is_rank0():
+        groups, stats = collect_groups(ctx.engine, ctx.sampler, ctx.buffer, ctx.tokenizer, cfg, step, ctx.render)
+        timer.seconds["rollout"] = stats.rollout_s
+        timer.seconds["verify"] = stats.verify_s
+    groups = broadcast_object(groups)
+    batch = _to_batch(groups, cfg.rollout.n, ctx.tokenizer)
+    local = batch.rows(dp_rows(batch.size))
+    mask = batch.response_mask
+    pass_args = dict(temperature=cfg.rollout.temperature or 1.0, token_budget=cfg.train.micro_batch_tokens)
+    metrics: dict = {}
+
+    # 4. Reference and implicit-PRM log-probs; PRM update on outcome labels (Algorithm 1).
+    token_rewards = None
+    ref_logprobs = None
+    if ctx.reference is not None:
+        with timer("reference_forward"):
+            ref_logprobs = gather_dp_rows(run_pass(ctx.reference, local, **pass_args).logprobs)
+        local.extras["ref_logprobs"] = ref_logprobs[dp_rows(batch.size)]
+    if ctx.uses_process_rewards:
+        if a.prm_update == "none":
+            with timer("prm_forward"):
+                prm_logprobs = gather_dp_rows(run_pass(ctx.prm.model, local, **pass_args).logprobs)
+        else:
+            with timer("prm_update"):
+                # single forward: the log-probs of the forward that computes the loss are the
+                # PRM's *before* this update, and they give this step's rewards.
+                prm_logprobs, prm_metrics = update_prm(ctx.prm, local, a.beta, pass_args)
+                metrics.update(prm_metrics)
+            if a.prm_update == "double":
+                with timer("prm_forward"):
+                    prm_logprobs = gather_dp_rows(run_pass(ctx.prm.model, local, **pass_args).logprobs)
+        token_rewards = implicit_process_rewards(prm_logprobs, ref_logprobs, mask, a.beta)
+
+    # 5. Advantages on the whole batch (paper Eq. 5 for "prime_rloo").
+    advantages = compute_advantages(
+        a.estimator, token_rewards=token_rewards, outcome=batch.outcome, mask=mask,
+        group_size=cfg.rollout.n, gamma=a.gamma, lam=a.lam,
+        process_coef=a.process_coef, outcome_coef=a.outcome_coef, whiten=a.whiten,
+    )
+    local.extras["advantages"] = advantages[dp_rows(batch.size)]
+
+    # 6. Old log-probs, recomputed by Megatron (never trusted from the rollout engine).
+    with timer("old_logprobs"):
+        old_logprobs = gather_dp_rows(run_pass(ctx.policy.model, local, **pass_args).logprobs)
+    local.extras["old_logprobs"] = old_logprobs[dp_rows(batch.size)]
+
+    # 7. Policy update: mini-batches x PPO epochs, PPO-clip with a global token mean.
+    with timer("policy_update"):
+        metrics.update(update_policy(ctx, local, step, pass_args))
+
+    # 8. Send the new policy weights to the rollout engine.
+    with timer("weight_sync"):
+        sync_weights(ctx)
+
+    metrics.update(_step_metrics(batch, stats, token_rewards, advantages, old_logprobs))
+    metrics.update(timer.metrics())
+    metrics["perf/tokens_per_s"] = float(mask.sum()) / max(metrics["time/step"], 1e-9)
+    if groups is not None:
+        for g, group in enumerate(groups):  # per-token process rewards for the sample log
+            rows = slice(g * cfg.rollout.n, (g + 1) * cfg.rollout.n)
+            group.process_rewards = None if token_rewards is None else [
+                r[: int(m.sum())].tolist() for r, m in zip(token_rewards[rows], mask[rows])
+            ]
+    return broadcast_object(metrics), groups
+
+
+def update_prm(prm: TrainableModel, local: RolloutBatch, beta: float, pass_args: dict):
+    """One optimizer step of the implicit PRM on L_CE over the whole batch (Algorithm 1)."""
+
+    def loss_fn(mb: RolloutBatch, logprobs, _entropy):
+        loss, m = prm_loss(logprobs, mb.extras["ref_logprobs"], mb.response_mask, mb.outcome, beta,
+                           loss_normalizer=1.0)
+        return loss, mb.size, m
+
+    prm.zero_grad()
+    result = run_pass(prm.model, local, loss_fn=loss_fn, **pass_args)
+    step_info = prm.step()
+    metrics = metric_means(reduce_metric_pairs(result.metrics))
+    metrics.update({"prm/grad_norm": step_info["grad_norm"], "prm/lr": step_info["lr"]})
+    return gather_dp_rows(result.logprobs), metrics
+
+
+def update_policy(ctx: PrimeContext, local: RolloutBatch, step: int, pass_args: dict) -> dict:
+    cfg, a = ctx.cfg, ctx.cfg.algorithm
+    _, dp_size = dp_rank_and_size()
+    per_rank = cfg.train.mini_batch_responses // dp_size
+    num_minibatches = local.size // per_rank
+    generator = torch.Generator().manual_seed(cfg.train.seed * 100003 + step)
+
+    def loss_fn(mb: RolloutBatch, logprobs, entropy):
+        loss, m = policy_loss(
+            logprobs, mb.extras["old_logprobs"], mb.extras["advantages"], mb.response_mask,
+            a.clip_low, a.clip_high, loss_normalizer=1.0,
+            ref_logprobs=mb.extras.get("ref_logprobs") if a.kl_coef else None,
+            kl_coef=a.kl_coef, kl_estimator=a.kl_estimator,
+            entropy=entropy, entropy_coef=a.entropy_coef,
+            rollout_logprobs=mb.rollout_logprobs, tis_cap=a.tis_cap,
+        )
+        return loss, int(mb.response_mask.sum()), m
+
+    pairs: dict = {}
+    grad_norms = []
+    for _epoch in range(a.ppo_epochs):
+        order = torch.randperm(local.size, generator=generator)
+        for i in range(num_minibatches):
+            rows = order[i * per_rank:(i + 1) * per_rank]
+            ctx.policy.zero_grad()
+            result = run_pass(ctx.policy.model, local.rows(rows), loss_fn=loss_fn, with_entropy=True,
+                              entropy_grad=a.entropy_coef != 0.0,
+                              **pass_args)
+            info = ctx.policy.step()
+            grad_norms.append(info["grad_norm"])
+            for k, v in result.metrics.items():
+                pairs[k] = pairs[k] + v if k in pairs else v.clone()
+    metrics = metric_means(reduce_metric_pairs(pairs))
+    metrics["policy/grad_norm"] = sum(grad_norms) / len(grad_norms)
+    metrics["policy/lr"] = ctx.policy.optimizer.param_groups[0]["lr"]
+    metrics["policy/updates"] = float(len(grad_norms))
+    return metrics
+
+
+def sync_weights(ctx: PrimeContext) -> None:
+    """Policy shards -> full HF tensors (streamed in buckets) -> rollout engine on rank 0.
+
+    Only data-parallel replica 0 exports; its TP/PP ranks drive the gathers."""
+    dp_rank, _ = dp_rank_and_size()
+    if dp_rank != 0:
+        return
+    tensors = iter_hf_tensors(ctx.policy.model, ctx.arch, bucket_bytes=ctx.cfg.rollout.bucket_mb * 2**20)
+    if ctx.engine is not None:
+        ctx.engine.update_weights(tensors)
+    else:
+        for _ in tensors:
+            pass
+
+
+def _to_batch(groups: list[Group], k: int, tokenizer) -> RolloutBatch:
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    return build_rollout_batch(
+        prompts=[g.prompt_ids for g in groups for _ in range(k)],
+        responses=[r for g in groups for r in g.responses],
+        outcomes=[o for g in groups for o in g.outcomes],
+        rollout_logprobs=[lp for g in groups for lp in g.logprobs],
+        truncated=[t for g in groups for t in g.truncated],
+        group_size=k,
+        pad_id=pad,
+    )
+
+
+def _masked_stats(prefix: str, values: torch.Tensor, mask: torch.Tensor) -> dict[str, float]:
+    valid = values[mask.bool()]
+    if valid.numel() == 0:
+        return {}
+    return {f"{prefix}/mean": valid.mean().item(), f"{prefix}/std": valid.std().item() if valid.numel() > 1 else 0.0,
+            f"{prefix}/min": valid.min().item(), f"{prefix}/max": valid.max().item()}
+
+
+def _step_metrics(batch: RolloutBatch, stats, token_rewards, advantages, old_logprobs) -> dict[str, float]:
+    mask = batch.response_mask
+    lengths = mask.sum(dim=1)
+    m = {
+        "outcome/accuracy_filtered": batch.outcome.mean().item(),
+        "response/length_mean": lengths.mean().item(),
+        "response/length_max": lengths.max().item(),
+        "response/truncated_frac": batch.truncated.float().mean().item(),
+    }
+    if stats is not None:
+        m.update({
+            "outcome/accuracy_sampled": stats.accuracy_sampled,
+            "filter/kept_frac": stats.kept_groups / max(1, stats.sampled_groups),
+            "filter/rounds": float(stats.rounds),
+            "filter/from_buffer": float(stats.from_buffer),
+            "filter/unfiltered_fill": float(stats.unfiltered_fill),
+        })
+    m.update(_masked_stats("advantage", advantages, mask))
+    if token_rewards is not None:
+        m.update(_masked_stats("process_reward/token", token_rewards, mask))
+        m["process_reward/sequence_mean"] = token_rewards.sum(dim=1).mean().item()
+    m["outcome_reward/mean"] = batch.outcome.mean().item()
+    diff = (batch.rollout_logprobs - old_logprobs).abs()[mask.bool()]
+    m["rollout/logprob_diff_mean"] = diff.mean().item() if diff.numel() else 0.0
+    m["rollout/logprob_diff_max"] = diff.max().item() if diff.numel() else 0.0
+    return m

@@ -1,0 +1,584 @@
+"""Advantage estimators: PRIME's Eq. 5 and the paper's Table 4 estimators with process rewards.
+
+Each estimator has a hand-worked example and a naive per-token loop that the vectorised code must
+match on random inputs with random (right or general) padding. Padding holds NaN throughout.
+"""
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from megatron_prime.algorithm import (
+    ADVANTAGE_ESTIMATORS,
+    compute_advantages,
+    discounted_reverse_cumsum,
+    gae_advantages,
+    grpo_advantages,
+    prime_rloo_advantages,
+    reinforce_advantages,
+    reinforce_pp_advantages,
+    rloo_advantages,
+)
+
+torch.set_num_threads(1)
+NAN = float("nan")
+F64 = torch.float64
+EXACT = dict(rtol=1e-9, atol=1e-9)
+
+
+def t(rows, dtype=F64):
+    """Right-padded ragged rows -> (values with NaN padding, mask)."""
+    width = max(len(r) for r in rows)
+    values = torch.full((len(rows), width), NAN, dtype=dtype)
+    mask = torch.zeros(len(rows), width, dtype=torch.bool)
+    for i, row in enumerate(rows):
+        values[i, : len(row)] = torch.tensor(row, dtype=dtype)
+        mask[i, : len(row)] = True
+    return values, mask
+
+
+def assert_rows(actual, mask, rows):
+    expected, _ = t(rows)
+    torch.testing.assert_close(actual, torch.where(mask, expected, 0.0), **EXACT)
+
+
+# --- naive references -------------------------------------------------------------------------
+def _valid_positions(mask, i):
+    return [t for t in range(mask.shape[1]) if mask[i, t]]
+
+
+def _reverse_discounted(xs, gamma):
+    out, running = [0.0] * len(xs), 0.0
+    for k in reversed(range(len(xs))):
+        running = xs[k] + gamma * running
+        out[k] = running
+    return out
+
+
+def _mean_std(xs):
+    """Mean and unbiased std; a single sample has std 0 (an empty list: mean 0, std 0)."""
+    if not xs:
+        return 0.0, 0.0
+    mean = sum(xs) / len(xs)
+    var = sum((x - mean) ** 2 for x in xs) / (len(xs) - 1) if len(xs) > 1 else 0.0
+    return mean, math.sqrt(var)
+
+
+def _naive_whiten(adv, mask):
+    values = [adv[i, t].item() for i in range(adv.shape[0]) for t in range(adv.shape[1]) if mask[i, t]]
+    mean, std = _mean_std(values)
+    out = torch.zeros_like(adv)
+    for i in range(adv.shape[0]):
+        for t in _valid_positions(mask, i):
+            out[i, t] = (adv[i, t].item() - mean) / math.sqrt(std**2 + 1e-8)
+    return out
+
+
+def _write(out, mask, i, values):
+    for t, v in zip(_valid_positions(mask, i), values):
+        out[i, t] = v
+
+
+def naive_prime_rloo(rewards, outcome, mask, K, gamma, pc, oc, whiten, k_scaled=False):
+    B = outcome.shape[0]
+    out = torch.zeros(mask.shape, dtype=F64)
+    token_rewards = [[rewards[i, t].item() for t in _valid_positions(mask, i)] for i in range(B)]
+    means = [sum(r) / max(len(r), 1) for r in token_rewards]  # r_phi(y^j) / |y^j|
+    for i in range(B):
+        group = range(i - i % K, i - i % K + K)
+        others = [j for j in group if j != i]
+        process_baseline = sum(means[j] for j in others) / (K - 1) if K > 1 else 0.0
+        outcome_baseline = sum(outcome[j].item() for j in others) / (K - 1) if K > 1 else 0.0
+        shaped = []
+        for r in token_rewards[i]:
+            s = r - process_baseline
+            if k_scaled and K > 1:
+                s = r * K / (K - 1) - sum(means[j] for j in group) / (K - 1)
+            shaped.append(s)
+        process = _reverse_discounted(shaped, gamma)
+        outcome_term = outcome[i].item() - outcome_baseline
+        _write(out, mask, i, [pc * p + oc * outcome_term for p in process])
+    return _naive_whiten(out, mask) if whiten else out
+
+
+def naive_grpo(rewards, outcome, mask, K, gamma, pc, oc, whiten, eps=1e-6):
+    B = outcome.shape[0]
+    out = torch.zeros(mask.shape, dtype=F64)
+    for start in range(0, B, K):
+        group = range(start, start + K)
+        o_mean, o_std = _mean_std([outcome[j].item() for j in group])
+        pooled = [rewards[j, t].item() for j in group for t in _valid_positions(mask, j)]
+        r_mean, r_std = _mean_std(pooled)
+        for i in group:
+            normalised = [(rewards[i, t].item() - r_mean) / (r_std + eps) for t in _valid_positions(mask, i)]
+            process = _reverse_discounted(normalised, gamma)
+            outcome_term = (outcome[i].item() - o_mean) / (o_std + eps)
+            _write(out, mask, i, [pc * p + oc * outcome_term for p in process])
+    return _naive_whiten(out, mask) if whiten else out
+
+
+def naive_reinforce(rewards, outcome, mask, gamma, pc, oc):
+    out = torch.zeros(mask.shape, dtype=F64)
+    for i in range(outcome.shape[0]):
+        process = _reverse_discounted([rewards[i, t].item() for t in _valid_positions(mask, i)], gamma)
+        _write(out, mask, i, [pc * p + oc * outcome[i].item() for p in process])
+    return out
+
+
+def naive_gae(rewards, outcome, mask, values, gamma, lam, pc, oc):
+    adv = torch.zeros(mask.shape, dtype=F64)
+    ret = torch.zeros(mask.shape, dtype=F64)
+    for i in range(outcome.shape[0]):
+        pos = _valid_positions(mask, i)
+        n = len(pos)
+        r = [pc * rewards[i, t].item() for t in pos]
+        if n:
+            r[-1] += oc * outcome[i].item()
+        v = [values[i, t].item() for t in pos]
+        a, running = [0.0] * n, 0.0
+        for k in reversed(range(n)):
+            next_value = v[k + 1] if k + 1 < n else 0.0
+            delta = r[k] + gamma * next_value - v[k]
+            running = delta + gamma * lam * running
+            a[k] = running
+        _write(adv, mask, i, a)
+        _write(ret, mask, i, [a[k] + v[k] for k in range(n)])
+    return adv, ret
+
+
+# --- random batches ---------------------------------------------------------------------------
+@st.composite
+def batches(draw, max_groups=3, max_k=4, max_len=9):
+    G = draw(st.integers(1, max_groups))
+    K = draw(st.integers(1, max_k))
+    T = draw(st.integers(1, max_len))
+    B = G * K
+    g = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
+    if draw(st.sampled_from(["right", "general"])) == "right":
+        lengths = torch.randint(0, T + 1, (B,), generator=g)
+        mask = torch.arange(T)[None, :] < lengths[:, None]
+    else:
+        mask = torch.rand(B, T, generator=g) < 0.7
+    rewards = torch.randn(B, T, generator=g, dtype=F64)
+    values = torch.randn(B, T, generator=g, dtype=F64)
+    rewards[~mask] = NAN
+    values[~mask] = NAN
+    kind = draw(st.sampled_from(["binary", "fractional", "all_equal"]))
+    if kind == "binary":
+        outcome = torch.randint(0, 2, (B,), generator=g).to(F64)
+    elif kind == "fractional":
+        outcome = torch.rand(B, generator=g, dtype=F64)
+    else:
+        outcome = torch.full((B,), float(torch.randint(0, 2, (), generator=g)), dtype=F64)
+    return dict(
+        token_rewards=rewards,
+        outcome=outcome,
+        mask=mask,
+        values=values,
+        group_size=K,
+        gamma=draw(st.sampled_from([1.0, 0.0, 0.5, 0.97])),
+        lam=draw(st.sampled_from([1.0, 0.0, 0.95])),
+        process_coef=draw(st.sampled_from([1.0, 0.0, 2.5])),
+        outcome_coef=draw(st.sampled_from([1.0, 0.0, 0.5])),
+        whiten=draw(st.booleans()),
+    )
+
+
+# --- discounted reverse cumsum (the shared scan) --------------------------------------------------
+@pytest.mark.parametrize("length", [1, 63, 64, 65, 200])
+@pytest.mark.parametrize("gamma", [0.0, 0.3, 0.99, 1.0])
+def test_discounted_reverse_cumsum_matches_loop_across_blocks(length, gamma):
+    # Lengths around the 64-token block size exercise the blocked scan's carries.
+    g = torch.Generator().manual_seed(length)
+    x = torch.randn(3, length, generator=g, dtype=F64)
+    for mask in (
+        torch.arange(length)[None, :] < torch.tensor([[length], [length // 2], [0]]),
+        torch.rand(3, length, generator=g) < 0.6,
+    ):
+        expected = torch.zeros_like(x)
+        for i in range(3):
+            _write(
+                expected,
+                mask,
+                i,
+                _reverse_discounted([x[i, t].item() for t in _valid_positions(mask, i)], gamma),
+            )
+        torch.testing.assert_close(
+            discounted_reverse_cumsum(x, mask, gamma), expected, rtol=1e-10, atol=1e-10
+        )
+
+
+def test_discounted_reverse_cumsum_hand_example():
+    # gamma = 0.5, x = [1, 2, 4]:  R2 = 4, R1 = 2 + 0.5*4 = 4, R0 = 1 + 0.5*4 = 3
+    # With a hole, x = [1, (masked), 2, 4] the hole is skipped: [3, 0, 4, 4]
+    x = torch.tensor([[1.0, 2.0, 4.0, NAN], [1.0, NAN, 2.0, 4.0]], dtype=F64)
+    mask = torch.tensor([[1, 1, 1, 0], [1, 0, 1, 1]])
+    expected = torch.tensor([[3.0, 4.0, 4.0, 0.0], [3.0, 0.0, 4.0, 4.0]], dtype=F64)
+    torch.testing.assert_close(discounted_reverse_cumsum(x, mask, 0.5), expected)
+
+
+# --- PRIME, Eq. 5 -----------------------------------------------------------------------------
+# One group, K = 3:
+#   response 1: r_phi = [0.3, 0.3, 0.0]  |y| = 3  mean 0.6/3 = 0.2   outcome 1
+#   response 2: r_phi = [0.4, 0.2]       |y| = 2  mean 0.6/2 = 0.3   outcome 0
+#   response 3: r_phi = [-0.1]           |y| = 1  mean -0.1          outcome 1
+# Leave-one-out process baselines, 1/(K-1) = 1/2 of the others' means:
+#   b1 = (0.3 + -0.1)/2 = 0.1    b2 = (0.2 + -0.1)/2 = 0.05    b3 = (0.2 + 0.3)/2 = 0.25
+# Outcome RLOO: o1 = 1 - (0+1)/2 = 0.5   o2 = 0 - (1+1)/2 = -1   o3 = 1 - (1+0)/2 = 0.5   (sum 0)
+HAND_REWARDS = [[0.3, 0.3, 0.0], [0.4, 0.2], [-0.1]]
+HAND_OUTCOME = torch.tensor([1.0, 0.0, 1.0], dtype=F64)
+
+
+def test_prime_rloo_hand_example_gamma_1():
+    # r - b:  resp1 [0.2, 0.2, -0.1]  resp2 [0.35, 0.15]  resp3 [-0.35]
+    # reverse cumsum:  resp1 [0.3, 0.1, -0.1]  resp2 [0.5, 0.15]  resp3 [-0.35]
+    # + outcome term:  resp1 [0.8, 0.6, 0.4]   resp2 [-0.5, -0.85] resp3 [0.15]
+    rewards, mask = t(HAND_REWARDS)
+    adv = prime_rloo_advantages(rewards, HAND_OUTCOME, mask, group_size=3)
+    assert_rows(adv, mask, [[0.8, 0.6, 0.4], [-0.5, -0.85], [0.15]])
+
+
+def test_prime_rloo_hand_example_gamma_half_and_coefs():
+    # gamma = 0.5 on r - b:
+    #   resp1: R2 = -0.1, R1 = 0.2 + 0.5*-0.1 = 0.15, R0 = 0.2 + 0.5*0.15 = 0.275
+    #   resp2: R1 = 0.15, R0 = 0.35 + 0.5*0.15 = 0.425
+    #   resp3: R0 = -0.35
+    # process_coef = 2, outcome_coef = 0.5:
+    #   resp1: [0.55 + 0.25, 0.3 + 0.25, -0.2 + 0.25] = [0.8, 0.55, 0.05]
+    #   resp2: [0.85 - 0.5, 0.3 - 0.5] = [0.35, -0.2]
+    #   resp3: [-0.7 + 0.25] = [-0.45]
+    rewards, mask = t(HAND_REWARDS)
+    adv = prime_rloo_advantages(rewards, HAND_OUTCOME, mask, 3, gamma=0.5, process_coef=2.0, outcome_coef=0.5)
+    assert_rows(adv, mask, [[0.8, 0.55, 0.05], [0.35, -0.2], [-0.45]])
+
+
+def test_prime_rloo_k_scaled_variant_hand_example():
+    # Official-code variant: r * K/(K-1) - (sum of all means)/(K-1) = 1.5 r - (0.2+0.3-0.1)/2 = 1.5 r - 0.2
+    #   resp1: [0.25, 0.25, -0.2] -> reverse cumsum [0.3, 0.05, -0.2]   (t=0 equals Eq. 5's 0.3)
+    #   resp2: [0.4, 0.1]         -> [0.5, 0.1]
+    #   resp3: [-0.35]            -> [-0.35]
+    # + outcome terms 0.5, -1, 0.5
+    rewards, mask = t(HAND_REWARDS)
+    adv = compute_advantages(
+        "prime_rloo_k_scaled", token_rewards=rewards, outcome=HAND_OUTCOME, mask=mask, group_size=3
+    )
+    assert_rows(adv, mask, [[0.8, 0.55, 0.3], [-0.5, -0.9], [0.15]])
+
+
+def test_rloo_is_prime_rloo_without_process_rewards():
+    # Outcome-only RLOO: only the outcome terms 0.5, -1, 0.5 on every token.
+    rewards, mask = t(HAND_REWARDS)
+    adv = rloo_advantages(HAND_OUTCOME, mask, group_size=3)
+    assert_rows(adv, mask, [[0.5, 0.5, 0.5], [-1.0, -1.0], [0.5]])
+    # One switch away: the same numbers from PRIME with process_coef = 0, or with no PRM at all.
+    assert torch.equal(adv, prime_rloo_advantages(rewards, HAND_OUTCOME, mask, 3, process_coef=0.0))
+    assert torch.equal(adv, prime_rloo_advantages(None, HAND_OUTCOME, mask, 3))
+    via_registry = compute_advantages(
+        "rloo", token_rewards=rewards, outcome=HAND_OUTCOME, mask=mask, group_size=3
+    )
+    assert torch.equal(adv, via_registry)
+
+
+@settings(max_examples=50, deadline=None)
+@given(batches(), st.booleans())
+def test_prime_rloo_matches_naive(b, k_scaled):
+    args = (
+        b["token_rewards"],
+        b["outcome"],
+        b["mask"],
+        b["group_size"],
+        b["gamma"],
+        b["process_coef"],
+        b["outcome_coef"],
+        b["whiten"],
+    )
+    actual = prime_rloo_advantages(*args, k_scaled_tokens=k_scaled)
+    torch.testing.assert_close(actual, naive_prime_rloo(*args, k_scaled=k_scaled), **EXACT)
+
+
+# --- GRPO -------------------------------------------------------------------------------------
+def test_grpo_hand_example():
+    # K = 2: resp1 r_phi = [1, 2], outcome 1;  resp2 r_phi = [3], outcome 0.
+    # Process: pooled tokens {1, 2, 3}: mean 2, unbiased std sqrt((1 + 0 + 1)/2) = 1
+    #   normalised resp1 [-1, 0] -> reverse cumsum [-1, 0];  resp2 [1] -> [1]
+    # Outcome: mean 0.5, unbiased std sqrt((0.25 + 0.25)/1) = 0.70710678 -> +-0.70710678
+    #   resp1 [-1 + 0.70710678, 0 + 0.70710678] = [-0.29289322, 0.70710678]
+    #   resp2 [1 - 0.70710678] = [0.29289322]
+    rewards, mask = t([[1.0, 2.0], [3.0]])
+    adv = grpo_advantages(rewards, torch.tensor([1.0, 0.0], dtype=F64), mask, group_size=2)
+    expected, _ = t([[-0.29289322, 0.70710678], [0.29289322]])
+    torch.testing.assert_close(adv, torch.where(mask, expected, 0.0), rtol=0, atol=2e-6)  # eps = 1e-6
+
+
+def test_grpo_outcome_only_hand_example():
+    # K = 4, outcomes [1, 0, 0, 1]: mean 0.5, unbiased std sqrt(4 * 0.25 / 3) = 0.57735027
+    # advantages +-0.5 / 0.57735027 = +-0.86602540 on every token
+    mask = torch.ones(4, 2, dtype=torch.bool)
+    adv = grpo_advantages(None, torch.tensor([1.0, 0.0, 0.0, 1.0]), mask, group_size=4)
+    expected = torch.tensor([0.8660254, -0.8660254, -0.8660254, 0.8660254])[:, None].expand(4, 2)
+    torch.testing.assert_close(adv, expected, rtol=0, atol=2e-6)
+
+
+@settings(max_examples=50, deadline=None)
+@given(batches())
+def test_grpo_matches_naive(b):
+    args = (
+        b["token_rewards"],
+        b["outcome"],
+        b["mask"],
+        b["group_size"],
+        b["gamma"],
+        b["process_coef"],
+        b["outcome_coef"],
+        b["whiten"],
+    )
+    torch.testing.assert_close(grpo_advantages(*args), naive_grpo(*args), **EXACT)
+
+
+# --- REINFORCE and REINFORCE++ ------------------------------------------------------------------
+def test_reinforce_hand_example():
+    # gamma = 0.5, r_phi = [0.1, 0.2, 0.3], outcome 1 on every token:
+    #   G2 = 0.3, G1 = 0.2 + 0.5*0.3 = 0.35, G0 = 0.1 + 0.5*0.35 = 0.275;  + 1 -> [1.275, 1.35, 1.3]
+    rewards, mask = t([[0.1, 0.2, 0.3]])
+    adv = reinforce_advantages(rewards, torch.tensor([1.0], dtype=F64), mask, gamma=0.5)
+    assert_rows(adv, mask, [[1.275, 1.35, 1.3]])
+
+
+def test_reinforce_pp_hand_example():
+    # resp1 r_phi = [1, 2], outcome 0 -> returns [3, 2];  resp2 r_phi = [1], outcome 0 -> [1]
+    # batch over valid tokens {3, 2, 1}: mean 2, unbiased var (1 + 0 + 1)/2 = 1
+    #   -> [(3-2)/1, (2-2)/1] = [1, 0] and [(1-2)/1] = [-1]      (eps = 1e-8 inside the sqrt)
+    rewards, mask = t([[1.0, 2.0], [1.0]])
+    adv = reinforce_pp_advantages(rewards, torch.zeros(2, dtype=F64), mask)
+    expected, _ = t([[1.0, 0.0], [-1.0]])
+    torch.testing.assert_close(adv, torch.where(mask, expected, 0.0), rtol=0, atol=1e-7)
+
+
+@settings(max_examples=50, deadline=None)
+@given(batches())
+def test_reinforce_and_reinforce_pp_match_naive(b):
+    core = (b["token_rewards"], b["outcome"], b["mask"], b["gamma"], b["process_coef"], b["outcome_coef"])
+    expected = naive_reinforce(*core)
+    torch.testing.assert_close(reinforce_advantages(*core), expected, **EXACT)
+    torch.testing.assert_close(
+        reinforce_advantages(*core, whiten=True), _naive_whiten(expected, b["mask"]), **EXACT
+    )
+    torch.testing.assert_close(reinforce_pp_advantages(*core), _naive_whiten(expected, b["mask"]), **EXACT)
+
+
+# --- GAE --------------------------------------------------------------------------------------
+def test_gae_hand_example():
+    # gamma = 0.9, lam = 0.5 (gamma*lam = 0.45); r_phi = [0.1, 0, -0.1] plus outcome 1 on the last
+    # token -> r = [0.1, 0, 0.9]; values V = [0.5, 0.6, 0.8], V after the end = 0.
+    #   delta0 = 0.1 + 0.9*0.6 - 0.5 = 0.14
+    #   delta1 = 0   + 0.9*0.8 - 0.6 = 0.12
+    #   delta2 = 0.9 + 0         - 0.8 = 0.1
+    #   A2 = 0.1, A1 = 0.12 + 0.45*0.1 = 0.165, A0 = 0.14 + 0.45*0.165 = 0.21425
+    #   returns = A + V = [0.71425, 0.765, 0.9]
+    rewards, mask = t([[0.1, 0.0, -0.1]])
+    values, _ = t([[0.5, 0.6, 0.8]])
+    adv, ret = gae_advantages(rewards, torch.tensor([1.0], dtype=F64), mask, values, gamma=0.9, lam=0.5)
+    assert_rows(adv, mask, [[0.21425, 0.165, 0.1]])
+    assert_rows(ret, mask, [[0.71425, 0.765, 0.9]])
+
+
+@settings(max_examples=50, deadline=None)
+@given(batches())
+def test_gae_matches_naive(b):
+    core = (
+        b["token_rewards"],
+        b["outcome"],
+        b["mask"],
+        b["values"],
+        b["gamma"],
+        b["lam"],
+        b["process_coef"],
+        b["outcome_coef"],
+    )
+    adv, ret = gae_advantages(*core)
+    expected_adv, expected_ret = naive_gae(*core)
+    torch.testing.assert_close(adv, expected_adv, **EXACT)
+    torch.testing.assert_close(ret, expected_ret, **EXACT)
+    whitened, ret_whitened = gae_advantages(*core, whiten=True)
+    torch.testing.assert_close(whitened, _naive_whiten(expected_adv, b["mask"]), **EXACT)
+    torch.testing.assert_close(ret_whitened, expected_ret, **EXACT)  # value targets are never whitened
+
+
+def test_gae_with_zero_values_and_no_discount_is_reinforce():
+    g = torch.Generator().manual_seed(3)
+    rewards = torch.randn(4, 6, generator=g, dtype=F64)
+    mask = torch.rand(4, 6, generator=g) < 0.7
+    outcome = torch.rand(4, generator=g, dtype=F64)
+    adv, _ = gae_advantages(rewards, outcome, mask, torch.zeros(4, 6, dtype=F64), gamma=1.0, lam=1.0)
+    torch.testing.assert_close(adv, reinforce_advantages(rewards, outcome, mask), **EXACT)
+
+
+# --- properties of every estimator ---------------------------------------------------------------
+def _all_estimators(b, **overrides):
+    kwargs = {**b, **overrides}
+    return {name: compute_advantages(name, **kwargs) for name in ADVANTAGE_ESTIMATORS}
+
+
+@settings(max_examples=50, deadline=None)
+@given(batches())
+def test_advantages_exactly_zero_on_padding_and_finite(b):
+    for name, adv in _all_estimators(b).items():
+        assert torch.isfinite(adv).all(), name
+        padding = adv[~b["mask"]]
+        assert (padding == 0).all() and not torch.signbit(padding).any(), name
+
+
+@settings(max_examples=50, deadline=None)
+@given(batches(), st.integers(1, 70))
+def test_padding_length_does_not_change_any_result(b, extra):
+    # Appending padding columns (holding garbage) leaves every valid token's advantage unchanged,
+    # up to float rounding of reductions; 70 extra columns also move T past a scan block boundary.
+    B = b["mask"].shape[0]
+    garbage = torch.full((B, extra), NAN, dtype=F64)
+    padded = dict(
+        b,
+        token_rewards=torch.cat([b["token_rewards"], garbage], 1),
+        values=torch.cat([b["values"], garbage], 1),
+        mask=torch.cat([b["mask"], torch.zeros(B, extra, dtype=torch.bool)], 1),
+    )
+    before, after = _all_estimators(b), _all_estimators(padded)
+    T = b["mask"].shape[1]
+    for name in ADVANTAGE_ESTIMATORS:
+        torch.testing.assert_close(after[name][:, :T], before[name], rtol=1e-12, atol=1e-12, msg=name)
+        assert (after[name][:, T:] == 0).all(), name
+
+
+@settings(max_examples=50, deadline=None)
+@given(batches(max_k=6))
+def test_rloo_outcome_terms_sum_to_zero_within_a_group(b):
+    K = b["group_size"]
+    if K == 1:
+        return  # no leave-one-out baseline exists
+    mask = torch.ones(b["outcome"].shape[0], 1, dtype=torch.bool)  # every response has a token
+    outcome_term = rloo_advantages(b["outcome"], mask, K)[:, 0]
+    torch.testing.assert_close(
+        outcome_term.view(-1, K).sum(dim=1),
+        torch.zeros(outcome_term.shape[0] // K, dtype=F64),
+        rtol=0,
+        atol=1e-12,
+    )
+
+
+@pytest.mark.parametrize("outcome_value", [0.0, 1.0, 0.5])
+@pytest.mark.parametrize("group_size", [1, 4])
+@pytest.mark.parametrize("whiten", [False, True])
+def test_degenerate_groups_do_not_produce_nan(outcome_value, group_size, whiten):
+    # K = 1 and groups whose outcomes (and process rewards) are all equal, in float32 as in training.
+    B, T = 2 * group_size, 5
+    mask = torch.ones(B, T, dtype=torch.bool)
+    mask[0, 3:] = False
+    rewards = torch.full((B, T), 0.01)
+    outcome = torch.full((B,), outcome_value)
+    b = dict(
+        token_rewards=rewards,
+        outcome=outcome,
+        mask=mask,
+        values=torch.zeros(B, T),
+        group_size=group_size,
+        gamma=1.0,
+        lam=1.0,
+        process_coef=1.0,
+        outcome_coef=1.0,
+        whiten=whiten,
+    )
+    results = _all_estimators(b)
+    for name, adv in results.items():
+        assert torch.isfinite(adv).all(), name
+    # The comparison-based estimators see no difference to learn from (RLOO needs K > 1 for a baseline).
+    assert (results["grpo"] == 0).all()
+    if group_size > 1:
+        assert (results["rloo"] == 0).all() and (results["prime_rloo"] == 0).all()
+
+
+def test_k1_baselines_are_empty():
+    # K = 1: RLOO's leave-one-out mean over no responses is 0, so RLOO = REINFORCE;
+    # GRPO's group of one equals its own mean, so its advantage is 0.
+    rewards, mask = t([[0.2, 0.4], [0.1]])
+    outcome = torch.tensor([1.0, 0.0], dtype=F64)
+    torch.testing.assert_close(
+        prime_rloo_advantages(rewards, outcome, mask, 1), reinforce_advantages(rewards, outcome, mask)
+    )
+    torch.testing.assert_close(grpo_advantages(None, outcome, mask, 1), torch.zeros(2, 2, dtype=F64))
+
+
+@settings(max_examples=25, deadline=None)
+@given(batches())
+def test_whitening_is_over_all_valid_tokens_of_the_batch(b):
+    adv = prime_rloo_advantages(b["token_rewards"], b["outcome"], b["mask"], b["group_size"], whiten=True)
+    valid = adv[b["mask"]]
+    raw = prime_rloo_advantages(b["token_rewards"], b["outcome"], b["mask"], b["group_size"])[b["mask"]]
+    if valid.numel() > 1:
+        # mean 0 and std 1 over the batch's valid tokens (up to the eps = 1e-8 added to the variance)
+        assert valid.mean().abs().item() < 1e-9
+        assert valid.std().item() == pytest.approx(
+            math.sqrt(raw.var().item() / (raw.var().item() + 1e-8)), rel=1e-9
+        )
+
+
+def test_registry_errors():
+    mask = torch.ones(4, 3)
+    with pytest.raises(ValueError, match="unknown advantage estimator 'ppo'"):
+        compute_advantages("ppo", token_rewards=None, outcome=torch.zeros(4), mask=mask, group_size=2)
+    with pytest.raises(ValueError, match="needs `values`"):
+        compute_advantages("gae", token_rewards=None, outcome=torch.zeros(4), mask=mask, group_size=2)
+    with pytest.raises(ValueError, match="whole number of groups"):
+        compute_advantages("prime_rloo", token_rewards=None, outcome=torch.zeros(4), mask=mask, group_size=3)
+    with pytest.raises(ValueError, match="outcome"):
+        compute_advantages("grpo", token_rewards=None, outcome=torch.zeros(5), mask=mask, group_size=2)
+
+
+def test_float32_matches_float64():
+    # Training runs in float32: the vectorised code must stay accurate there, on long responses too.
+    g = torch.Generator().manual_seed(0)
+    B, T = 8, 300
+    lengths = torch.randint(1, T + 1, (B,), generator=g)
+    mask = torch.arange(T)[None, :] < lengths[:, None]
+    rewards = 0.05 * torch.randn(B, T, generator=g, dtype=F64)
+    outcome = torch.randint(0, 2, (B,), generator=g).to(F64)
+    values = torch.randn(B, T, generator=g, dtype=F64)
+    b64 = dict(
+        token_rewards=rewards,
+        outcome=outcome,
+        mask=mask,
+        values=values,
+        group_size=4,
+        gamma=0.99,
+        lam=0.95,
+        process_coef=1.0,
+        outcome_coef=1.0,
+        whiten=False,
+    )
+    b32 = {
+        k: (v.float() if isinstance(v, torch.Tensor) and v.is_floating_point() else v) for k, v in b64.items()
+    }
+    for name in ADVANTAGE_ESTIMATORS:
+        torch.testing.assert_close(
+            compute_advantages(name, **b32).double(),
+            compute_advantages(name, **b64),
+            rtol=1e-4,
+            atol=1e-4,
+            msg=name,
+        )
+
+
+def test_compute_advantages_builds_no_graph():
+    # Single-forward PRIME: the rewards come from the PRM forward whose graph the PRM loss needs;
+    # the advantages must be constants and leave that graph alone.
+    prm = torch.randn(4, 3, requires_grad=True)
+    rewards = 0.05 * prm
+    adv = compute_advantages(
+        "prime_rloo",
+        token_rewards=rewards,
+        outcome=torch.tensor([1.0, 0.0, 1.0, 1.0]),
+        mask=torch.ones(4, 3),
+        group_size=2,
+    )
+    assert not adv.requires_grad and adv.grad_fn is None
