@@ -1,6 +1,6 @@
 """Launch a function on N real gloo ranks (torch.multiprocessing spawn) from a test.
 
-Each rank runs ``fn(rank, world_size, *args)`` inside an initialised gloo process group.
+Each rank runs ``fn(rank, world_size, *args)`` inside an initialised process group (gloo).
 Starting processes costs seconds (imports), so put many checks into one launched function.
 Whatever rank 0 returns is handed back to the test (it must be picklable).
 """
@@ -23,7 +23,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank, world_size, port, result_path, fn, args):
+def _worker(rank, world_size, port, result_path, backend, fn, args):
     os.environ.update(
         MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(port),
@@ -32,7 +32,9 @@ def _worker(rank, world_size, port, result_path, fn, args):
         LOCAL_RANK=str(rank),
     )
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    if backend == "nccl":
+        torch.cuda.set_device(rank)
+    dist.init_process_group(backend, rank=rank, world_size=world_size)
     try:
         result = fn(rank, world_size, *args)
         if rank == 0:
@@ -45,13 +47,14 @@ def _worker(rank, world_size, port, result_path, fn, args):
         dist.destroy_process_group()
 
 
-def run_distributed(fn, *args, world_size: int = 2):
-    """Run ``fn(rank, world_size, *args)`` on ``world_size`` gloo ranks; return rank 0's result."""
+def run_distributed(fn, *args, world_size: int = 2, backend: str = "gloo"):
+    """Run ``fn(rank, world_size, *args)`` on ``world_size`` ranks (gloo, or nccl for GPU tests);
+    return rank 0's result."""
     with tempfile.TemporaryDirectory() as tmp:
         result_path = os.path.join(tmp, "result.pt")
         mp.spawn(
             _worker,
-            args=(world_size, free_port(), result_path, fn, args),
+            args=(world_size, free_port(), result_path, backend, fn, args),
             nprocs=world_size,
             join=True,
         )

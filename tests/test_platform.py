@@ -2,6 +2,9 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
+import torch
+
 from megatron_prime.platform.distributed import detect_launch_env, expand_slurm_nodelist
 
 
@@ -29,6 +32,7 @@ def _run(code: str) -> str:
                           text=True, check=True).stdout.strip()
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CPU-only behaviour; tests/test_gpu.py checks the GPU side")
 def test_cpu_backend_active_without_cuda():
     out = _run("""
         import torch

@@ -68,13 +68,15 @@ def fixture(tmp_path_factory):
 def test_stop_and_resume_matches_uninterrupted(fixture, tmp_path):
     full, part = str(tmp_path / "full"), str(tmp_path / "part")
     run(overrides(fixture, full, "train.steps=3", "checkpoint.interval=1", "checkpoint.export_hf=false"))
-    run(overrides(fixture, part, "train.steps=2", "checkpoint.interval=1", "checkpoint.export_hf=false"))
-    out = run(overrides(fixture, part, "train.steps=3", "checkpoint.interval=1", "checkpoint.export_hf=false"))
+    run(overrides(fixture, part, "train.steps=2", "checkpoint.interval=1", "checkpoint.keep_last=2",
+                  "checkpoint.export_hf=false"))
+    out = run(overrides(fixture, part, "train.steps=3", "checkpoint.interval=1", "checkpoint.keep_last=2",
+                        "checkpoint.export_hf=false"))
     assert "resumed from step 1" in out
     a, b = scalars(full), scalars(part)
     for step in (1, 2, 3):
         assert_same_step(a[step], b[step])
-    assert sorted(os.listdir(os.path.join(part, "ckpt"))) == ["step_00000001", "step_00000002"]  # keep_last
+    assert sorted(os.listdir(os.path.join(part, "ckpt"))) == ["step_00000001", "step_00000002"]  # keep_last=2
 
 
 def test_sigkill_mid_step_resumes_from_last_complete_checkpoint(fixture, tmp_path):

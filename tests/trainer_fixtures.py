@@ -64,6 +64,7 @@ def overrides(fixture: dict, root: str, *extra: str) -> list[str]:
         f"model.hf_path={fixture['hf']}",
         "model.dtype=fp32",
         f"data.train_files=[{fixture['rl']}]",
+        "data.max_prompt_len=16",
         "data.max_response_len=12",
         "train.prompts_per_step=8",
         "train.mini_batch_responses=16",

@@ -5,7 +5,8 @@
   are gathered to the stage's TP rank 0, later pipeline stages send to stage 0, and only the
   (tp 0, pp 0) rank of each data-parallel replica materialises full tensors and yields them.
   Every rank of the replica must iterate the generator to the end (it drives the collectives);
-  the others get no buckets. Peak extra memory on the leader: one bucket plus the largest tensor.
+  the others get no buckets. Peak extra memory on the leader: one bucket plus the largest tensor
+  (at TP > 1 plus that tensor's gathered shards while it is assembled: about twice the largest).
 """
 
 from __future__ import annotations
@@ -94,9 +95,10 @@ def _gather_tp(tensor: torch.Tensor, tp_dim: int | None) -> list[torch.Tensor] |
     return shards
 
 
-@torch.no_grad()
 def export_hf_weights(model, arch: HFArch, bucket_bytes: int = 512 * 2**20) -> Iterator[Bucket]:
     """Yield buckets of ``(hf_name, full tensor)`` on each replica's (tp 0, pp 0) rank."""
+    # No @torch.no_grad() here: its generator wrapper keeps the previously yielded bucket alive
+    # while the next one is built (two buckets live). Grad mode is switched off per parameter below.
     pp_size = parallel_state.get_pipeline_model_parallel_world_size()
     pp_rank = parallel_state.get_pipeline_model_parallel_rank()
     tp_rank = parallel_state.get_tensor_model_parallel_rank()
@@ -114,19 +116,21 @@ def export_hf_weights(model, arch: HFArch, bucket_bytes: int = 512 * 2**20) -> I
         spec = param_spec(arch, global_name)
         owner = _owner_stage(arch, global_name, pp_size)
         tensors: list[tuple[str, torch.Tensor]] = []
-        if pp_rank == owner:
-            shards = _gather_tp(params[global_name].detach(), spec.tp_dim)
-            if tp_rank == 0:
-                tensors = shards_to_hf(arch, spec, shards)
-                if owner != 0:
-                    for _, t in tensors:
-                        dist.send(t.contiguous(), dst=pp_ranks[0])
-                    tensors = []
-        elif is_leader:
-            for hf_name in spec.hf_names:
-                t = torch.empty(expected_hf_shape(arch, hf_name), dtype=dtype, device=device)
-                dist.recv(t, src=pp_ranks[owner])
-                tensors.append((hf_name, t))
+        with torch.no_grad():
+            if pp_rank == owner:
+                shards = _gather_tp(params[global_name].detach(), spec.tp_dim)
+                if tp_rank == 0:
+                    tensors = shards_to_hf(arch, spec, shards)
+                    if owner != 0:
+                        for _, t in tensors:
+                            dist.send(t.contiguous(), dst=pp_ranks[0])
+                        tensors = []
+                del shards
+            elif is_leader:
+                for hf_name in spec.hf_names:
+                    t = torch.empty(expected_hf_shape(arch, hf_name), dtype=dtype, device=device)
+                    dist.recv(t, src=pp_ranks[owner])
+                    tensors.append((hf_name, t))
         if not is_leader:
             continue
         for name, t in tensors:
@@ -144,3 +148,4 @@ def iter_hf_tensors(model, arch: HFArch, bucket_bytes: int = 512 * 2**20) -> Ite
     """``export_hf_weights`` flattened to ``(hf_name, tensor)`` pairs (what engines consume)."""
     for bucket in export_hf_weights(model, arch, bucket_bytes):
         yield from bucket
+        del bucket  # else it stays alive while the next bucket is built

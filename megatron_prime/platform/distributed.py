@@ -76,6 +76,13 @@ def detect_launch_env(environ=os.environ) -> LaunchEnv:
     return LaunchEnv(0, 1, 0, "127.0.0.1", _free_port(), "single")
 
 
+def device() -> torch.device:
+    """This rank's compute device: its GPU, or the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def init_process_group(timeout_minutes: float = 30.0) -> LaunchEnv:
     """Initialise torch.distributed (once) from the launch environment."""
     env = detect_launch_env()

@@ -30,7 +30,12 @@ class RolloutBatch:
 
     def rows(self, index: torch.Tensor | slice) -> "RolloutBatch":
         """A sub-batch (the same rows of every tensor, extras included)."""
-        pick = lambda t: t[index]  # noqa: E731
+        return self._map(lambda t: t[index])
+
+    def to(self, device) -> "RolloutBatch":
+        return self._map(lambda t: t.to(device))
+
+    def _map(self, pick) -> "RolloutBatch":
         return RolloutBatch(
             input_ids=pick(self.input_ids),
             attention_mask=pick(self.attention_mask),

@@ -46,14 +46,47 @@ def list_checkpoints(root: str) -> list[str]:
     return [os.path.join(root, n) for n in names if os.path.exists(os.path.join(root, n, "trainer_state.pt"))]
 
 
+def _materialize_optimizer_state(tm: TrainableModel) -> None:
+    """Adam has no state before its first step, but the sharded state dict used for loading
+    needs its structure: take one step with zero gradients (the loaded values replace it)."""
+    for opt in getattr(tm.optimizer, "chained_optimizers", [tm.optimizer]):
+        inner = opt.optimizer
+        if any(len(state) for state in inner.state.values()):
+            continue
+        for group in inner.param_groups:
+            for p in group["params"]:
+                p.grad = torch.zeros_like(p)
+        inner.step()
+        inner.zero_grad()
+
+
+def _restore_adam_step(tm: TrainableModel, optimizer_state: dict) -> None:
+    """megatron-core 0.16 without Apex/TE restores Adam's step count from the saved param groups,
+    then overwrites it with the placeholder step of the per-parameter state it loads into; put
+    the saved count back (it drives Adam's bias correction, so resume would not be exact)."""
+    chained = getattr(tm.optimizer, "chained_optimizers", [tm.optimizer])
+    states = [optimizer_state] if len(chained) == 1 else [optimizer_state[i] for i in range(len(chained))]
+    for opt, state in zip(chained, states):
+        steps = {g["step"] for g in state["optimizer"]["param_groups"] if "step" in g}
+        if len(steps) != 1:
+            continue
+        step = float(steps.pop())
+        for param_state in opt.optimizer.state.values():
+            if "step" in param_state:
+                param_state["step"] = torch.tensor(step, dtype=torch.float32)
+
+
 def _model_state(tm: TrainableModel, is_loading: bool) -> dict:
+    if is_loading:
+        _materialize_optimizer_state(tm)
     model_sd = unwrap(tm.model).sharded_state_dict()
     return {
         "model": model_sd,
-        # "fully_reshardable": optimizer state in model-parameter space, loadable at any TP/PP/DP
-        # (megatron-core 0.16's default format is rejected by its own checkpointing).
+        # "dp_reshardable": megatron-core 0.16 rejects its default format, and without Apex/TE
+        # its "fully_reshardable" loader expects no per-parameter Adam "step". The optimizer
+        # state thus reloads at the same TP/PP only; the model weights reshard freely.
         "optimizer": tm.optimizer.sharded_state_dict(
-            model_sd, is_loading=is_loading, metadata={"distrib_optim_sharding_type": "fully_reshardable"}
+            model_sd, is_loading=is_loading, metadata={"distrib_optim_sharding_type": "dp_reshardable"}
         ),
     }
 
@@ -103,7 +136,9 @@ def load_checkpoint(path: str, models: dict[str, TrainableModel]) -> dict:
         sub = os.path.join(path, name)
         state = dist_checkpointing.load(_model_state(tm, is_loading=True), sub)
         unwrap(tm.model).load_state_dict(state["model"])
-        tm.optimizer.load_state_dict(state["optimizer"])
+        with torch.no_grad():  # the loader copies into parameters in place
+            tm.optimizer.load_state_dict(state["optimizer"])
+        _restore_adam_step(tm, state["optimizer"])
         tm.scheduler.load_state_dict(torch.load(os.path.join(sub, "scheduler.pt"), weights_only=False))
     rank = dist.get_rank() if dist.is_initialized() else 0
     rng_path = os.path.join(path, "rng", f"rank_{rank:05d}.pt")
@@ -127,7 +162,9 @@ def resume(root: str, resume_from: str, models: dict[str, TrainableModel]) -> di
         error = None
         try:
             state = load_checkpoint(path, models)
-        except Exception as e:  # corrupt / truncated / mismatched files
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException as e:  # corrupt / truncated files (torch's CheckpointException is a BaseException)
             state, error = None, e
         ok = torch.tensor([0 if error else 1], dtype=torch.int)
         if dist.is_initialized():
@@ -135,8 +172,8 @@ def resume(root: str, resume_from: str, models: dict[str, TrainableModel]) -> di
         if ok.item():
             return state
         if is_rank0():
-            warnings.warn(f"checkpoint {path} could not be loaded ({error or 'failed on another rank'}); "
-                          "trying the previous one", stacklevel=2)
+            reason = f"{type(error).__name__}: {str(error).strip().splitlines()[-1]}" if error else "failed on another rank"
+            warnings.warn(f"checkpoint {path} could not be loaded ({reason}); trying the previous one", stacklevel=2)
         if resume_from != "latest":
             raise RuntimeError(f"cannot resume from {path}: {error}")
     return None

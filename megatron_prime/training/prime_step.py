@@ -31,6 +31,7 @@ from megatron_prime.algorithm import (
 from megatron_prime.bridge.transfer import iter_hf_tensors
 from megatron_prime.config import Config
 from megatron_prime.models.hf_config import HFArch
+from megatron_prime.platform import distributed
 from megatron_prime.training.batch import RolloutBatch, build_rollout_batch
 from megatron_prime.training.distributed_utils import (
     broadcast_object,
@@ -93,7 +94,7 @@ def prime_step(ctx: PrimeContext, step: int) -> tuple[dict[str, float], list[Gro
         timer.seconds["rollout"] = stats.rollout_s
         timer.seconds["verify"] = stats.verify_s
     groups = broadcast_object(groups)
-    batch = _to_batch(groups, cfg.rollout.n, ctx.tokenizer)
+    batch = _to_batch(groups, cfg.rollout.n, ctx.tokenizer).to(distributed.device())
     local = batch.rows(dp_rows(batch.size))
     mask = batch.response_mask
     pass_args = dict(temperature=cfg.rollout.temperature or 1.0, token_budget=cfg.train.micro_batch_tokens)
@@ -145,6 +146,8 @@ def prime_step(ctx: PrimeContext, step: int) -> tuple[dict[str, float], list[Gro
     metrics.update(_step_metrics(batch, stats, token_rewards, advantages, old_logprobs))
     metrics.update(timer.metrics())
     metrics["perf/tokens_per_s"] = float(mask.sum()) / max(metrics["time/step"], 1e-9)
+    token_rewards = None if token_rewards is None else token_rewards.cpu()
+    mask = mask.cpu()
     if groups is not None:
         for g, group in enumerate(groups):  # per-token process rewards for the sample log
             rows = slice(g * cfg.rollout.n, (g + 1) * cfg.rollout.n)

@@ -104,7 +104,7 @@ def sft(cfg: Config) -> dict:
             prompts=[prompts[i] for i in picked], responses=[responses[i] for i in picked],
             outcomes=[0.0] * len(picked), rollout_logprobs=None,
             truncated=[False] * len(picked), group_size=1, pad_id=pad,
-        )
+        ).to(distributed.device())
         policy.zero_grad()
         result = run_pass(policy.model, batch.rows(dp_rows(batch.size)), temperature=1.0,
                           token_budget=cfg.train.micro_batch_tokens, loss_fn=loss_fn)

@@ -1,0 +1,313 @@
+"""Compare PRIME with outcome-only RLOO: training reward and held-out accuracy per step (paper Fig. 3).
+
+Run mode: for each seed, build the demo's toy task and tiny model, run SFT ONCE, then train twice
+from that SFT checkpoint with the same seed and budget: ``algorithm.estimator=prime_rloo`` (PRIME)
+and ``algorithm.estimator=rloo`` (outcome-only RLOO). Runs go to ``OUT/seed<S>/{prime,rloo}/``
+(logs in ``.../logs/scalars.jsonl``), then the plot and table are made from those logs.
+
+    python tools/compare_runs.py --seeds 1 2 3 --steps 80 [--out outputs/compare] \\
+        [--config examples/configs/tiny_cpu.yaml] [--override sft.steps=300 ...]
+
+Read mode: plot runs that already exist. Each DIR is searched for ``scalars.jsonl`` files (a
+training log dir, or a compare-runs output dir); runs this tool made are labelled by method and
+seed, others by their path.
+
+    python tools/compare_runs.py --read outputs/compare [more dirs ...] [--png compare.png]
+
+The PNG has two panels: training reward (``outcome/accuracy_sampled``, the accuracy of every
+response sampled in the step, before the filter) and held-out greedy accuracy (``eval/accuracy``),
+one thin line per run and seed and, with several seeds, a bold mean per method. A table of the
+held-out accuracy before and after training per run and seed is printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import shutil
+import statistics
+import sys
+from dataclasses import dataclass, field
+
+TRAIN_KEY = "outcome/accuracy_sampled"
+EVAL_KEY = "eval/accuracy"
+RUN_INFO = "compare_run.json"  # written next to scalars.jsonl by run mode
+METHODS = {"PRIME": "prime_rloo", "RLOO": "rloo"}  # label -> algorithm.estimator
+COLORS = {"PRIME": "tab:red", "RLOO": "tab:blue"}
+MIN_STEPS_FOR_EFFICIENCY = 10
+
+
+@dataclass
+class Run:
+    label: str  # method (or path for foreign runs)
+    seed: int | None
+    log_dir: str
+    train: dict[int, float] = field(default_factory=dict)  # step -> training reward
+    eval: dict[int, float] = field(default_factory=dict)  # step -> held-out accuracy
+
+
+# ---- reading logs -----------------------------------------------------------------------------
+
+def read_scalars(path: str) -> dict[int, dict]:
+    """``scalars.jsonl`` -> {step: record}. A resumed run appends records for steps it had already
+    logged: the last record of a step wins."""
+    records: dict[int, dict] = {}
+    with open(path) as f:
+        for line_no, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                print(f"warning: {path}:{line_no}: not JSON, skipped (a run killed mid-write?)", file=sys.stderr)
+                continue
+            records[int(row["step"])] = row
+    return records
+
+
+def load_run(log_dir: str, label: str, seed: int | None) -> Run:
+    records = read_scalars(os.path.join(log_dir, "scalars.jsonl"))
+    run = Run(label, seed, log_dir)
+    for step, row in records.items():
+        if TRAIN_KEY in row:
+            run.train[step] = float(row[TRAIN_KEY])
+    last_train = max(run.train, default=None)
+    for step, row in records.items():
+        if EVAL_KEY not in row:
+            continue
+        # The trainer logs step s's metrics at s + 1 (= updates done) and the final evaluation at
+        # train.steps + 1, in a record of its own; it follows train.steps updates, so plot it there.
+        if last_train is not None and step == last_train + 1 and set(row) == {"step", EVAL_KEY}:
+            step = last_train
+        run.eval[step] = float(row[EVAL_KEY])
+    return run
+
+
+def find_runs(dirs: list[str]) -> list[Run]:
+    runs = []
+    for top in dirs:
+        if not os.path.isdir(top):
+            raise SystemExit(f"error: {top}: not a directory")
+        found = sorted(root for root, _, files in os.walk(top) if "scalars.jsonl" in files)
+        if not found:
+            raise SystemExit(f"error: {top}: no scalars.jsonl below it (not a training log dir?)")
+        for log_dir in found:
+            info_path = os.path.join(log_dir, RUN_INFO)
+            if os.path.exists(info_path):
+                with open(info_path) as f:
+                    info = json.load(f)
+                runs.append(load_run(log_dir, info["method"], info.get("seed")))
+            else:
+                rel = os.path.relpath(log_dir, os.path.dirname(os.path.abspath(top)))
+                runs.append(load_run(log_dir, rel, None))
+    return runs
+
+
+# ---- running ----------------------------------------------------------------------------------
+
+def quiet() -> None:
+    """Keep the training progress readable: no deprecation warnings or weight-loading bars."""
+    import warnings
+
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=UserWarning)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+
+def run_comparison(args: argparse.Namespace) -> list[str]:
+    """SFT once per seed, then a PRIME and an RLOO run from it. Returns the seed dirs."""
+    from megatron_prime.training.demo import demo_configs
+    from megatron_prime.training.sft import sft
+    from megatron_prime.training.trainer import train
+
+    # Final HF exports are not needed for the comparison; the user's overrides come last and win.
+    overrides = ["checkpoint.export_hf=false", f"train.steps={args.steps}", *args.override]
+    seed_dirs = []
+    for seed in args.seeds:
+        seed_dir = os.path.join(args.out, f"seed{seed}")
+        seed_dirs.append(seed_dir)
+        print(f"[compare] seed {seed}: toy task, tiny model and SFT in {seed_dir}", flush=True)
+        cfg, _ = demo_configs(seed_dir, seed, args.config, overrides)
+        cfg.model.hf_path = sft(cfg)["hf"]  # shared by both methods of this seed
+        for method, estimator in METHODS.items():
+            run_dir = os.path.join(seed_dir, method.lower())
+            shutil.rmtree(run_dir, ignore_errors=True)  # the logger appends: start clean
+            run_cfg = copy.deepcopy(cfg)
+            run_cfg.algorithm.estimator = estimator
+            run_cfg.logging.dir = os.path.join(run_dir, "logs")
+            run_cfg.checkpoint.dir = os.path.join(run_dir, "checkpoints")
+            run_cfg.checkpoint.export_dir = os.path.join(run_dir, "hf")
+            run_cfg.checkpoint.resume = "none"
+            os.makedirs(run_cfg.logging.dir)
+            with open(os.path.join(run_cfg.logging.dir, RUN_INFO), "w") as f:
+                json.dump({"method": method, "estimator": estimator, "seed": seed, "steps": args.steps,
+                           "sft_hf": cfg.model.hf_path}, f)
+            print(f"[compare] seed {seed}: {method} ({estimator}), {run_cfg.train.steps} steps", flush=True)
+            train(run_cfg)
+    return seed_dirs
+
+
+# ---- plotting and the table -------------------------------------------------------------------
+
+def smooth(values: list[float], window: int) -> list[float]:
+    """Trailing moving average (the first points average what exists so far)."""
+    if window <= 1:
+        return values
+    out = []
+    for i in range(len(values)):
+        chunk = values[max(0, i - window + 1): i + 1]
+        out.append(sum(chunk) / len(chunk))
+    return out
+
+
+def mean_curve(curves: list[dict[int, float]]) -> tuple[list[int], list[float]]:
+    """Mean over runs at the steps every run has."""
+    steps = sorted(set.intersection(*(set(c) for c in curves)))
+    return steps, [statistics.fmean(c[s] for c in curves) for s in steps]
+
+
+def plot(runs: list[Run], png: str, window: int, title: str | None) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.8))
+    panels = [(axes[0], "train", TRAIN_KEY), (axes[1], "eval", EVAL_KEY)]
+    labels = list(dict.fromkeys(r.label for r in runs))
+    palette = iter(["tab:green", "tab:purple", "tab:orange", "tab:brown", "tab:pink", "tab:gray", "tab:olive"])
+    colors = {label: COLORS.get(label) or next(palette, "black") for label in labels}
+    for ax, kind, ylabel in panels:
+        for label in labels:
+            group = [r for r in runs if r.label == label and getattr(r, kind)]
+            several = len(group) > 1
+            for r in group:
+                curve = getattr(r, kind)
+                steps = sorted(curve)
+                ys = [curve[s] for s in steps]
+                if kind == "train":
+                    ys = smooth(ys, window)
+                name = f"{label} seed {r.seed}" if r.seed is not None else label
+                ax.plot(steps, ys, color=colors[label], alpha=0.35 if several else 1.0,
+                        linewidth=1.0 if several else 1.8, marker="o" if kind == "eval" else None,
+                        markersize=3 if several else 5, label=None if several else name)
+            if several:
+                steps, ys = mean_curve([getattr(r, kind) for r in group])
+                if kind == "train":
+                    ys = smooth(ys, window)
+                ax.plot(steps, ys, color=colors[label], linewidth=2.4, marker="o" if kind == "eval" else None,
+                        label=f"{label} (mean of {len(group)} seeds)")
+        ax.set_xlabel("training step")
+        ax.set_ylabel(ylabel)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        top = max((v for r in runs for v in getattr(r, kind).values()), default=0.0)
+        ax.set_ylim(0.0, max(0.05, min(1.02, top * 1.1)))  # accuracies: from 0, no negative axis
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend()
+    axes[0].set_title("Training reward (sampled responses)"
+                      + (f", moving average of {window} steps" if window > 1 else ""))
+    axes[1].set_title("Held-out greedy accuracy")
+    fig.suptitle(title or "PRIME vs outcome-only RLOO (same seeds, same budget)")
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(png)), exist_ok=True)
+    fig.savefig(png, dpi=120)
+    plt.close(fig)
+
+
+def _fmt(x: float | None) -> str:
+    return "-" if x is None else f"{x:.3f}"
+
+
+def summary_row(r: Run) -> list[str]:
+    eval_steps = sorted(r.eval)
+    before = r.eval.get(0)
+    final = r.eval[eval_steps[-1]] if eval_steps and eval_steps[-1] > 0 else None
+    train_steps = sorted(r.train)
+    tail = [r.train[s] for s in train_steps[-max(1, len(train_steps) // 10):]]
+    return [r.label, "-" if r.seed is None else str(r.seed), str(max(train_steps, default=0)),
+            _fmt(before), _fmt(final), _fmt(statistics.fmean(tail) if tail else None)]
+
+
+def print_table(runs: list[Run]) -> None:
+    rows = []
+    for label in dict.fromkeys(r.label for r in runs):  # each method's seeds, then their mean
+        group = [summary_row(r) for r in runs if r.label == label]
+        rows += group
+        if len(group) > 1:
+            def avg(i):
+                vals = [float(row[i]) for row in group if row[i] != "-"]
+                return _fmt(statistics.fmean(vals) if vals else None)
+            rows.append([label, "mean", "", avg(3), avg(4), avg(5)])
+    header = ["run", "seed", "steps", "eval before", "eval final", "train reward (last 10%)"]
+    widths = [max(len(x) for x in col) for col in zip(header, *rows)]
+    print("  ".join(h.ljust(w) for h, w in zip(header, widths)))
+    print("  ".join("-" * w for w in widths))
+    for row in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(row, widths)))
+
+
+def sample_efficiency(runs: list[Run], window: int) -> str | None:
+    """The paper's headline of Fig. 3: the step at which PRIME first reaches RLOO's final training
+    reward (seed-mean, smoothed curves), as a fraction of RLOO's steps (paper: 40%)."""
+    prime = [r.train for r in runs if r.label == "PRIME" and r.train]
+    rloo = [r.train for r in runs if r.label == "RLOO" and r.train]
+    if not prime or not rloo:
+        return None
+    r_steps, r_vals = mean_curve(rloo)
+    p_steps, p_vals = mean_curve(prime)
+    if len(r_steps) < MIN_STEPS_FOR_EFFICIENCY or not p_steps:
+        return None  # too short to say anything
+    target = smooth(r_vals, window)[-1]
+    reached = next((s for s, v in zip(p_steps, smooth(p_vals, window)) if v >= target), None)
+    if reached is None:
+        return f"PRIME does not reach RLOO's final training reward ({target:.3f}) within {p_steps[-1]} steps"
+    return (f"PRIME reaches RLOO's final training reward ({target:.3f}, smoothed over {window}) at step {reached} "
+            f"= {100 * reached / r_steps[-1]:.0f}% of RLOO's {r_steps[-1]} steps (paper Fig. 3: 40%)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog="\n".join(__doc__.splitlines()[1:]))
+    mode = parser.add_mutually_exclusive_group(required=True)
+    mode.add_argument("--read", nargs="+", metavar="DIR", help="plot existing runs below these dirs")
+    mode.add_argument("--seeds", nargs="+", type=int, metavar="SEED", help="run PRIME and RLOO for these seeds")
+    parser.add_argument("--steps", type=int, default=80, help="run mode: training steps per run (default 80)")
+    parser.add_argument("--out", default="outputs/compare", help="run mode: output dir (default outputs/compare)")
+    parser.add_argument("--config", default=None, help="run mode: config YAML (default: the tiny CPU demo config)")
+    parser.add_argument("--override", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="run mode: config overrides for every run, e.g. sft.steps=300 train.eval_every=10")
+    parser.add_argument("--png", default=None, help="output image (default: OUT/compare.png, or ./compare.png with --read)")
+    parser.add_argument("--smooth", type=int, default=0,
+                        help="moving-average window for the training reward (default: steps/20, at least 1)")
+    parser.add_argument("--title", default=None)
+    args = parser.parse_args()
+
+    if args.seeds:
+        quiet()
+        dirs = run_comparison(args)
+        png = args.png or os.path.join(args.out, "compare.png")
+    else:
+        dirs = args.read
+        png = args.png or "compare.png"
+    runs = find_runs(dirs)
+    runs.sort(key=lambda r: (r.label not in METHODS, r.label, r.seed if r.seed is not None else -1))
+    longest = max((max(r.train, default=0) for r in runs), default=0)
+    window = args.smooth or max(1, longest // 20)
+    plot(runs, png, window, args.title)
+    print()
+    print_table(runs)
+    line = sample_efficiency(runs, window)
+    if line:
+        print("\n" + line)
+    print(f"\nplot: {png}")
+
+
+if __name__ == "__main__":
+    main()

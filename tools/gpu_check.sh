@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# The GPU checks, on a machine with CUDA and torch (run from the repository root):
+#   bash tools/gpu_check.sh
+# Megatron bf16 logits vs transformers on CUDA, the checkpoint scripts on CUDA, PRIME steps on
+# CUDA (Megatron passes + hf rollout engine + weight sync + checkpoint), the hf engine on CUDA.
+# Wheels in .whl/ (megatron-core, math-verify, ...) are installed to /tmp/site first if present.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+if [ -d .whl ]; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+    export PYTHONPATH=/tmp/site:$PWD
+fi
+export PYTHONPATH=${PYTHONPATH:-$PWD}
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+python3 -c "import torch, transformers, megatron.core as m; print('torch', torch.__version__, 'transformers', transformers.__version__, 'megatron-core', m.__version__)"
+work=$(mktemp -d)
+python3 -c "from tests.hf_models import make_tiny_hf; import torch; make_tiny_hf('qwen2', '$work/hf', dtype=torch.bfloat16)"
+python3 checkpoints_convert/hf_to_mcore.py --hf "$work/hf" --out "$work/mcore"
+python3 checkpoints_convert/verify.py --hf "$work/hf" --mcore "$work/mcore" --tol 1.0  # bf16: tests/test_gpu.py compares against fp32 properly
+python3 checkpoints_convert/mcore_to_hf.py --mcore "$work/mcore" --out "$work/hf_back"
+python3 -m pytest tests/test_gpu.py tests/test_rollout_gpu.py tests/test_platform.py -q -s -p no:cacheprovider "$@"
