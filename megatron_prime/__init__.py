@@ -1,3 +1,9 @@
 """megatron-prime: PRIME (Process Reinforcement through Implicit Rewards) on megatron-core."""
 
+import warnings
+
+# megatron-core warns at import time that optional Apex / Transformer Engine kernels are missing
+# and replaced by torch ones; the README documents that both are optional.
+warnings.filterwarnings("ignore", message=r".*(Apex|Transformer Engine).*not installed")
+
 __version__ = "0.1.0"

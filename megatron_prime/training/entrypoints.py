@@ -32,9 +32,9 @@ def _guard(fn) -> int:
 
 def train(argv) -> int:
     def run():
+        cfg = _config_args(argv, "megatron-prime train", "PRIME RL training")
         from megatron_prime.training.trainer import train as run_train
 
-        cfg = _config_args(argv, "megatron-prime train", "PRIME RL training")
         run_train(cfg)
 
     return _guard(run)
@@ -42,9 +42,9 @@ def train(argv) -> int:
 
 def sft(argv) -> int:
     def run():
+        cfg = _config_args(argv, "megatron-prime sft", "supervised fine-tuning")
         from megatron_prime.training.sft import sft as run_sft
 
-        cfg = _config_args(argv, "megatron-prime sft", "supervised fine-tuning")
         result = run_sft(cfg)
         print(f"SFT done: Megatron checkpoint {result['mcore']}, HF checkpoint {result['hf']}")
 

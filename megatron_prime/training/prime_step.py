@@ -28,6 +28,7 @@ from megatron_prime.algorithm import (
     policy_loss,
     prm_loss,
 )
+from megatron_prime.bridge.mapping import hf_param_names
 from megatron_prime.bridge.transfer import iter_hf_tensors
 from megatron_prime.config import Config
 from megatron_prime.models.hf_config import HFArch
@@ -220,11 +221,16 @@ def sync_weights(ctx: PrimeContext) -> None:
     if dp_rank != 0:
         return
     tensors = iter_hf_tensors(ctx.policy.model, ctx.arch, bucket_bytes=ctx.cfg.rollout.bucket_mb * 2**20)
-    if ctx.engine is not None:
-        ctx.engine.update_weights(tensors)
-    else:
-        for _ in tensors:
+    if ctx.engine is None:
+        for _ in tensors:  # take part in the gathers
             pass
+        return
+    sent: list[str] = []
+    ctx.engine.update_weights((sent.append(name) or (name, t)) for name, t in tensors)
+    missing = set(hf_param_names(ctx.arch)) - set(sent)
+    if missing or len(sent) != len(set(sent)):
+        raise RuntimeError(f"weight sync sent {len(sent)} tensors; missing {sorted(missing)[:5]}, "
+                           f"duplicates {len(sent) - len(set(sent))}: the rollout engine would be stale")
 
 
 def _to_batch(groups: list[Group], k: int, tokenizer) -> RolloutBatch:
