@@ -206,7 +206,8 @@ def plot(runs: list[Run], png: str, window: int, title: str | None) -> None:
         ax.set_ylabel(ylabel)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         top = max((v for r in runs for v in getattr(r, kind).values()), default=0.0)
-        ax.set_ylim(0.0, max(0.05, min(1.02, top * 1.1)))  # accuracies: from 0, no negative axis
+        top = max(0.05, min(1.02, top * 1.1))
+        ax.set_ylim(-0.02 * top, top)  # accuracies: from 0 (a line at 0 stays visible)
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend()
