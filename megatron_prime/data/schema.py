@@ -49,6 +49,9 @@ class DatasetError(ValueError):
         tail = f"\n... and {more} more (run `megatron-prime data check FILE`)" if more else ""
         super().__init__("invalid dataset:\n" + "\n".join(shown) + tail)
 
+    def __reduce__(self):  # picklable, so rank 0 can hand it to the other ranks
+        return DatasetError, (self.problems,)
+
 
 class _Missing:
     def __repr__(self) -> str:

@@ -20,6 +20,21 @@ def broadcast_object(obj, src: int = 0):
     return box[0]
 
 
+def on_rank0(fn):
+    """Run ``fn()`` on global rank 0 only; its result there (None elsewhere). An exception on rank
+    0 is re-raised on every rank, so the others fail with it instead of waiting in a collective."""
+    result, error = None, None
+    if is_rank0():
+        try:
+            result = fn()
+        except Exception as e:  # noqa: BLE001 - re-raised below, on every rank
+            error = e
+    error = broadcast_object(error)
+    if error is not None:
+        raise error
+    return result
+
+
 def dp_rank_and_size() -> tuple[int, int]:
     return parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()
 

@@ -17,7 +17,7 @@ from megatron_prime.models.gpt import ModelOptions, resolve_use_te
 from megatron_prime.models.hf_config import read_hf_config
 from megatron_prime.platform import distributed
 from megatron_prime.training import checkpoint
-from megatron_prime.training.distributed_utils import broadcast_object, is_rank0
+from megatron_prime.training.distributed_utils import broadcast_object, is_rank0, on_rank0
 from megatron_prime.training.evaluate import greedy_accuracy
 from megatron_prime.training.models import build_frozen, build_trainable
 from megatron_prime.training.prime_step import PrimeContext, prime_step, sync_weights
@@ -66,14 +66,19 @@ def build_context(cfg: Config) -> PrimeContext:
         reference = build_frozen(arch, opts)
         load_initial_weights(unwrap(reference), cfg, arch)
 
-    engine = sampler = None
-    if is_rank0():
+    def load_prompts():
         rows = [row for path in cfg.data.train_files for row in load_prompt_dataset(path)]
-        sampler = PromptSampler(rows, batch_size=cfg.train.prompts_per_step, seed=cfg.data.seed)
-        device = f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu"
-        engine = build_engine(cfg.rollout.engine, model_dir_or_model=cfg.model.hf_path, device=device,
-                              tokenizer=tokenizer) if cfg.rollout.engine == "hf" else \
-            build_engine(cfg.rollout.engine, model_path=cfg.model.hf_path, tp_size=cfg.rollout.tp)
+        return PromptSampler(rows, batch_size=cfg.train.prompts_per_step, seed=cfg.data.seed)
+
+    def start_engine():
+        if cfg.rollout.engine == "hf":
+            return build_engine("hf", model_dir_or_model=cfg.model.hf_path, device=distributed.device(),
+                                tokenizer=tokenizer)
+        return build_engine(cfg.rollout.engine, model_path=cfg.model.hf_path, tp_size=cfg.rollout.tp)
+
+    # The rollout driver (rank 0) owns the prompts and the engine; a bad file fails every rank.
+    sampler = on_rank0(load_prompts)
+    engine = on_rank0(start_engine)
     return PrimeContext(cfg=cfg, arch=arch, policy=policy, prm=prm, reference=reference, engine=engine,
                         sampler=sampler, buffer=GroupBuffer(), tokenizer=tokenizer, render=render_prompt)
 
@@ -101,11 +106,11 @@ def train(cfg: Config) -> dict:
     from megatron_prime.data import load_prompt_dataset
     from megatron_prime.metrics import MetricsLogger
 
-    eval_rows = None
-    if is_rank0() and cfg.data.eval_files:
-        eval_rows = [row for path in cfg.data.eval_files for row in load_prompt_dataset(path)]
-        if cfg.train.eval_limit:
-            eval_rows = eval_rows[: cfg.train.eval_limit]
+    def load_eval_rows():
+        rows = [row for path in cfg.data.eval_files for row in load_prompt_dataset(path)]
+        return rows[: cfg.train.eval_limit] if cfg.train.eval_limit else rows
+
+    eval_rows = on_rank0(load_eval_rows) if cfg.data.eval_files else None
 
     state = checkpoint.resume(cfg.checkpoint.dir, cfg.checkpoint.resume, _trainable(ctx))
     start_step = 0
