@@ -28,6 +28,7 @@ class Group:
     outcomes: list[float]
     truncated: list[bool]
     data_index: int = -1
+    process_rewards: list[list[float]] | None = None  # per token, filled in after the PRM pass (for logs)
 
 
 @dataclass

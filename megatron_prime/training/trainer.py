@@ -171,7 +171,7 @@ def train(cfg: Config) -> dict:
 def _samples(groups) -> list[dict]:
     out = []
     for group in groups:
-        rewards = getattr(group, "process_rewards", None)
+        rewards = group.process_rewards
         for i, text in enumerate(group.texts):
             out.append({
                 "prompt": group.prompt_text,
