@@ -5,5 +5,8 @@ import warnings
 # megatron-core warns at import time that optional Apex / Transformer Engine kernels are missing
 # and replaced by torch ones; the README documents that both are optional.
 warnings.filterwarnings("ignore", message=r".*(Apex|Transformer Engine).*not installed")
+# megatron-core 0.16 calls torch.distributed APIs that torch 2.13 deprecates; nothing for users to do.
+warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed")
+warnings.filterwarnings("ignore", message=r"full scope is deprecated")
 
 __version__ = "0.1.0"

@@ -65,7 +65,6 @@ class RolloutConfig:
     tp: int = 1  # ranks per inference engine
     mem_fraction: float = 0.6
     bucket_mb: int = 512  # weight-sync bucket size
-    timeout_s: float = 1800.0
 
 
 @dataclass
@@ -116,7 +115,6 @@ class TrainConfig:
     mini_batch_responses: int = 256  # responses per policy update
     micro_batch_tokens: int = 16384  # token budget per micro-batch (dynamic batch size)
     max_rollout_rounds: int = 8  # rollout rounds per step to fill the filtered batch
-    offload: bool = True  # offload training state around rollout (GPU only)
     eval_every: int = 0  # greedy accuracy on data.eval_files every N steps (0: start and end only)
     eval_limit: int = 0  # evaluate on the first N eval prompts (0: all)
     seed: int = 1234
@@ -329,6 +327,18 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     _check(0 < r.top_p <= 1, "rollout.top_p", r.top_p, "must be in (0, 1]")
     _check(r.mode == "colocated" or r.remote_urls, "rollout.remote_urls", r.remote_urls,
            "remote mode needs at least one server URL")
+    # What the trainer does not drive yet (the engines exist; see the README's known limits).
+    _check(r.mode == "colocated", "rollout.mode", r.mode,
+           "only 'colocated' is wired into the trainer so far (the sglang-remote engine exists)")
+    _check(r.engine == "hf" or r.tp == 1, "rollout.tp", r.tp,
+           "the trainer drives one engine from global rank 0, so rollout.tp > 1 is not supported yet")
+    from megatron_prime.algorithm import ADVANTAGE_ESTIMATORS  # torch only
+
+    _check(a.estimator in ADVANTAGE_ESTIMATORS, "algorithm.estimator", a.estimator,
+           f"one of {', '.join(sorted(ADVANTAGE_ESTIMATORS))}")
+    _check(a.estimator != "gae", "algorithm.estimator", a.estimator,
+           "GAE needs a value model, which the trainer does not build; use prime_rloo, rloo, grpo, "
+           "reinforce or reinforce_pp")
     _check(t.prompts_per_step >= 1, "train.prompts_per_step", t.prompts_per_step, "must be >= 1")
     _check(t.mini_batch_responses >= 1 and (t.prompts_per_step * r.n) % t.mini_batch_responses == 0,
            "train.mini_batch_responses", t.mini_batch_responses,

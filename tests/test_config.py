@@ -60,3 +60,23 @@ def test_parallel_layout_checked_against_model(tmp_path):
 def test_missing_config_file():
     with pytest.raises(ConfigError, match="config file not found: nope.yaml"):
         load_config("nope.yaml")
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("algorithm.estimator=ppo", r"algorithm.estimator.*'ppo'.*one of gae, grpo, prime_rloo"),
+        ("algorithm.estimator=gae", r"GAE needs a value model"),
+        ("rollout.mode=remote", r"rollout.remote_urls"),
+        ("rollout.engine=sglang", None),
+    ],
+)
+def test_trainer_capabilities_checked_up_front(override, message):
+    cfg = config_from_dict({}, [override])
+    if message is None:
+        validate(cfg)
+        with pytest.raises(ConfigError, match=r"rollout.tp.*= 2.*not supported yet"):
+            validate(config_from_dict({}, [override, "rollout.tp=2"]))
+    else:
+        with pytest.raises(ConfigError, match=message):
+            validate(cfg)

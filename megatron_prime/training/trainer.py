@@ -74,6 +74,9 @@ def build_context(cfg: Config) -> PrimeContext:
         if cfg.rollout.engine == "hf":
             return build_engine("hf", model_dir_or_model=cfg.model.hf_path, device=distributed.device(),
                                 tokenizer=tokenizer)
+        if cfg.rollout.engine == "sglang":
+            return build_engine("sglang", model_path=cfg.model.hf_path, tp_size=cfg.rollout.tp,
+                                mem_fraction_static=cfg.rollout.mem_fraction, seed=cfg.train.seed)
         return build_engine(cfg.rollout.engine, model_path=cfg.model.hf_path, tp_size=cfg.rollout.tp)
 
     # The rollout driver (rank 0) owns the prompts and the engine; a bad file fails every rank.
