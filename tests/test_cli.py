@@ -27,7 +27,7 @@ def test_unknown_config_key_is_one_line(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
         f"error: {config}: unknown config key 'train.stpes'; allowed keys here: "
-        "eval_every, eval_limit, max_rollout_rounds, micro_batch_tokens, mini_batch_responses, offload, "
+        "eval_every, eval_limit, max_rollout_rounds, micro_batch_tokens, mini_batch_responses, "
         "prompts_per_step, seed, steps"
     ]
 
