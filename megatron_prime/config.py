@@ -115,6 +115,7 @@ class TrainConfig:
     mini_batch_responses: int = 256  # responses per policy update
     micro_batch_tokens: int = 16384  # token budget per micro-batch (dynamic batch size)
     max_rollout_rounds: int = 8  # rollout rounds per step to fill the filtered batch
+    offload: bool = True  # free grads/optimizer state around rollout and the other model's phase (GPU)
     eval_every: int = 0  # greedy accuracy on data.eval_files every N steps (0: start and end only)
     eval_limit: int = 0  # evaluate on the first N eval prompts (0: all)
     seed: int = 1234

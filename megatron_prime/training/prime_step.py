@@ -43,6 +43,7 @@ from megatron_prime.training.distributed_utils import (
     reduce_metric_pairs,
 )
 from megatron_prime.training.models import TrainableModel
+from megatron_prime.training.offload import offloaded
 from megatron_prime.training.passes import run_pass
 from megatron_prime.training.rollout_collect import Group, collect_groups
 
@@ -90,11 +91,13 @@ def prime_step(ctx: PrimeContext, step: int) -> tuple[dict[str, float], list[Gro
 
     # 1-3. Rollout K responses per prompt, verify, accuracy filter (rank 0), then share.
     groups, stats = None, None
-    if is_rank0():
-        groups, stats = collect_groups(ctx.engine, ctx.sampler, ctx.buffer, ctx.tokenizer, cfg, step, ctx.render)
-        timer.seconds["rollout"] = stats.rollout_s
-        timer.seconds["verify"] = stats.verify_s
-    groups = broadcast_object(groups)
+    offload = cfg.train.offload and torch.cuda.is_available()
+    with offloaded(ctx.policy, ctx.prm, enabled=offload):
+        if is_rank0():
+            groups, stats = collect_groups(ctx.engine, ctx.sampler, ctx.buffer, ctx.tokenizer, cfg, step, ctx.render)
+            timer.seconds["rollout"] = stats.rollout_s
+            timer.seconds["verify"] = stats.verify_s
+        groups = broadcast_object(groups)
     batch = _to_batch(groups, cfg.rollout.n, ctx.tokenizer).to(distributed.device())
     local = batch.rows(dp_rows(batch.size))
     mask = batch.response_mask
@@ -113,7 +116,7 @@ def prime_step(ctx: PrimeContext, step: int) -> tuple[dict[str, float], list[Gro
             with timer("prm_forward"):
                 prm_logprobs = gather_dp_rows(run_pass(ctx.prm.model, local, **pass_args).logprobs)
         else:
-            with timer("prm_update"):
+            with timer("prm_update"), offloaded(ctx.policy, enabled=offload):
                 # single forward: the log-probs of the forward that computes the loss are the
                 # PRM's *before* this update, and they give this step's rewards.
                 prm_logprobs, prm_metrics = update_prm(ctx.prm, local, a.beta, pass_args)
@@ -137,7 +140,7 @@ def prime_step(ctx: PrimeContext, step: int) -> tuple[dict[str, float], list[Gro
     local.extras["old_logprobs"] = old_logprobs[dp_rows(batch.size)]
 
     # 7. Policy update: mini-batches x PPO epochs, PPO-clip with a global token mean.
-    with timer("policy_update"):
+    with timer("policy_update"), offloaded(ctx.prm, enabled=offload):
         metrics.update(update_policy(ctx, local, step, pass_args))
 
     # 8. Send the new policy weights to the rollout engine.
