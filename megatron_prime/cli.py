@@ -5,7 +5,6 @@ Each subcommand imports its module lazily so ``--help`` and ``data check`` stay 
 
 from __future__ import annotations
 
-import argparse
 import os
 import subprocess
 import sys

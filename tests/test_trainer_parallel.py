@@ -9,7 +9,6 @@ post-update values are not a fair fp32 comparison)."""
 
 from __future__ import annotations
 
-import os
 
 import pytest
 import torch

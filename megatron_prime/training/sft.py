@@ -4,7 +4,6 @@ checkpoint (``output_dir/mcore``) and a Hugging Face export (``output_dir/hf``).
 
 from __future__ import annotations
 
-import json
 import os
 import time
 
@@ -24,42 +23,12 @@ from megatron_prime.training.passes import run_pass
 from megatron_prime.training.trainer import load_initial_weights, model_options
 
 
-class SFTDataError(ValueError):
-    pass
-
-
-def load_sft_rows(path: str) -> list[dict]:
-    """jsonl rows ``{"prompt": str | chat messages, "response": str}``; errors name file:line."""
-    rows = []
-    try:
-        f = open(path)
-    except FileNotFoundError:
-        raise SFTDataError(f"{path}: SFT file not found") from None
-    with f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise SFTDataError(f"{path}:{line_no}: not valid JSON ({e})") from None
-            for field in ("prompt", "response"):
-                if field not in row:
-                    raise SFTDataError(f"{path}:{line_no}: missing field '{field}' (expected prompt and response)")
-            if not isinstance(row["response"], str) or not row["response"]:
-                raise SFTDataError(f"{path}:{line_no}: field 'response' must be a non-empty string")
-            rows.append(row)
-    if not rows:
-        raise SFTDataError(f"{path}: no rows")
-    return rows
-
-
 def tokenize_sft(rows, tokenizer, render, max_len: int):
     prompts, responses = [], []
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     for row in rows:
-        p = tokenizer(render(tokenizer, row["prompt"]), add_special_tokens=False)["input_ids"]
-        r = tokenizer(row["response"], add_special_tokens=False)["input_ids"] + eos
+        p = tokenizer(render(tokenizer, row.prompt), add_special_tokens=False)["input_ids"]
+        r = tokenizer(row.response, add_special_tokens=False)["input_ids"] + eos
         if len(p) + len(r) > max_len:
             r = r[: max(1, max_len - len(p))]
         prompts.append(p)
@@ -70,7 +39,7 @@ def tokenize_sft(rows, tokenizer, render, max_len: int):
 def sft(cfg: Config) -> dict:
     from transformers import AutoTokenizer
 
-    from megatron_prime.data import render_prompt
+    from megatron_prime.data import load_sft_dataset, render_prompt
 
     env = distributed.setup(cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.cp, cfg.parallel.ep, cfg.train.seed)
     validate(cfg, world_size=env.world_size)
@@ -82,7 +51,7 @@ def sft(cfg: Config) -> dict:
     policy = build_trainable(arch, model_options(cfg), optim, total_steps=s.steps,
                              distributed_optimizer=cfg.parallel.distributed_optimizer)
     load_initial_weights(unwrap(policy.model), cfg, arch)
-    rows = load_sft_rows(s.train_file)
+    rows = load_sft_dataset(s.train_file)
     prompts, responses = tokenize_sft(rows, tokenizer, render_prompt,
                                       cfg.data.max_prompt_len + cfg.data.max_response_len)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
