@@ -23,10 +23,11 @@ from megatron_prime.bridge.mcore_io import load_model, read_arch, read_meta, sav
 from megatron_prime.bridge.transfer import export_hf_weights, load_hf_weights
 from megatron_prime.models.gpt import DTYPES, ModelOptions, build_gpt_model
 from megatron_prime.models.hf_config import HFArch, read_hf_config
+from megatron_prime.platform.distributed import is_rank0
 
 
 def log(msg: str) -> None:
-    if not dist.is_initialized() or dist.get_rank() == 0:
+    if is_rank0():
         print(msg, flush=True)
 
 
@@ -81,8 +82,7 @@ def hf_to_mcore(hf_dir: str, out_dir: str, dtype: str = "auto") -> None:
 
 def write_hf(model, arch: HFArch, out_dir: str, hf_meta_dir: str, max_shard_bytes: int = 5 * 2**30) -> None:
     """Stream ``model``'s weights into an HF checkpoint dir (atomic); all ranks must call this."""
-    is_writer = (not dist.is_initialized() or dist.get_rank() == 0)
-    if not is_writer:
+    if not is_rank0():
         for _ in export_hf_weights(model, arch):  # take part in the gathers
             pass
         dist.barrier()
@@ -126,7 +126,7 @@ def verify(hf_dir: str, mcore_dir: str, num_prompts: int = 4, seq_len: int = 64,
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     logits = full_logits(model, ids.to(dev), vocab_size=arch.vocab_size).float()
     stats = torch.zeros(3, dtype=torch.float64, device=dev)
-    if not dist.is_initialized() or dist.get_rank() == 0:
+    if is_rank0():
         log(f"running transformers reference from {hf_dir}")
         ref_model = transformers.AutoModelForCausalLM.from_pretrained(
             hf_dir, dtype=model.config.params_dtype

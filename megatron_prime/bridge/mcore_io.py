@@ -23,20 +23,9 @@ from megatron.core import dist_checkpointing
 from megatron_prime.bridge.hf_io import CheckpointError, copy_hf_metadata
 from megatron_prime.bridge.transfer import unwrap
 from megatron_prime.models.hf_config import HFArch, read_hf_config
+from megatron_prime.platform.distributed import broadcast_object, is_rank0
 
 META_FILE = "megatron_prime.json"
-
-
-def _rank0() -> bool:
-    return not dist.is_initialized() or dist.get_rank() == 0
-
-
-def _broadcast(obj):
-    if not dist.is_initialized():
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
 
 
 class DistributedAtomicDir:
@@ -48,17 +37,17 @@ class DistributedAtomicDir:
 
     def __enter__(self) -> str:
         tmp = None
-        if _rank0():
+        if is_rank0():
             parent = os.path.dirname(self.final_dir)
             os.makedirs(parent, exist_ok=True)
             tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(self.final_dir)}.tmp-", dir=parent)
-        self.tmp = _broadcast(tmp)
+        self.tmp = broadcast_object(tmp)
         return self.tmp
 
     def __exit__(self, exc_type, exc, tb):
         if exc_type is None and dist.is_initialized():
             dist.barrier()
-        if not _rank0():
+        if not is_rank0():
             return False
         if exc_type is not None:
             shutil.rmtree(self.tmp, ignore_errors=True)
@@ -79,13 +68,19 @@ def save_model(model, out_dir: str, hf_meta_dir: str, extra_meta: dict | None = 
     sharded = unwrap(model).sharded_state_dict()
     with DistributedAtomicDir(out_dir) as tmp:
         dist_checkpointing.save(sharded, tmp)
-        if _rank0():
-            os.makedirs(os.path.join(tmp, "hf"))
-            copy_hf_metadata(hf_meta_dir, os.path.join(tmp, "hf"))
-            with open(os.path.join(tmp, META_FILE), "w") as f:
-                json.dump({"format": "megatron-prime/torch_dist", "version": 1, **(extra_meta or {})}, f)
+        if is_rank0():
+            write_model_metadata(tmp, hf_meta_dir, extra_meta or {})
     if dist.is_initialized():
         dist.barrier()
+
+
+def write_model_metadata(ckpt_dir: str, hf_meta_dir: str, meta: dict) -> None:
+    """The HF config/tokenizer (``hf/``) and ``META_FILE`` that make a dist checkpoint directory a
+    megatron-prime model checkpoint (rank 0, after the tensors are written)."""
+    os.makedirs(os.path.join(ckpt_dir, "hf"))
+    copy_hf_metadata(hf_meta_dir, os.path.join(ckpt_dir, "hf"))
+    with open(os.path.join(ckpt_dir, META_FILE), "w") as f:
+        json.dump({"format": "megatron-prime/torch_dist", "version": 1, **meta}, f)
 
 
 def read_meta(mcore_dir: str) -> dict:

@@ -31,13 +31,11 @@ def position_ids_for(input_ids: torch.Tensor) -> torch.Tensor:
     return torch.arange(s, device=input_ids.device).unsqueeze(0).expand(b, s)
 
 
-def _broadcast_from_last_stage(tensor: torch.Tensor | None, shape, dtype, device) -> torch.Tensor:
-    if parallel_state.get_pipeline_model_parallel_world_size() == 1:
-        return tensor
-    if tensor is None:
-        tensor = torch.empty(shape, dtype=dtype, device=device)
-    dist.broadcast(tensor, src=parallel_state.get_pipeline_model_parallel_last_rank(),
-                   group=parallel_state.get_pipeline_model_parallel_group())
+def broadcast_from_last_stage(tensor: torch.Tensor) -> torch.Tensor:
+    """The last pipeline stage's ``tensor`` on every stage (others pass a buffer of its shape)."""
+    if parallel_state.get_pipeline_model_parallel_world_size() > 1:
+        dist.broadcast(tensor, src=parallel_state.get_pipeline_model_parallel_last_rank(),
+                       group=parallel_state.get_pipeline_model_parallel_group())
     return tensor
 
 
@@ -74,9 +72,9 @@ def full_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | N
         forward_only=True,
         collect_non_loss_data=True,
     )
-    logits = outputs[0] if outputs else None
     padded_vocab = (model.module if hasattr(model, "module") else model).vocab_size
-    logits = _broadcast_from_last_stage(
-        logits, (*input_ids.shape, padded_vocab), torch.float32, input_ids.device
+    logits = outputs[0] if outputs else torch.empty(
+        (*input_ids.shape, padded_vocab), dtype=torch.float32, device=input_ids.device
     )
+    logits = broadcast_from_last_stage(logits)
     return logits[..., : vocab_size or padded_vocab]

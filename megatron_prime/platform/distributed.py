@@ -76,6 +76,19 @@ def detect_launch_env(environ=os.environ) -> LaunchEnv:
     return LaunchEnv(0, 1, 0, "127.0.0.1", _free_port(), "single")
 
 
+def is_rank0() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def broadcast_object(obj, src: int = 0):
+    """Rank ``src``'s picklable object on every rank."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return obj
+    box = [obj if dist.get_rank() == src else None]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
 def device() -> torch.device:
     """This rank's compute device: its GPU, or the CPU."""
     if torch.cuda.is_available():

@@ -15,7 +15,6 @@ truncated files) is skipped with a warning and the previous one is used.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
@@ -25,8 +24,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing
 
-from megatron_prime.bridge.hf_io import copy_hf_metadata
-from megatron_prime.bridge.mcore_io import META_FILE, DistributedAtomicDir
+from megatron_prime.bridge.mcore_io import DistributedAtomicDir, write_model_metadata
 from megatron_prime.bridge.transfer import unwrap
 from megatron_prime.training.distributed_utils import is_rank0
 from megatron_prime.training.models import TrainableModel
@@ -109,11 +107,7 @@ def save_checkpoint(root: str, step: int, models: dict[str, TrainableModel], tra
             dist_checkpointing.save(_model_state(tm, is_loading=False), path)
             if is_rank0():
                 torch.save(tm.scheduler.state_dict(), os.path.join(path, "scheduler.pt"))
-                os.makedirs(os.path.join(path, "hf"))
-                copy_hf_metadata(hf_meta_dir, os.path.join(path, "hf"))
-                with open(os.path.join(path, META_FILE), "w") as f:
-                    json.dump({"format": "megatron-prime/torch_dist", "version": 1, "dtype": dtype,
-                               "step": step, "role": name}, f)
+                write_model_metadata(path, hf_meta_dir, {"dtype": dtype, "step": step, "role": name})
         rank = dist.get_rank() if dist.is_initialized() else 0
         if is_rank0():
             os.makedirs(os.path.join(tmp, "rng"))

@@ -6,18 +6,10 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
+from megatron_prime.platform.distributed import broadcast_object, is_rank0
 
-def is_rank0() -> bool:
-    return not dist.is_initialized() or dist.get_rank() == 0
-
-
-def broadcast_object(obj, src: int = 0):
-    """Rank ``src``'s picklable object on every rank."""
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return obj
-    box = [obj if dist.get_rank() == src else None]
-    dist.broadcast_object_list(box, src=src)
-    return box[0]
+__all__ = ["broadcast_object", "dp_rank_and_size", "dp_rows", "gather_dp_rows", "is_rank0", "on_rank0",
+           "reduce_metric_pairs"]
 
 
 def on_rank0(fn):

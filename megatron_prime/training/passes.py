@@ -13,12 +13,12 @@ from functools import partial
 from typing import Callable
 
 import torch
-import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megatron_prime.algorithm import accumulate_metrics
-from megatron_prime.models.forward import attention_mask_4d, position_ids_for
+from megatron_prime.bridge.transfer import unwrap
+from megatron_prime.models.forward import attention_mask_4d, broadcast_from_last_stage, position_ids_for
 from megatron_prime.training.batch import RolloutBatch, micro_batch_rows
 from megatron_prime.training.vocab_parallel import vocab_parallel_entropy, vocab_parallel_logprobs
 
@@ -32,12 +32,6 @@ class PassResult:
     logprobs: torch.Tensor  # [n, R] for the rows passed in (detached), on every rank of the replica
     entropy: torch.Tensor | None
     metrics: dict  # summed (sum, count) pairs of this rank's micro-batches (last stage; else empty)
-
-
-def _inner(model):
-    while hasattr(model, "module"):
-        model = model.module
-    return model
 
 
 def _micro_batch(batch: RolloutBatch, rows: torch.Tensor, device) -> dict:
@@ -83,7 +77,7 @@ def run_pass(
     """One pass over all rows of ``batch``: forward only (``loss_fn=None``) or forward + backward
     with gradients accumulated into the DDP buffers (the caller zeroes and steps the optimizer)."""
     forward_only = loss_fn is None
-    inner = _inner(model)
+    inner = unwrap(model)
     device = next(inner.parameters()).device
     true_vocab = getattr(inner, "true_vocab_size", inner.vocab_size)
     tp_group = parallel_state.get_tensor_model_parallel_group()
@@ -136,14 +130,8 @@ def run_pass(
         if with_entropy:
             entropy[rows.to(device)] = out["entropy"].float()
         accumulate_metrics(metrics, out.get("metrics", {}))
-    logprobs = _from_last_stage(logprobs)
+    logprobs = broadcast_from_last_stage(logprobs)
     if with_entropy:
-        entropy = _from_last_stage(entropy)
+        entropy = broadcast_from_last_stage(entropy)
     return PassResult(logprobs=logprobs, entropy=entropy, metrics=metrics)
 
-
-def _from_last_stage(tensor: torch.Tensor) -> torch.Tensor:
-    if parallel_state.get_pipeline_model_parallel_world_size() > 1:
-        dist.broadcast(tensor, src=parallel_state.get_pipeline_model_parallel_last_rank(),
-                       group=parallel_state.get_pipeline_model_parallel_group())
-    return tensor

@@ -22,6 +22,7 @@ import torch
 from megatron_prime.algorithm import (
     OUTCOME_ONLY_ESTIMATORS,
     GroupBuffer,
+    accumulate_metrics,
     compute_advantages,
     implicit_process_rewards,
     metric_means,
@@ -207,8 +208,7 @@ def update_policy(ctx: PrimeContext, local: RolloutBatch, step: int, pass_args: 
                               **pass_args)
             info = ctx.policy.step()
             grad_norms.append(info["grad_norm"])
-            for k, v in result.metrics.items():
-                pairs[k] = pairs[k] + v if k in pairs else v.clone()
+            accumulate_metrics(pairs, result.metrics)
     metrics = metric_means(reduce_metric_pairs(pairs))
     metrics["policy/grad_norm"] = sum(grad_norms) / len(grad_norms)
     metrics["policy/lr"] = ctx.policy.optimizer.param_groups[0]["lr"]
