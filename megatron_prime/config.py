@@ -62,9 +62,14 @@ class RolloutConfig:
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = -1
-    tp: int = 1  # ranks per inference engine
+    tp: int = 1  # GPUs per engine (colocated: consecutive ranks; remote: per server); hf: 1
     mem_fraction: float = 0.6
     bucket_mb: int = 512  # weight-sync bucket size
+    max_restarts: int = 1  # restarts of a failed engine (then resync, retry the request) per request
+    base_port: int = 30000  # colocated sglang: engine i listens on base_port + 100 * i
+    router_url: str = ""  # remote: sglang-router in front of remote_urls (for /generate)
+    weight_sync_address: str = ""  # remote: rank 0's address the servers reach (default: its hostname)
+    weight_sync_port: int = 29650  # remote: rendezvous port of the weight-broadcast group
 
 
 @dataclass
@@ -328,11 +333,15 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     _check(0 < r.top_p <= 1, "rollout.top_p", r.top_p, "must be in (0, 1]")
     _check(r.mode == "colocated" or r.remote_urls, "rollout.remote_urls", r.remote_urls,
            "remote mode needs at least one server URL")
-    # What the trainer does not drive yet (the engines exist; see the README's known limits).
-    _check(r.mode == "colocated", "rollout.mode", r.mode,
-           "only 'colocated' is wired into the trainer so far (the sglang-remote engine exists)")
-    _check(r.engine == "hf" or r.tp == 1, "rollout.tp", r.tp,
-           "the trainer drives one engine from global rank 0, so rollout.tp > 1 is not supported yet")
+    _check(r.mode == "colocated" or r.engine == "sglang", "rollout.engine", r.engine,
+           "remote mode (rollout.mode=remote) talks to SGLang servers: use rollout.engine=sglang")
+    _check(r.tp >= 1, "rollout.tp", r.tp, "must be >= 1")
+    _check(r.engine != "hf" or r.tp == 1, "rollout.tp", r.tp,
+           "the hf engine runs on one device (one engine per rank); use 1")
+    _check(r.max_restarts >= 0, "rollout.max_restarts", r.max_restarts, "must be >= 0")
+    if world_size is not None and r.mode == "colocated":
+        _check(world_size % r.tp == 0, "rollout.tp", r.tp,
+               f"colocated engines take rollout.tp consecutive ranks each: must divide the world size ({world_size})")
     from megatron_prime.algorithm import ADVANTAGE_ESTIMATORS  # torch only
 
     _check(a.estimator in ADVANTAGE_ESTIMATORS, "algorithm.estimator", a.estimator,

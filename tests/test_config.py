@@ -63,20 +63,26 @@ def test_missing_config_file():
 
 
 @pytest.mark.parametrize(
-    "override, message",
+    "overrides, message",
     [
-        ("algorithm.estimator=ppo", r"algorithm.estimator.*'ppo'.*one of gae, grpo, prime_rloo"),
-        ("algorithm.estimator=gae", r"GAE needs a value model"),
-        ("rollout.mode=remote", r"rollout.remote_urls"),
-        ("rollout.engine=sglang", None),
+        (["algorithm.estimator=ppo"], r"algorithm.estimator.*'ppo'.*one of gae, grpo, prime_rloo"),
+        (["algorithm.estimator=gae"], r"GAE needs a value model"),
+        (["rollout.mode=remote"], r"rollout.remote_urls"),
+        (["rollout.mode=remote", "rollout.remote_urls=[http://h:30000]"], r"rollout.engine.*'hf'.*use rollout.engine=sglang"),
+        (["rollout.tp=2"], r"rollout.tp.*= 2.*hf engine runs on one device"),
+        (["rollout.engine=sglang", "rollout.tp=4"], r"rollout.tp.*= 4.*must divide the world size \(6\)"),
+        (["rollout.max_restarts=-1"], r"rollout.max_restarts"),
     ],
 )
-def test_trainer_capabilities_checked_up_front(override, message):
-    cfg = config_from_dict({}, [override])
-    if message is None:
-        validate(cfg)
-        with pytest.raises(ConfigError, match=r"rollout.tp.*= 2.*not supported yet"):
-            validate(config_from_dict({}, [override, "rollout.tp=2"]))
-    else:
-        with pytest.raises(ConfigError, match=message):
-            validate(cfg)
+def test_rollout_and_estimator_checked_up_front(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        validate(config_from_dict({}, overrides), world_size=6)
+
+
+@pytest.mark.parametrize("overrides", [
+    ["rollout.engine=sglang", "rollout.tp=2"],
+    ["rollout.engine=vllm", "rollout.tp=3"],
+    ["rollout.engine=sglang", "rollout.mode=remote", "rollout.remote_urls=[http://h:30000]", "rollout.tp=8"],
+])
+def test_rollout_layouts_accepted(overrides):
+    validate(config_from_dict({}, overrides), world_size=6)

@@ -337,3 +337,35 @@ def test_our_remote_module_uses_only_listed_routes_and_keys():
     assert route_strings == set(SGLANG_HTTP_USED), "route strings in sglang_remote.py vs SGLANG_HTTP_USED"
     for route, keys in used.items():
         assert keys <= set(SGLANG_HTTP_USED[route][2]), f"{route} body sends unlisted keys {keys}"
+
+
+def _source(release: Release, path: str, qualname: str) -> str:
+    return ast.unparse(release.find(path, qualname))
+
+
+def test_broadcast_group_is_formed_as_we_mirror_it(release):
+    """``sglang_remote.join_broadcast_group`` mirrors the server's side of the weight group."""
+    server = _source(release, "srt/utils/common.py", "init_custom_process_group")
+    assert "rendezvous(init_method, rank, world_size" in server
+    assert "PrefixStore(group_name, store)" in server
+    assert "_new_process_group_helper(world_size, rank, []" in server
+    assert "_world.pg_group_ranks[pg] = {i: i for i in range(world_size)}" in server
+    # Each server TP rank joins as rank_offset + its TP rank; we send from rank 0.
+    join = _source(release, "srt/model_executor/model_runner_components/weight_updater.py",
+                   "WeightUpdater.init_weights_update_group")
+    assert "rank = rank_offset + self.tp_rank" in join
+    assert "init_method=na.to_tcp()" in join
+
+
+def test_flattened_bucket_layout_is_ours(release):
+    """The server allocates a received bucket as the tensors' bytes back to back, in the order
+    of ``names``, and receives it with one broadcast from rank 0: ``flatten_bucket``'s layout."""
+    receive = _source(release, "srt/model_executor/model_runner_components/weight_updater.py",
+                      "WeightUpdater._receive_bucketed_weights_from_distributed")
+    assert "FlattenedTensorBucket.empty(names, dtypes, shapes" in receive
+    assert "torch.distributed.broadcast(flattened_tensor, src=0" in receive
+    empty = _source(release, "srt/weight_sync/tensor_bucket.py", "FlattenedTensorBucket.empty")
+    assert "size = shape.numel() * dtype.itemsize" in empty
+    assert "FlattenedTensorMetadata(name, shape, dtype, offset, offset + size, size)" in empty
+    assert "offset += size" in empty
+    assert "torch.empty(offset, dtype=torch.uint8" in empty

@@ -6,9 +6,9 @@ engine, on two real gloo ranks at TP=2 and at PP=2.
   <= 1e-4 on O(1) logits), its greedy generations equal greedy decoding with the Megatron model
   (full recompute), and every engine parameter equals the checkpoint Megatron was built from.
   Tied (qwen3) and untied (llama) families.
-* Trainer: after one PRIME step (policy update + ``sync_weights``), every engine parameter equals
-  the Megatron export and a fresh ``write_hf`` conversion loaded by transformers, and every
-  tensor differs from its value before the step.
+* Trainer: after one PRIME step (policy update + the fleet's sync), every parameter of every
+  engine (one per rank) equals the Megatron export and a fresh ``write_hf`` conversion loaded by
+  transformers, and every tensor differs from its value before the step.
 
 All checks run inside one launched process group (start-up costs seconds per launch).
 """
@@ -150,7 +150,7 @@ def _train_checks(rank, fixture, root):
     from megatron_prime.config import load_config
     from megatron_prime.models.forward import full_logits
     from megatron_prime.platform import distributed
-    from megatron_prime.training.prime_step import prime_step, sync_weights
+    from megatron_prime.training.prime_step import prime_step
     from megatron_prime.training.trainer import build_context
 
     register_test_verifier()
@@ -162,14 +162,16 @@ def _train_checks(rank, fixture, root):
         distributed.init_model_parallel(tp=tp, pp=pp, seed=cfg.train.seed)
         torch.manual_seed(cfg.train.seed)
         ctx = build_context(cfg)
-        sync_weights(ctx)  # as train() does before the first step
+        ctx.fleet.sync()  # as train() does before the first step
         r = {}
-        before = _engine_params(ctx.engine) if rank == 0 else None
-        metrics, _ = prime_step(ctx, step=0)  # policy update, then sync_weights(ctx)
+        engine = ctx.fleet.engine  # one hf engine per rank: each must end up with the new policy
+        before = _engine_params(engine)
+        metrics, _ = prime_step(ctx, step=0)  # policy update, then ctx.fleet.sync()
         r["policy_grad_norm"] = metrics["policy/grad_norm"]
 
-        # The Megatron export (every rank drives it; rank 0 gets the tensors) ...
-        export = dict(iter_hf_tensors(ctx.policy.model, ctx.arch))
+        # The Megatron export to every rank (what the fleet sends), the leader-only export ...
+        export = dict(iter_hf_tensors(ctx.policy.model, ctx.arch, to_all_ranks=True))
+        leader_export = dict(iter_hf_tensors(ctx.policy.model, ctx.arch))
         # ... and an independent conversion: write an HF checkpoint, load it with transformers.
         out_dir = None
         if rank == 0:
@@ -179,23 +181,27 @@ def _train_checks(rank, fixture, root):
         write_hf(unwrap(ctx.policy.model), ctx.arch, box[0], cfg.model.hf_path)
         ids = torch.randint(0, ctx.arch.vocab_size, (2, 16), generator=torch.Generator().manual_seed(1))
         meg_logits = full_logits(ctx.policy.model, ids, vocab_size=ctx.arch.vocab_size)
+        dist.barrier()  # the checkpoint is complete
 
-        if rank == 0:
-            after = _engine_params(ctx.engine)
-            fresh = transformers.AutoModelForCausalLM.from_pretrained(box[0], dtype=torch.float32)
-            fresh_params = dict(fresh.named_parameters())
-            r["engine_names"] = sorted(after)
-            r["export_names"] = sorted(export)
-            r["fresh_names"] = sorted(fresh_params)
-            r["stale_vs_export"] = [n for n in after if n in export and not torch.equal(after[n], export[n])]
-            r["stale_vs_fresh"] = [n for n in after if n in fresh_params
-                                   and not torch.equal(after[n], fresh_params[n].detach())]
-            r["unchanged_by_step"] = [n for n in after if torch.equal(before[n], after[n])]
-            r["max_change"] = max((after[n] - before[n]).abs().max().item() for n in after)
-            r["num_tensors"] = len(after)
-            with torch.no_grad():
-                r["logit_diff"] = (ctx.engine.model(input_ids=ids).logits - meg_logits).abs().max().item()
-        results[(tp, pp)] = r
+        after = _engine_params(engine)
+        fresh = transformers.AutoModelForCausalLM.from_pretrained(box[0], dtype=torch.float32)
+        fresh_params = dict(fresh.named_parameters())
+        r["leader_export_size"] = len(leader_export)
+        r["engine_names"] = sorted(after)
+        r["export_names"] = sorted(export)
+        r["fresh_names"] = sorted(fresh_params)
+        r["stale_vs_export"] = [n for n in after if n in export and not torch.equal(after[n], export[n])]
+        r["stale_vs_fresh"] = [n for n in after if n in fresh_params
+                               and not torch.equal(after[n], fresh_params[n].detach())]
+        r["unchanged_by_step"] = [n for n in after if torch.equal(before[n], after[n])]
+        r["max_change"] = max((after[n] - before[n]).abs().max().item() for n in after)
+        r["num_tensors"] = len(after)
+        with torch.no_grad():
+            r["logit_diff"] = (engine.model(input_ids=ids).logits - meg_logits).abs().max().item()
+        per_rank = [None] * dist.get_world_size()
+        dist.all_gather_object(per_rank, r)
+        ctx.fleet.shutdown()
+        results[(tp, pp)] = per_rank
     return results
 
 
@@ -272,17 +278,27 @@ def test_greedy_identical_across_layouts(results):
 
 
 @pytest.mark.parametrize("tp,pp", TRAIN_LAYOUTS)
-def test_training_step_changes_every_tensor(results, tp, pp):
-    r = results["train"][(tp, pp)]
+@pytest.mark.parametrize("rank", [0, 1])
+def test_training_step_changes_every_tensor(results, tp, pp, rank):
+    r = results["train"][(tp, pp)][rank]
     assert r["policy_grad_norm"] > 0
     assert r["unchanged_by_step"] == []
     assert r["max_change"] > 1e-6
 
 
 @pytest.mark.parametrize("tp,pp", TRAIN_LAYOUTS)
-def test_engine_matches_export_after_training_step(results, tp, pp):
-    r = results["train"][(tp, pp)]
+@pytest.mark.parametrize("rank", [0, 1])
+def test_every_engine_matches_export_after_training_step(results, tp, pp, rank):
+    """Both ranks feed their own engine: each gets every tensor, fresh."""
+    r = results["train"][(tp, pp)][rank]
     assert r["engine_names"] == r["export_names"] == r["fresh_names"]
     assert r["stale_vs_export"] == []
     assert r["stale_vs_fresh"] == []
     assert r["logit_diff"] <= 1e-4
+
+
+@pytest.mark.parametrize("tp,pp", TRAIN_LAYOUTS)
+def test_leader_export_reaches_only_rank0(results, tp, pp):
+    ranks = results["train"][(tp, pp)]
+    assert ranks[0]["leader_export_size"] == ranks[0]["num_tensors"]
+    assert ranks[1]["leader_export_size"] == 0

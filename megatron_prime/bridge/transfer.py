@@ -5,7 +5,8 @@
   are gathered to the stage's TP rank 0, later pipeline stages send to stage 0, and only the
   (tp 0, pp 0) rank of each data-parallel replica materialises full tensors and yields them.
   Every rank of the replica must iterate the generator to the end (it drives the collectives);
-  the others get no buckets. Peak extra memory on the leader: one bucket plus the largest tensor
+  the others get no buckets. With ``to_all_ranks`` every rank gets every tensor (colocated
+  engines fed by each rank), via all-gather over TP and broadcast over PP. Peak extra memory on the leader: one bucket plus the largest tensor
   (at TP > 1 plus that tensor's gathered shards while it is assembled: about twice the largest).
 """
 
@@ -82,12 +83,17 @@ def _owner_stage(arch: HFArch, global_name: str, pp_size: int) -> int:
     return pp_size - 1
 
 
-def _gather_tp(tensor: torch.Tensor, tp_dim: int | None) -> list[torch.Tensor] | None:
-    """All TP shards on TP rank 0 (None elsewhere); replicated tensors are not gathered."""
+def _gather_tp(tensor: torch.Tensor, tp_dim: int | None, to_all: bool) -> list[torch.Tensor] | None:
+    """All TP shards on TP rank 0 (None elsewhere), or on every TP rank with ``to_all``;
+    replicated tensors are not gathered."""
     tp_size = parallel_state.get_tensor_model_parallel_world_size()
     if tp_dim is None or tp_size == 1:
         return [tensor]
     group = parallel_state.get_tensor_model_parallel_group()
+    if to_all:
+        shards = [torch.empty_like(tensor) for _ in range(tp_size)]
+        dist.all_gather(shards, tensor.contiguous(), group=group)
+        return shards
     is_src = parallel_state.get_tensor_model_parallel_rank() == 0
     shards = [torch.empty_like(tensor) for _ in range(tp_size)] if is_src else None
     dist.gather(tensor.contiguous(), shards, dst=parallel_state.get_tensor_model_parallel_src_rank(),
@@ -95,16 +101,19 @@ def _gather_tp(tensor: torch.Tensor, tp_dim: int | None) -> list[torch.Tensor] |
     return shards
 
 
-def export_hf_weights(model, arch: HFArch, bucket_bytes: int = 512 * 2**20) -> Iterator[Bucket]:
-    """Yield buckets of ``(hf_name, full tensor)`` on each replica's (tp 0, pp 0) rank."""
+def export_hf_weights(model, arch: HFArch, bucket_bytes: int = 512 * 2**20,
+                      to_all_ranks: bool = False) -> Iterator[Bucket]:
+    """Yield buckets of ``(hf_name, full tensor)`` on each replica's (tp 0, pp 0) rank, or on every
+    rank with ``to_all_ranks`` (for engines fed by every rank: TP shards are all-gathered and the
+    owning pipeline stage broadcasts to the others)."""
     # No @torch.no_grad() here: its generator wrapper keeps the previously yielded bucket alive
     # while the next one is built (two buckets live). Grad mode is switched off per parameter below.
     pp_size = parallel_state.get_pipeline_model_parallel_world_size()
     pp_rank = parallel_state.get_pipeline_model_parallel_rank()
     tp_rank = parallel_state.get_tensor_model_parallel_rank()
-    pp_ranks = dist.get_process_group_ranks(parallel_state.get_pipeline_model_parallel_group()) \
-        if pp_size > 1 else None
-    is_leader = pp_rank == 0 and tp_rank == 0
+    pp_group = parallel_state.get_pipeline_model_parallel_group() if pp_size > 1 else None
+    pp_ranks = dist.get_process_group_ranks(pp_group) if pp_size > 1 else None
+    receives = to_all_ranks or (pp_rank == 0 and tp_rank == 0)
     local_params = dict(unwrap(model).named_parameters())
     params = {g: local_params[l] for l, g in local_to_global_names(model).items()}
     dtype = next(iter(params.values())).dtype
@@ -118,20 +127,16 @@ def export_hf_weights(model, arch: HFArch, bucket_bytes: int = 512 * 2**20) -> I
         tensors: list[tuple[str, torch.Tensor]] = []
         with torch.no_grad():
             if pp_rank == owner:
-                shards = _gather_tp(params[global_name].detach(), spec.tp_dim)
-                if tp_rank == 0:
-                    tensors = shards_to_hf(arch, spec, shards)
-                    if owner != 0:
-                        for _, t in tensors:
-                            dist.send(t.contiguous(), dst=pp_ranks[0])
-                        tensors = []
+                shards = _gather_tp(params[global_name].detach(), spec.tp_dim, to_all_ranks)
+                if shards is not None:
+                    tensors = [(n, t.contiguous()) for n, t in shards_to_hf(arch, spec, shards)]
                 del shards
-            elif is_leader:
-                for hf_name in spec.hf_names:
-                    t = torch.empty(expected_hf_shape(arch, hf_name), dtype=dtype, device=device)
-                    dist.recv(t, src=pp_ranks[owner])
-                    tensors.append((hf_name, t))
-        if not is_leader:
+            elif receives:
+                tensors = [(n, torch.empty(expected_hf_shape(arch, n), dtype=dtype, device=device))
+                           for n in spec.hf_names]
+            if pp_size > 1 and owner != 0 or to_all_ranks:
+                tensors = _share_across_stages(tensors, owner, pp_ranks, pp_group, to_all_ranks, receives)
+        if not receives:
             continue
         for name, t in tensors:
             nbytes = t.numel() * t.element_size()
@@ -144,8 +149,29 @@ def export_hf_weights(model, arch: HFArch, bucket_bytes: int = 512 * 2**20) -> I
         yield bucket
 
 
-def iter_hf_tensors(model, arch: HFArch, bucket_bytes: int = 512 * 2**20) -> Iterator[tuple[str, torch.Tensor]]:
+def _share_across_stages(tensors, owner: int, pp_ranks, pp_group, to_all: bool, receives: bool):
+    """Move the owning stage's full tensors to where they are wanted: stage 0's TP rank 0 (send /
+    recv), or every stage (broadcast over each TP rank's pipeline group)."""
+    if pp_ranks is None:
+        return tensors
+    if to_all:
+        for _, t in tensors:
+            dist.broadcast(t, src=pp_ranks[owner], group=pp_group)
+        return tensors
+    pp_rank = parallel_state.get_pipeline_model_parallel_rank()
+    if pp_rank == owner and tensors:  # TP rank 0 of a later stage: hand over to stage 0
+        for _, t in tensors:
+            dist.send(t, dst=pp_ranks[0])
+        return []
+    if receives:
+        for _, t in tensors:
+            dist.recv(t, src=pp_ranks[owner])
+    return tensors
+
+
+def iter_hf_tensors(model, arch: HFArch, bucket_bytes: int = 512 * 2**20,
+                    to_all_ranks: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
     """``export_hf_weights`` flattened to ``(hf_name, tensor)`` pairs (what engines consume)."""
-    for bucket in export_hf_weights(model, arch, bucket_bytes):
+    for bucket in export_hf_weights(model, arch, bucket_bytes, to_all_ranks):
         yield from bucket
         del bucket  # else it stays alive while the next bucket is built

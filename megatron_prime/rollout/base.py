@@ -36,6 +36,9 @@ class RolloutError(RuntimeError):
         self.reason = reason
         super().__init__(f"rollout engine '{engine}' failed on {request}: {reason}")
 
+    def __reduce__(self):  # picklable, so other ranks can raise it too
+        return (type(self), (self.engine, self.request, self.reason))
+
 
 @dataclass
 class SamplingParams:
@@ -46,6 +49,10 @@ class SamplingParams:
     max_new_tokens: int = 256
     stop_token_ids: tuple[int, ...] = ()
     seed: int | None = None  # None: engine-chosen randomness, not reproducible
+    # Index of this request's first prompt in the whole batch. Per-sample seeds use the
+    # global index, so a batch split over several engines samples exactly what one
+    # engine would have sampled for the whole batch.
+    prompt_offset: int = 0
 
     def __post_init__(self):
         if self.n < 1:
@@ -58,11 +65,19 @@ class SamplingParams:
             raise ValueError(f"SamplingParams.top_k must be -1, 0 or positive, got {self.top_k}")
         if self.max_new_tokens < 1:
             raise ValueError(f"SamplingParams.max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.prompt_offset < 0:
+            raise ValueError(f"SamplingParams.prompt_offset must be >= 0, got {self.prompt_offset}")
         self.stop_token_ids = tuple(int(t) for t in self.stop_token_ids)
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+    def seed_of(self, prompt_index: int, sample_index: int) -> int | None:
+        """The seed of sample ``sample_index`` of this request's prompt ``prompt_index``."""
+        if self.seed is None:
+            return None
+        return sample_seed(self.seed, self.prompt_offset + prompt_index, sample_index)
 
 
 @dataclass
@@ -99,14 +114,27 @@ def check_prompts(engine: str, prompts: Sequence[Sequence[int]]) -> None:
         raise RolloutError(engine, f"generate({len(prompts)} prompts)", "empty prompt (no token ids)")
 
 
+# What ``wake(tags)`` can restore separately: weights first (to receive an update while the
+# training state is still on the GPU), the KV cache once training state is offloaded.
+MEMORY_TAGS = ("weights", "kv_cache")
+
+
 class RolloutEngine(abc.ABC):
     """Generate responses with the current policy and receive new policy weights.
 
-    Lifecycle in a PRIME step: ``wake()`` -> ``update_weights(bridge.export())`` ->
-    ``generate(...)`` -> ``sleep()`` while Megatron trains. ``restart()`` rebuilds a dead
-    engine; the caller must push the current weights again afterwards."""
+    Lifecycle in a PRIME step: ``wake(["weights"])`` -> ``update_weights(bridge.export())``
+    -> ``wake(["kv_cache"])`` -> ``generate(...)`` -> ``sleep()`` while Megatron trains.
+    ``restart()`` rebuilds a dead engine; the caller must push the current weights again
+    afterwards.
+
+    An engine may span several trainer ranks (its group, e.g. one rank per GPU of a TP=2
+    engine). ``update_weights``/``sleep``/``wake``/``restart``/``shutdown`` are then called
+    on every rank of the group, each with the full tensors; ``generate`` on the group's
+    first rank only, or on every rank of the group (same prompts) when
+    ``generate_on_every_group_rank`` is set (vLLM's SPMD external launcher)."""
 
     name: str = "engine"
+    generate_on_every_group_rank: bool = False
 
     @abc.abstractmethod
     def generate(self, prompt_token_ids: list[list[int]], sampling: SamplingParams) -> list[Response]:
@@ -121,8 +149,9 @@ class RolloutEngine(abc.ABC):
         """Release the engine's accelerator memory (weights and KV cache)."""
 
     @abc.abstractmethod
-    def wake(self) -> None:
-        """Restore what ``sleep()`` released."""
+    def wake(self, tags: Sequence[str] | None = None) -> None:
+        """Restore what ``sleep()`` released: ``tags`` from ``MEMORY_TAGS`` (None: all, weights
+        first)."""
 
     @abc.abstractmethod
     def shutdown(self) -> None:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import inspect
 import os
 import random
-from typing import Iterable
+from typing import Iterable, Sequence
 
 import torch
 
@@ -123,7 +123,7 @@ class HFEngine(RolloutEngine):
             for start in range(0, len(order), self.max_batch_size):
                 chunk = order[start : start + self.max_batch_size]
                 prompts = [prompt_token_ids[rows[r][0]] for r in chunk]
-                seeds = [sample_seed(base_seed, *rows[r]) for r in chunk]
+                seeds = [sample_seed(base_seed, sampling.prompt_offset + rows[r][0], rows[r][1]) for r in chunk]
                 for r, (tokens, logprobs, reason) in zip(chunk, self._generate_batch(prompts, seeds, sampling)):
                     results[r] = Response(rows[r][0], tokens, self._decode(tokens), reason, logprobs)
         except RolloutError:
@@ -233,10 +233,13 @@ class HFEngine(RolloutEngine):
             torch.cuda.empty_cache()
         self._asleep = True
 
-    def wake(self) -> None:
-        if self.device.type == "cuda":
-            self.model.to(self.device)
-        self._asleep = False
+    def wake(self, tags: Sequence[str] | None = None) -> None:
+        """Weights come back with "weights" (or all); there is no KV cache to restore: it
+        lives only inside ``generate``. Generation needs the weights back."""
+        if tags is None or "weights" in tags:
+            if self.device.type == "cuda":
+                self.model.to(self.device)
+            self._asleep = False
 
     def shutdown(self) -> None:
         self.model = None

@@ -22,18 +22,18 @@ lazily, so this module imports without it.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
 
 from .base import (
+    MEMORY_TAGS,
     Response,
     RolloutEngine,
     RolloutError,
     SamplingParams,
     check_prompts,
     describe_request,
-    sample_seed,
 )
 from .weight_buckets import DEFAULT_BUCKET_BYTES, iter_buckets
 
@@ -62,7 +62,6 @@ SGLANG_API_USED: dict[str, tuple[str, ...]] = {
     "srt/weight_sync/tensor_bucket.py:FlattenedTensorBucket.get_metadata": (),
     "srt/utils/common.py:MultiprocessingSerializer.serialize": ("obj", "output_str"),
     "srt/utils/patch_torch.py:monkey_patch_torch_reductions": (),
-    "srt/utils/common.py:init_custom_process_group": ("backend", "init_method", "world_size", "rank", "group_name"),
 }
 
 # Keys of the per-request sampling-params dict (srt/sampling/sampling_params.py
@@ -108,7 +107,7 @@ def import_sglang():
     return sglang
 
 
-def sglang_sampling_params(sampling: SamplingParams, prompt_index: int, sample_index: int, base_seed: int | None):
+def sglang_sampling_params(sampling: SamplingParams, prompt_index: int, sample_index: int):
     """SGLang's per-request sampling dict for one sample (n is expanded by us, so that
     every sample gets its own seed and the output order is ours). ``sampling_seed`` is
     honoured only by an engine started with ``enable_deterministic_inference``."""
@@ -120,8 +119,8 @@ def sglang_sampling_params(sampling: SamplingParams, prompt_index: int, sample_i
         "stop_token_ids": list(sampling.stop_token_ids),
         "n": 1,
     }
-    if base_seed is not None:
-        params["sampling_seed"] = sample_seed(base_seed, prompt_index, sample_index)
+    if sampling.seed is not None:
+        params["sampling_seed"] = sampling.seed_of(prompt_index, sample_index)
     return params
 
 
@@ -129,7 +128,7 @@ def expand_requests(prompts: list[list[int]], sampling: SamplingParams):
     """(input_ids, sampling dicts, prompt index per row), rows prompt-major."""
     rows = [(p, j) for p in range(len(prompts)) for j in range(sampling.n)]
     input_ids = [list(prompts[p]) for p, _ in rows]
-    params = [sglang_sampling_params(sampling, p, j, sampling.seed) for p, j in rows]
+    params = [sglang_sampling_params(sampling, p, j) for p, j in rows]
     return input_ids, params, [p for p, _ in rows]
 
 
@@ -329,16 +328,19 @@ class SGLangEngine(RolloutEngine):
         self._collective("flush_cache", lambda: self._engine.flush_cache())
         torch.cuda.ipc_collect()
 
-    def sleep(self, tags: list[str] | None = None) -> None:
-        """Release GPU memory (all of it by default); the engine must be idle."""
-        self._collective(f"sleep(tags={tags})", lambda: self._engine.release_memory_occupation(tags=tags))
+    def sleep(self) -> None:
+        """Release all GPU memory (weights, KV cache, CUDA graphs); the engine must be idle."""
+        self._collective("sleep", lambda: self._engine.release_memory_occupation(tags=None))
 
-    def wake(self, tags: list[str] | None = None) -> None:
-        """Resume memory. Default: weights first, then KV cache and CUDA graphs. For the
-        lowest peak, the trainer calls ``wake(["weights"])``, ``update_weights(...)``,
-        then ``wake(["kv_cache", "cuda_graph"])``."""
-        for step in ([tags] if tags is not None else [["weights"], ["kv_cache", "cuda_graph"]]):
-            self._collective(f"wake(tags={step})", lambda step=step: self._engine.resume_memory_occupation(tags=step))
+    def wake(self, tags: Sequence[str] | None = None) -> None:
+        """Resume memory, weights first. "kv_cache" also brings back the CUDA graphs, which
+        SGLang releases separately. For the lowest peak the trainer calls
+        ``wake(["weights"])``, ``update_weights(...)``, then ``wake(["kv_cache"])``."""
+        steps = [["weights"], ["kv_cache"]] if tags is None else [[t for t in MEMORY_TAGS if t in tags]]
+        for step in steps:
+            sglang_tags = [t for t in step if t != "kv_cache"] + (["kv_cache", "cuda_graph"] if "kv_cache" in step else [])
+            self._collective(f"wake(tags={sglang_tags})",
+                             lambda tags=sglang_tags: self._engine.resume_memory_occupation(tags=tags))
 
     def shutdown(self) -> None:
         def stop():

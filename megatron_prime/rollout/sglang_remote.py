@@ -6,14 +6,19 @@ workers); weight and cache routes go to every worker directly (the router has no
 or memory routes). Weights travel by NCCL broadcast from the trainer's global rank 0 on
 a group it forms with every TP rank of every server (``/init_weights_update_group``),
 one flattened single-dtype bucket per ``/update_weights_from_distributed`` call.
+Constructed by the trainer on global rank 0 only (``training/rollout_fleet.py``).
 
 Written against SGLang ``SGLANG_VERSION`` (routes and bodies are in
-``sglang_engine.SGLANG_HTTP_USED``, checked by ``tests/test_sglang_contract.py``); not run
-on a GPU here. The trainer side needs sglang installed only for weight updates.
+``sglang_engine.SGLANG_HTTP_USED``, checked by ``tests/test_sglang_contract.py``, which
+also checks that the server's group and bucket layout are what we mirror here). The
+trainer side needs no sglang installed. Tested end to end on CPU (gloo) against a server
+that speaks this protocol with an hf engine behind it (``tests/sglang_protocol_server.py``);
+never run against real SGLang servers.
 """
 
 from __future__ import annotations
 
+import datetime
 import itertools
 import json
 import time
@@ -29,16 +34,50 @@ from .sglang_engine import expand_requests, parse_output
 from .weight_buckets import DEFAULT_BUCKET_BYTES, bucket_meta, iter_buckets
 
 
+def flatten_bucket(bucket: list[tuple[str, torch.Tensor]]) -> torch.Tensor:
+    """The bytes of a bucket's tensors, back to back: the layout SGLang's receiver allocates
+    from (names, dtypes, shapes) (``FlattenedTensorBucket.empty``: each tensor's bytes at
+    the running offset, no padding)."""
+    return torch.cat([t.contiguous().reshape(-1).view(torch.uint8) for _, t in bucket])
+
+
+def join_broadcast_group(master_address: str, master_port: int, world_size: int, group_name: str,
+                         backend: str, timeout_s: float):
+    """Join, as rank 0, the process group the servers form in ``/init_weights_update_group``.
+
+    Their side (``init_custom_process_group``) rendezvous at ``tcp://address:port`` (rank 0,
+    us, hosts the store), keys the store under the group name, and builds a process group
+    outside the default world whose ranks are its own ranks. This mirrors it with the same
+    torch calls; a trainer process has its own default world, so the group must not be
+    derived from it (no ``new_group``)."""
+    from torch.distributed import distributed_c10d as c10d
+
+    if c10d.is_initialized() and c10d._get_default_group().bound_device_id is not None:
+        # torch would then build the group by splitting the trainer's own communicator.
+        raise RuntimeError("the trainer's default process group is bound to a device (device_id=...); "
+                           "the weight-broadcast group with remote servers cannot be formed")
+    timeout = datetime.timedelta(seconds=timeout_s)
+    store, rank, _ = next(c10d.rendezvous(f"tcp://{master_address}:{master_port}", 0, world_size, timeout=timeout))
+    store.set_timeout(timeout)
+    group, _ = c10d._new_process_group_helper(
+        world_size, rank, [], c10d.Backend(backend), c10d.PrefixStore(group_name, store),
+        group_name=group_name, timeout=timeout,
+    )
+    # Address the group by its own ranks (src=0 is this process).
+    c10d._world.pg_group_ranks[group] = {i: i for i in range(world_size)}
+    return group
+
+
 class SGLangRemoteEngine(RolloutEngine):
     """``worker_urls``: every SGLang server (``http://host:port``), each with ``tp_size``
     GPUs. ``router_url``: the sglang-router in front of them, for ``/generate``.
     ``master_address``/``master_port``: where the trainer's rank 0 hosts the rendezvous of
     the weight-broadcast group (reachable from the servers).
 
-    Construct on every trainer rank. ``generate`` works on any rank (HTTP is stateless).
-    ``update_weights`` is called on every rank (all ranks drive the bridge's export);
-    only global rank 0 sends. ``sleep``/``wake`` do nothing: remote servers do not share
-    GPUs with training. Requests time out after ``timeout_s`` seconds.
+    The trainer constructs it on global rank 0 only, which generates (HTTP) and sends
+    the weights it receives from the bridge's export. ``sleep``/``wake`` do nothing:
+    remote servers do not share GPUs with training. Requests time out after
+    ``timeout_s`` seconds.
     """
 
     name = "sglang-remote"
@@ -66,9 +105,10 @@ class SGLangRemoteEngine(RolloutEngine):
         self.timeout_s = timeout_s
         self.samples_per_request = samples_per_request
         self.bucket_bytes = bucket_bytes
-        self.is_sender = not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
         self._pool = ThreadPoolExecutor(max_workers=max(max_concurrent_requests, len(self.workers)))
-        self._group = None  # NCCL group with the servers, formed on first update
+        self._group = None  # broadcast group with the servers, formed on first update
+        # NCCL between GPUs; gloo when the trainer runs on CPU (tests, debugging).
+        self.backend = "nccl" if torch.cuda.is_available() else "gloo"
 
     # ---- HTTP -----------------------------------------------------------------------------
 
@@ -143,8 +183,6 @@ class SGLangRemoteEngine(RolloutEngine):
         """Form the broadcast group: rank 0 is this trainer rank, then each server's TP
         ranks. The servers block in the HTTP call until the trainer joins, so the calls
         run in threads while this thread joins."""
-        from sglang.srt.utils.common import init_custom_process_group
-
         world_size = 1 + self.tp_size * len(self.workers)
         calls = [
             self._pool.submit(
@@ -157,36 +195,31 @@ class SGLangRemoteEngine(RolloutEngine):
                     "rank_offset": 1 + i * self.tp_size,
                     "world_size": world_size,
                     "group_name": self.group_name,
-                    "backend": "nccl",
+                    "backend": self.backend,
                 },
             )
             for i, worker in enumerate(self.workers)
         ]
-        self._group = init_custom_process_group(
-            backend="nccl",
-            init_method=f"tcp://{self.master_address}:{self.master_port}",
-            world_size=world_size,
-            rank=0,
-            group_name=self.group_name,
-        )
+        try:
+            self._group = join_broadcast_group(self.master_address, self.master_port, world_size, self.group_name,
+                                               self.backend, self.timeout_s)
+        except Exception as exc:
+            for call in calls:
+                call.cancel()
+            raise RolloutError(self.name, f"joining weight group at {self.master_address}:{self.master_port}",
+                               repr(exc)) from exc
         for call in calls:
             call.result()
 
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Every rank calls this; non-senders only drain the stream (the bridge's export
-        is collective across the trainer's ranks). Tensors must be on this rank's GPU."""
-        if not self.is_sender:
-            for _ in named_tensors:
-                pass
-            return
-        from sglang.srt.weight_sync.tensor_bucket import FlattenedTensorBucket
-
+        """Broadcast the stream to every server, one single-dtype bucket per call. Tensors
+        must be on this rank's GPU for NCCL (on the CPU for gloo)."""
         if self._group is None:
             self._connect()
         self._on_all_workers("/begin_weight_update", {})
         for bucket in iter_buckets(named_tensors, self.bucket_bytes):
             names, dtypes, shapes = bucket_meta(bucket)
-            flat = FlattenedTensorBucket(named_tensors=bucket).get_flattened_tensor()
+            flat = flatten_bucket(bucket)
             body = {
                 "names": names,
                 "dtypes": dtypes,
@@ -208,7 +241,7 @@ class SGLangRemoteEngine(RolloutEngine):
     def sleep(self) -> None:
         """Nothing to release: remote servers keep their own GPUs."""
 
-    def wake(self) -> None:
+    def wake(self, tags=None) -> None:
         """Nothing to restore (see ``sleep``)."""
 
     def restart(self) -> None:

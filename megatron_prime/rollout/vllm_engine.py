@@ -26,7 +26,7 @@ of the truncated distribution (vLLM offers no untruncated-but-scaled mode).
 from __future__ import annotations
 
 import os
-from typing import Iterable
+from typing import Iterable, Sequence
 
 import torch
 
@@ -37,7 +37,6 @@ from .base import (
     SamplingParams,
     check_prompts,
     describe_request,
-    sample_seed,
 )
 
 VLLM_VERSION = "0.33.0"
@@ -81,6 +80,7 @@ def import_vllm():
 
 class VLLMEngine(RolloutEngine):
     name = "vllm"
+    generate_on_every_group_rank = True  # the external launcher is SPMD over the engine's ranks
 
     def __init__(
         self,
@@ -151,7 +151,7 @@ class VLLMEngine(RolloutEngine):
                 top_k=sampling.top_k if sampling.top_k > 0 else 0,
                 max_tokens=sampling.max_new_tokens,
                 stop_token_ids=list(sampling.stop_token_ids),
-                seed=None if sampling.seed is None else sample_seed(sampling.seed, p, j),
+                seed=sampling.seed_of(p, j),
                 logprobs=0,  # only the sampled token's log-prob
             )
             for p, j in rows
@@ -194,7 +194,7 @@ class VLLMEngine(RolloutEngine):
         except Exception as exc:
             raise RolloutError(self.name, "sleep(level=1)", repr(exc)) from exc
 
-    def wake(self, tags: list[str] | None = None) -> None:
+    def wake(self, tags: Sequence[str] | None = None) -> None:
         """Default: weights first, then the KV cache (scheduling resumes once all memory is
         back). ``wake(["weights"])`` alone lets weights be updated before the KV cache
         returns."""

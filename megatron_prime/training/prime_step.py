@@ -4,8 +4,9 @@
     -> reference and PRM log-probs -> PRM update (single forward by default, or double)
     -> implicit process rewards -> advantages -> old log-probs -> policy update -> weight sync
 
-Rollout and verification run on global rank 0 (the rollout driver); the batch is broadcast and
-every data-parallel rank takes its rows. Per-token tensors are gathered back over data-parallel
+Rank 0 samples prompts and applies the filter; the rollout fleet spreads generation and
+verification over its engines (``rollout_fleet.py``); the batch is shared and every data-parallel
+rank takes its rows. Per-token tensors are gathered back over data-parallel
 ranks so advantages are computed on the whole batch (whitening and batch-normalised estimators
 see every response), identically on every rank.
 """
@@ -29,8 +30,6 @@ from megatron_prime.algorithm import (
     policy_loss,
     prm_loss,
 )
-from megatron_prime.bridge.mapping import hf_param_names
-from megatron_prime.bridge.transfer import iter_hf_tensors
 from megatron_prime.config import Config
 from megatron_prime.models.hf_config import HFArch
 from megatron_prime.platform import distributed
@@ -40,13 +39,13 @@ from megatron_prime.training.distributed_utils import (
     dp_rank_and_size,
     dp_rows,
     gather_dp_rows,
-    is_rank0,
     reduce_metric_pairs,
 )
 from megatron_prime.training.models import TrainableModel
 from megatron_prime.training.offload import offloaded
 from megatron_prime.training.passes import run_pass
 from megatron_prime.training.rollout_collect import Group, collect_groups
+from megatron_prime.training.rollout_fleet import RolloutFleet
 
 
 @dataclass
@@ -56,7 +55,7 @@ class PrimeContext:
     policy: TrainableModel
     prm: TrainableModel | None  # None for outcome-only estimators
     reference: object | None  # frozen model; None when neither PRM nor KL needs it
-    engine: object | None  # rollout engine, on global rank 0 only
+    fleet: RolloutFleet  # the rollout engines and how ranks drive them
     sampler: object | None  # prompt sampler, rank 0 only
     buffer: GroupBuffer
     tokenizer: object
@@ -90,15 +89,14 @@ def prime_step(ctx: PrimeContext, step: int) -> tuple[dict[str, float], list[Gro
     cfg, a = ctx.cfg, ctx.cfg.algorithm
     timer = PhaseTimer()
 
-    # 1-3. Rollout K responses per prompt, verify, accuracy filter (rank 0), then share.
-    groups, stats = None, None
+    # 1-3. Rollout K responses per prompt on the engines, verify, accuracy filter (rank 0 decides).
     offload = cfg.train.offload and torch.cuda.is_available()
     with offloaded(ctx.policy, ctx.prm, enabled=offload):
-        if is_rank0():
-            groups, stats = collect_groups(ctx.engine, ctx.sampler, ctx.buffer, ctx.tokenizer, cfg, step, ctx.render)
-            timer.seconds["rollout"] = stats.rollout_s
-            timer.seconds["verify"] = stats.verify_s
-        groups = broadcast_object(groups)
+        groups, stats = collect_groups(ctx.fleet, ctx.sampler, ctx.buffer, ctx.tokenizer, cfg, step, ctx.render)
+        ctx.fleet.sleep()  # the engines give their memory back while Megatron trains
+    if stats is not None:
+        timer.seconds["rollout"] = stats.rollout_s
+        timer.seconds["verify"] = stats.verify_s
     batch = _to_batch(groups, cfg.rollout.n, ctx.tokenizer).to(distributed.device())
     local = batch.rows(dp_rows(batch.size))
     mask = batch.response_mask
@@ -144,21 +142,20 @@ def prime_step(ctx: PrimeContext, step: int) -> tuple[dict[str, float], list[Gro
     with timer("policy_update"), offloaded(ctx.prm, enabled=offload):
         metrics.update(update_policy(ctx, local, step, pass_args))
 
-    # 8. Send the new policy weights to the rollout engine.
+    # 8. Send the new policy weights to the rollout engines.
     with timer("weight_sync"):
-        sync_weights(ctx)
+        ctx.fleet.sync()
 
     metrics.update(_step_metrics(batch, stats, token_rewards, advantages, old_logprobs))
     metrics.update(timer.metrics())
     metrics["perf/tokens_per_s"] = float(mask.sum()) / max(metrics["time/step"], 1e-9)
     token_rewards = None if token_rewards is None else token_rewards.cpu()
     mask = mask.cpu()
-    if groups is not None:
-        for g, group in enumerate(groups):  # per-token process rewards for the sample log
-            rows = slice(g * cfg.rollout.n, (g + 1) * cfg.rollout.n)
-            group.process_rewards = None if token_rewards is None else [
-                r[: int(m.sum())].tolist() for r, m in zip(token_rewards[rows], mask[rows])
-            ]
+    for g, group in enumerate(groups):  # per-token process rewards for the sample log
+        rows = slice(g * cfg.rollout.n, (g + 1) * cfg.rollout.n)
+        group.process_rewards = None if token_rewards is None else [
+            r[: int(m.sum())].tolist() for r, m in zip(token_rewards[rows], mask[rows])
+        ]
     return broadcast_object(metrics), groups
 
 
@@ -214,26 +211,6 @@ def update_policy(ctx: PrimeContext, local: RolloutBatch, step: int, pass_args: 
     metrics["policy/lr"] = ctx.policy.optimizer.param_groups[0]["lr"]
     metrics["policy/updates"] = float(len(grad_norms))
     return metrics
-
-
-def sync_weights(ctx: PrimeContext) -> None:
-    """Policy shards -> full HF tensors (streamed in buckets) -> rollout engine on rank 0.
-
-    Only data-parallel replica 0 exports; its TP/PP ranks drive the gathers."""
-    dp_rank, _ = dp_rank_and_size()
-    if dp_rank != 0:
-        return
-    tensors = iter_hf_tensors(ctx.policy.model, ctx.arch, bucket_bytes=ctx.cfg.rollout.bucket_mb * 2**20)
-    if ctx.engine is None:
-        for _ in tensors:  # take part in the gathers
-            pass
-        return
-    sent: list[str] = []
-    ctx.engine.update_weights((sent.append(name) or (name, t)) for name, t in tensors)
-    missing = set(hf_param_names(ctx.arch)) - set(sent)
-    if missing or len(sent) != len(set(sent)):
-        raise RuntimeError(f"weight sync sent {len(sent)} tensors; missing {sorted(missing)[:5]}, "
-                           f"duplicates {len(sent) - len(set(sent))}: the rollout engine would be stale")
 
 
 def _to_batch(groups: list[Group], k: int, tokenizer) -> RolloutBatch:

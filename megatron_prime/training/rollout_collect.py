@@ -1,6 +1,7 @@
-"""Steps 1-3 of a PRIME step on the rollout driver (global rank 0): sample prompts, generate K
-responses each, verify, and apply the accuracy filter, resampling until the batch is full;
-surplus kept groups go to the buffer, which is drawn from first next step."""
+"""Steps 1-3 of a PRIME step: sample prompts, generate K responses each, verify, and apply the
+accuracy filter, resampling until the batch is full; surplus kept groups go to the buffer, which
+is drawn from first next step. Global rank 0 samples and decides; the rollout fleet spreads each
+round's generation and verification over its engines."""
 
 from __future__ import annotations
 
@@ -14,6 +15,8 @@ from megatron_prime.algorithm import GroupBuffer, filter_groups
 from megatron_prime.config import Config
 from megatron_prime.rewards import score_batch
 from megatron_prime.rollout.base import SamplingParams
+from megatron_prime.training.distributed_utils import broadcast_object, is_rank0, on_rank0
+from megatron_prime.training.rollout_fleet import RolloutFleet
 
 
 @dataclass
@@ -63,58 +66,84 @@ def tokenize_prompts(rows, tokenizer, max_prompt_len: int, render) -> list[tuple
     return out
 
 
-def generate_and_verify(engine, rows, tokenizer, cfg: Config, seed: int, render, stats: CollectStats,
-                        num_workers: int = 4) -> list[Group]:
-    prompts = tokenize_prompts(rows, tokenizer, cfg.data.max_prompt_len, render)
-    sampling = SamplingParams(
-        n=cfg.rollout.n,
-        temperature=cfg.rollout.temperature,
-        top_p=cfg.rollout.top_p,
-        top_k=cfg.rollout.top_k,
-        max_new_tokens=cfg.data.max_response_len,
-        stop_token_ids=tuple(t for t in [tokenizer.eos_token_id] if t is not None),
-        seed=seed,
+def rollout_sampling(cfg: Config, tokenizer, seed: int | None, greedy: bool = False) -> SamplingParams:
+    stop = tuple(t for t in [tokenizer.eos_token_id] if t is not None)
+    if greedy:
+        return SamplingParams(n=1, temperature=0.0, max_new_tokens=cfg.data.max_response_len, stop_token_ids=stop)
+    return SamplingParams(
+        n=cfg.rollout.n, temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p, top_k=cfg.rollout.top_k,
+        max_new_tokens=cfg.data.max_response_len, stop_token_ids=stop, seed=seed,
     )
-    start = time.perf_counter()
-    responses = engine.generate([ids for ids, _ in prompts], sampling)
-    stats.rollout_s += time.perf_counter() - start
 
-    start = time.perf_counter()
+
+def generate_and_verify(fleet: RolloutFleet, rows, tokenizer, cfg: Config, seed: int, render,
+                        stats: CollectStats | None, num_workers: int = 4) -> list[Group] | None:
+    """K responses for each of ``rows`` (the same rows on every rank), generated and verified
+    shard by shard on the engines; the groups in row order on rank 0 (None elsewhere)."""
     k = cfg.rollout.n
-    items = [(rows[i // k].verifier, r.text, rows[i // k].ground_truth) for i, r in enumerate(responses)]
-    outcomes = score_batch(items, num_workers=num_workers)
-    stats.verify_s += time.perf_counter() - start
 
-    groups = []
-    for g, row in enumerate(rows):
-        rs = responses[g * k:(g + 1) * k]
-        groups.append(Group(
-            prompt_ids=prompts[g][0],
-            prompt_text=prompts[g][1],
-            responses=[r.token_ids for r in rs],
-            texts=[r.text for r in rs],
-            logprobs=[r.logprobs for r in rs],
-            outcomes=outcomes[g * k:(g + 1) * k],
-            truncated=[r.finish_reason == "length" for r in rs],
-            data_index=row.index,
-        ))
-    return groups
+    def generate(engine, part, offset):
+        prompts = tokenize_prompts(part, tokenizer, cfg.data.max_prompt_len, render)
+        sampling = rollout_sampling(cfg, tokenizer, seed)
+        sampling.prompt_offset = offset
+        start = time.perf_counter()
+        responses = engine.generate([ids for ids, _ in prompts], sampling)
+        return prompts, responses, time.perf_counter() - start
+
+    def verify(part, _offset, generated):
+        prompts, responses, rollout_s = generated
+        start = time.perf_counter()
+        items = [(part[i // k].verifier, r.text, part[i // k].ground_truth) for i, r in enumerate(responses)]
+        outcomes = score_batch(items, num_workers=num_workers)
+        groups = []
+        for g, row in enumerate(part):
+            rs = responses[g * k:(g + 1) * k]
+            groups.append(Group(
+                prompt_ids=prompts[g][0],
+                prompt_text=prompts[g][1],
+                responses=[r.token_ids for r in rs],
+                texts=[r.text for r in rs],
+                logprobs=[r.logprobs for r in rs],
+                outcomes=outcomes[g * k:(g + 1) * k],
+                truncated=[r.finish_reason == "length" for r in rs],
+                data_index=row.index,
+            ))
+        return groups, rollout_s, time.perf_counter() - start
+
+    parts = [p for p in fleet.map_shards(rows, generate, verify) or [] if p is not None]
+    if not is_rank0():
+        return None
+    if stats is not None:  # engines work in parallel: a round takes as long as the slowest
+        stats.rollout_s += max(p[1] for p in parts)
+        stats.verify_s += max(p[2] for p in parts)
+    return [group for p in parts for group in p[0]]
 
 
-def collect_groups(engine, sampler, buffer: GroupBuffer, tokenizer, cfg: Config, step: int,
-                   render) -> tuple[list[Group], CollectStats]:
-    """``cfg.train.prompts_per_step`` groups that pass the accuracy filter (buffer first)."""
+def collect_groups(fleet: RolloutFleet, sampler, buffer: GroupBuffer, tokenizer, cfg: Config, step: int,
+                   render) -> tuple[list[Group], CollectStats | None]:
+    """``cfg.train.prompts_per_step`` groups that pass the accuracy filter (buffer first), on every
+    rank. Rank 0 owns the sampler and the buffer and decides; every rank takes part in
+    generation (its engine's shard). Stats on rank 0 only."""
     need = cfg.train.prompts_per_step
-    stats = CollectStats()
-    kept: list[Group] = buffer.pop(need)
-    stats.from_buffer = len(kept)
-    rejected: list[Group] = []
     a = cfg.algorithm
-    while len(kept) < need and stats.rounds < cfg.train.max_rollout_rounds:
-        rows = sampler.next_batch()
-        groups = generate_and_verify(engine, rows, tokenizer, cfg, round_seed(cfg.train.seed, step, stats.rounds),
+    rank0 = is_rank0()
+    stats = CollectStats() if rank0 else None
+    kept: list[Group] = buffer.pop(need) if rank0 else []
+    rejected: list[Group] = []
+    if rank0:
+        stats.from_buffer = len(kept)
+    rounds = 0
+    while True:
+        more = rank0 and len(kept) < need and rounds < cfg.train.max_rollout_rounds
+        rows = broadcast_object(sampler.next_batch() if more else None)
+        if rows is None:
+            break
+        groups = generate_and_verify(fleet, rows, tokenizer, cfg, round_seed(cfg.train.seed, step, rounds),
                                      render, stats)
-        stats.rounds += 1
+        rounds += 1
+        if not rank0:
+            continue
+        stats.rounds = rounds
         outcome = torch.tensor([o for g in groups for o in g.outcomes])
         truncated = torch.tensor([t for g in groups for t in g.truncated]) if a.filter_truncated else None
         keep = filter_groups(outcome, cfg.rollout.n, a.filter_low, a.filter_high, truncated)
@@ -123,17 +152,22 @@ def collect_groups(engine, sampler, buffer: GroupBuffer, tokenizer, cfg: Config,
         for group, ok in zip(groups, keep.tolist()):
             (kept if ok else rejected).append(group)
         stats.kept_groups += int(keep.sum())
-    if len(kept) > need:
-        buffer.push(kept[need:])
-        kept = kept[:need]
-    if len(kept) < need:
-        # Too few prompts in the filter band after max_rollout_rounds: fill with the latest
-        # rejected groups so the step can run, and say so in the metrics.
-        fill = rejected[-(need - len(kept)):]
-        stats.unfiltered_fill = len(fill)
-        kept += fill
-    if len(kept) < need:
-        raise RuntimeError(f"step {step}: only {len(kept)} of {need} prompt groups after "
-                           f"{stats.rounds} rollout rounds (train.max_rollout_rounds)")
-    stats.accuracy_sampled = sum(stats.outcomes_sampled) / max(1, len(stats.outcomes_sampled))
-    return kept, stats
+
+    def finish():
+        nonlocal kept
+        if len(kept) > need:
+            buffer.push(kept[need:])
+            kept = kept[:need]
+        if len(kept) < need:
+            # Too few prompts in the filter band after max_rollout_rounds: fill with the latest
+            # rejected groups so the step can run, and say so in the metrics.
+            fill = rejected[-(need - len(kept)):]
+            stats.unfiltered_fill = len(fill)
+            kept += fill
+        if len(kept) < need:
+            raise RuntimeError(f"step {step}: only {len(kept)} of {need} prompt groups after "
+                               f"{stats.rounds} rollout rounds (train.max_rollout_rounds)")
+        stats.accuracy_sampled = sum(stats.outcomes_sampled) / max(1, len(stats.outcomes_sampled))
+        return kept
+
+    return broadcast_object(on_rank0(finish)), stats

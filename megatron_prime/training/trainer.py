@@ -18,9 +18,10 @@ from megatron_prime.models.hf_config import read_hf_config
 from megatron_prime.platform import distributed
 from megatron_prime.training import checkpoint
 from megatron_prime.training.distributed_utils import broadcast_object, is_rank0, on_rank0
-from megatron_prime.training.evaluate import greedy_accuracy
+from megatron_prime.training.evaluate import fleet_greedy_accuracy
 from megatron_prime.training.models import build_frozen, build_trainable
-from megatron_prime.training.prime_step import PrimeContext, prime_step, sync_weights
+from megatron_prime.training.prime_step import PrimeContext, prime_step
+from megatron_prime.training.rollout_fleet import build_fleet
 
 
 def model_options(cfg: Config) -> ModelOptions:
@@ -46,7 +47,6 @@ def build_context(cfg: Config) -> PrimeContext:
     from transformers import AutoTokenizer
 
     from megatron_prime.data import PromptSampler, load_prompt_dataset, render_prompt
-    from megatron_prime.rollout import build_engine
 
     arch = read_hf_config(cfg.model.hf_path)
     opts = model_options(cfg)
@@ -70,19 +70,10 @@ def build_context(cfg: Config) -> PrimeContext:
         rows = [row for path in cfg.data.train_files for row in load_prompt_dataset(path)]
         return PromptSampler(rows, batch_size=cfg.train.prompts_per_step, seed=cfg.data.seed)
 
-    def start_engine():
-        if cfg.rollout.engine == "hf":
-            return build_engine("hf", model_dir_or_model=cfg.model.hf_path, device=distributed.device(),
-                                tokenizer=tokenizer)
-        if cfg.rollout.engine == "sglang":
-            return build_engine("sglang", model_path=cfg.model.hf_path, tp_size=cfg.rollout.tp,
-                                mem_fraction_static=cfg.rollout.mem_fraction, seed=cfg.train.seed)
-        return build_engine(cfg.rollout.engine, model_path=cfg.model.hf_path, tp_size=cfg.rollout.tp)
-
-    # The rollout driver (rank 0) owns the prompts and the engine; a bad file fails every rank.
+    # Rank 0 owns the prompts; a bad file fails every rank.
     sampler = on_rank0(load_prompts)
-    engine = on_rank0(start_engine)
-    return PrimeContext(cfg=cfg, arch=arch, policy=policy, prm=prm, reference=reference, engine=engine,
+    fleet = build_fleet(cfg, tokenizer, policy.model, arch)
+    return PrimeContext(cfg=cfg, arch=arch, policy=policy, prm=prm, reference=reference, fleet=fleet,
                         sampler=sampler, buffer=GroupBuffer(), tokenizer=tokenizer, render=render_prompt)
 
 
@@ -91,13 +82,10 @@ def _trainable(ctx: PrimeContext) -> dict:
 
 
 def run_eval(ctx: PrimeContext, eval_rows) -> float:
-    """Greedy accuracy with the engine's current (synced) weights; the same value on all ranks."""
-    acc = None
-    if is_rank0():
-        acc = greedy_accuracy(ctx.engine, eval_rows, ctx.tokenizer, ctx.render,
-                              max_prompt_len=ctx.cfg.data.max_prompt_len,
-                              max_new_tokens=ctx.cfg.data.max_response_len)
-    return broadcast_object(acc)
+    """Greedy accuracy with the engines' current (synced) weights; the same value on all ranks."""
+    return fleet_greedy_accuracy(ctx.fleet, eval_rows, ctx.tokenizer, ctx.render,
+                                 max_prompt_len=ctx.cfg.data.max_prompt_len,
+                                 max_new_tokens=ctx.cfg.data.max_response_len)
 
 
 def train(cfg: Config) -> dict:
@@ -113,7 +101,8 @@ def train(cfg: Config) -> dict:
         rows = [row for path in cfg.data.eval_files for row in load_prompt_dataset(path)]
         return rows[: cfg.train.eval_limit] if cfg.train.eval_limit else rows
 
-    eval_rows = on_rank0(load_eval_rows) if cfg.data.eval_files else None
+    # Every engine evaluates a shard, so every rank holds the rows.
+    eval_rows = broadcast_object(on_rank0(load_eval_rows)) if cfg.data.eval_files else None
 
     state = checkpoint.resume(cfg.checkpoint.dir, cfg.checkpoint.resume, _trainable(ctx))
     start_step = 0
@@ -124,7 +113,7 @@ def train(cfg: Config) -> dict:
         ctx.buffer.load_state_dict(state["buffer"])
         if is_rank0():
             print(f"resumed from step {state['step']} ({cfg.checkpoint.dir})", flush=True)
-    sync_weights(ctx)  # the engine starts from the (possibly resumed) policy
+    ctx.fleet.sync()  # the engines start from the (possibly resumed) policy
 
     logger = None
     if is_rank0():
@@ -133,7 +122,7 @@ def train(cfg: Config) -> dict:
                                total_steps=cfg.train.steps, progress=cfg.logging.progress,
                                config=config_to_dict(cfg))
     summary = {"log_dir": cfg.logging.dir}
-    has_eval = bool(broadcast_object(bool(eval_rows)))
+    has_eval = bool(eval_rows)
     if has_eval and start_step == 0:
         summary["eval_before"] = run_eval(ctx, eval_rows)
         if logger:
@@ -166,8 +155,7 @@ def train(cfg: Config) -> dict:
             summary[f"export_{name}"] = out
     if logger:
         logger.close()
-    if ctx.engine is not None:
-        ctx.engine.shutdown()
+    ctx.fleet.shutdown()
     return summary
 
 

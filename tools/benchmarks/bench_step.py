@@ -71,7 +71,7 @@ def main() -> None:
     from megatron_prime.config import validate
     from megatron_prime.platform import distributed
     from megatron_prime.training.demo import demo_configs
-    from megatron_prime.training.prime_step import prime_step, sync_weights
+    from megatron_prime.training.prime_step import prime_step
     from megatron_prime.training.sft import sft
     from megatron_prime.training.trainer import build_context
 
@@ -95,7 +95,7 @@ def main() -> None:
             validate(run_cfg, world_size=1)
             torch.manual_seed(run_cfg.train.seed)
             contexts[name] = build_context(run_cfg)
-            sync_weights(contexts[name])
+            contexts[name].fleet.sync()
 
         metrics: dict[str, list[dict]] = {"prime": [], "rloo": []}
         total = args.warmup + args.steps
@@ -110,7 +110,7 @@ def main() -> None:
                 if timed:
                     metrics[name].append(m)
         for ctx in contexts.values():
-            ctx.engine.shutdown()
+            ctx.fleet.shutdown()
         report(cfg, args, metrics)
     finally:
         distributed.teardown()

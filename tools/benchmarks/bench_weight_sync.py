@@ -10,7 +10,9 @@ over ``--repeats`` rounds, it times on rank 0:
 * ``engine.update_weights`` fed from that prepared dict (the engine's own overhead),
 * ``export_hf_weights(model, arch, bucket_bytes)`` alone, consumed and dropped (TP gathers +
   HF layout: QKV split, gate/up split, vocabulary un-padding),
-* the real sync: export streamed into ``engine.update_weights`` (what ``prime_step.sync_weights`` does),
+* the same export to every rank (``to_all_ranks``: TP all-gather, what colocated engines fed by
+  every rank receive),
+* the real sync: export streamed into ``engine.update_weights`` (what the rollout fleet's ``sync`` does for a remote engine on rank 0),
 
 for each bucket size, and reports times as ratios to the baseline, plus the PEAK EXTRA RESIDENT
 MEMORY on rank 0 during each (VmRSS sampled every ~1 ms by a thread, minus VmRSS at the start),
@@ -128,9 +130,9 @@ def run(args: argparse.Namespace) -> None:
             if rank == 0:
                 engine.update_weights(prepared.items())
 
-        def export_only(bucket_bytes):
+        def export_only(bucket_bytes, to_all_ranks=False):
             def fn():
-                for bucket in export_hf_weights(model, arch, bucket_bytes):
+                for bucket in export_hf_weights(model, arch, bucket_bytes, to_all_ranks):
                     del bucket
             return fn
 
@@ -148,6 +150,8 @@ def run(args: argparse.Namespace) -> None:
                  ("engine.update_weights(prepared dict)", None, engine_from_dict)]
         for mb in args.buckets_mb:
             cases.append((f"export_hf_weights only, bucket {mb} MiB", mb, export_only(mb * 2**20)))
+            cases.append((f"export to every rank (colocated engines), bucket {mb} MiB", mb,
+                          export_only(mb * 2**20, to_all_ranks=True)))
             cases.append((f"sync = export -> update_weights, bucket {mb} MiB", mb, sync(mb * 2**20)))
 
         if rank == 0:

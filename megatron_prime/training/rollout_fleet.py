@@ -1,0 +1,274 @@
+"""The rollout fleet: which trainer ranks drive which rollout engine, how a batch of prompts is
+spread over the engines, and how new policy weights reach every engine (DESIGN.md §3).
+
+Colocated (``rollout.mode=colocated``): the world splits into groups of ``rollout.tp``
+consecutive ranks (the hf engine: one rank each), one engine per group on those ranks' devices.
+Every rank feeds its engine the full HF tensors (the bridge exports to all ranks). A batch is cut
+into one contiguous shard per engine; each engine generates its shard and the group leader
+post-processes it (verification), so generation and verification run in parallel over engines.
+Per-sample seeds use the global prompt index (``SamplingParams.prompt_offset``), so the samples
+do not depend on how many engines there are.
+
+Remote (``rollout.mode=remote``): one engine handle, on global rank 0, for SGLang servers on
+other nodes; only rank 0 receives full tensors, which it broadcasts to the servers.
+
+An engine that fails is restarted (``rollout.max_restarts`` times per request), every engine is
+resynced from the current policy, and the request is retried; otherwise every rank raises the
+engine's error, naming the engine and the request.
+"""
+
+from __future__ import annotations
+
+import pickle
+import socket
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+
+from megatron.core import parallel_state
+
+from megatron_prime.bridge.mapping import hf_param_names
+from megatron_prime.bridge.transfer import iter_hf_tensors
+from megatron_prime.config import Config
+from megatron_prime.models.hf_config import HFArch
+from megatron_prime.platform import distributed
+from megatron_prime.rollout import RolloutEngine, RolloutError, build_engine
+from megatron_prime.rollout.base import MEMORY_TAGS
+
+
+def _world() -> tuple[int, int]:
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _picklable(error: Exception | None) -> Exception | None:
+    try:
+        pickle.dumps(error)
+        return error
+    except Exception:  # noqa: BLE001 - keep the message, lose the type
+        return RuntimeError(repr(error))
+
+
+def _all_gather(obj) -> list:
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def run_everywhere(fn: Callable[[], Any]) -> Any:
+    """``fn()`` on every rank; if it raised on any rank, every rank raises (the first error), so
+    none is left waiting in the next collective."""
+    result, error = None, None
+    try:
+        result = fn()
+    except Exception as exc:  # noqa: BLE001 - re-raised below, on every rank
+        error = exc
+    errors = [e for e in _all_gather(_picklable(error)) if e is not None]
+    if errors:
+        raise errors[0]
+    return result
+
+
+def engine_groups(world_size: int, ranks_per_engine: int) -> list[list[int]]:
+    """Consecutive ranks per engine (consecutive ranks share a node, so an engine's GPUs do)."""
+    return [list(range(start, start + ranks_per_engine)) for start in range(0, world_size, ranks_per_engine)]
+
+
+def shard_of(num_items: int, num_shards: int, index: int) -> slice:
+    """Contiguous, balanced shard ``index`` of ``num_items`` (the first shards one longer)."""
+    base, extra = divmod(num_items, num_shards)
+    start = index * base + min(index, extra)
+    return slice(start, start + base + (1 if index < extra else 0))
+
+
+@dataclass
+class RolloutFleet:
+    groups: list[list[int]]  # global ranks of each engine, its leader first
+    engine: RolloutEngine | None  # this rank's handle on its engine (None: it feeds none)
+    policy: Any  # the (wrapped) Megatron policy whose weights the engines receive
+    arch: HFArch
+    export_to_all_ranks: bool  # every rank feeds an engine (colocated) or rank 0 only (remote)
+    bucket_bytes: int = 512 * 2**20
+    max_restarts: int = 1
+    released: list[str] = field(default_factory=list)  # memory tags the engines released
+
+    @property
+    def engine_index(self) -> int | None:
+        rank, _ = _world()
+        return next((i for i, g in enumerate(self.groups) if rank in g), None)
+
+    @property
+    def is_leader(self) -> bool:
+        index = self.engine_index
+        return index is not None and self.groups[index][0] == _world()[0]
+
+    # ---- memory ------------------------------------------------------------------------------
+
+    def sleep(self) -> None:
+        """Release every engine's accelerator memory while Megatron trains."""
+        if self.engine is not None:
+            run_everywhere(self.engine.sleep)
+        else:
+            run_everywhere(lambda: None)
+        self.released = list(MEMORY_TAGS)
+
+    def _wake(self, tags: list[str]) -> None:
+        tags = [t for t in tags if t in self.released]
+        if tags:
+            run_everywhere(lambda: self.engine.wake(tags) if self.engine is not None else None)
+            self.released = [t for t in self.released if t not in tags]
+
+    # ---- weights ------------------------------------------------------------------------------
+
+    def sync(self) -> None:
+        """Stream the current policy into every engine. Weights are woken first and the KV cache
+        stays released, so the training state and the engine's KV cache never share the GPU."""
+        self._wake(["weights"])
+
+        def push():
+            # Remote: only data-parallel replica 0 exports (its rank 0 sends to the servers).
+            if not self.export_to_all_ranks and parallel_state.get_data_parallel_rank() != 0:
+                return
+            stream = iter_hf_tensors(self.policy, self.arch, self.bucket_bytes, self.export_to_all_ranks)
+            if self.engine is None:
+                for _ in stream:  # take part in the export's collectives
+                    pass
+                return
+            sent: list[str] = []
+            self.engine.update_weights((sent.append(name) or (name, t)) for name, t in stream)
+            missing = set(hf_param_names(self.arch)) - set(sent)
+            if missing or len(sent) != len(set(sent)):
+                raise RuntimeError(f"weight sync sent {len(sent)} tensors; missing {sorted(missing)[:5]}, "
+                                   f"duplicates {len(sent) - len(set(sent))}: the rollout engine would be stale")
+
+        run_everywhere(push)
+
+    # ---- work over the engines -------------------------------------------------------------
+
+    def map_shards(self, items: list, generate: Callable[[RolloutEngine, list, int], Any],
+                   finish: Callable[[list, int, Any], Any]) -> list | None:
+        """Cut ``items`` into one contiguous shard per engine. ``generate(engine, shard,
+        offset)`` runs where the engine generates, ``finish(shard, offset, generated)`` on the
+        group leader; returns every engine's ``finish`` result in engine order on global rank 0
+        (None elsewhere). Every rank must call this with the same ``items``."""
+        for attempt in range(self.max_restarts + 1):
+            result, failure = self._try_shards(items, generate, finish)
+            failures = {i: f for i, f in enumerate(_all_gather(_picklable(failure))) if f is not None}
+            if not failures:
+                return self._gather_to_rank0(result)
+            fatal = [f for f in failures.values() if not isinstance(f, RolloutError)]
+            if fatal:  # not an engine failure (a bug, a bad verifier): restarting won't help
+                raise fatal[0]
+            if attempt == self.max_restarts:
+                raise next(iter(failures.values()))
+            failed = sorted({self._engine_of(rank) for rank in failures})
+            rank, _ = _world()
+            if rank == 0:
+                print(f"rollout: engine(s) {failed} failed ({next(iter(failures.values()))}); "
+                      f"restarting and resyncing the current policy", flush=True)
+            self._restart(failed)
+        raise AssertionError("unreachable")
+
+    def _engine_of(self, rank: int) -> int:
+        return next(i for i, g in enumerate(self.groups) if rank in g)
+
+    def _try_shards(self, items, generate, finish):
+        index = self.engine_index
+        if index is None or not (self.is_leader or self.engine.generate_on_every_group_rank):
+            # Group members that do not generate still wake their part of the engine.
+            try:
+                self._wake_local()
+            except Exception as exc:  # noqa: BLE001 - reported to every rank by map_shards
+                return None, exc
+            return None, None
+        shard = shard_of(len(items), len(self.groups), index)
+        try:
+            self._wake_local()
+            part = items[shard]
+            generated = generate(self.engine, part, shard.start) if part else None
+            return (finish(part, shard.start, generated) if self.is_leader and part else None), None
+        except Exception as exc:  # noqa: BLE001 - reported to every rank by map_shards
+            return None, exc
+
+    def _wake_local(self) -> None:
+        if self.released and self.engine is not None:
+            self.engine.wake(list(self.released))
+
+    def _gather_to_rank0(self, result) -> list | None:
+        self.released = []  # every engine is awake now
+        rank, world = _world()
+        gathered = [result]
+        if world > 1:
+            gathered = [None] * world if rank == 0 else None
+            dist.gather_object(result, gathered, dst=0)
+        if rank != 0:
+            return None
+        return [gathered[group[0]] for group in self.groups]
+
+    def _restart(self, failed: list[int]) -> None:
+        """Restart the failed engines (on every rank of their groups), then resync all."""
+        index = self.engine_index
+        run_everywhere(lambda: self.engine.restart() if index in failed else None)
+        self.released = []
+        self.sync()
+
+    def shutdown(self) -> None:
+        if self.engine is not None:
+            self.engine.shutdown()
+            self.engine = None
+
+
+def build_fleet(cfg: Config, tokenizer, policy, arch: HFArch) -> RolloutFleet:
+    """Start this rank's engine (collective: every rank calls it) and describe the fleet."""
+    r = cfg.rollout
+    rank, world = _world()
+    if r.mode == "remote":
+        groups = [[0]]
+
+        def start():
+            if rank != 0:
+                return None
+            engine = build_engine(
+                "sglang-remote", worker_urls=r.remote_urls, tp_size=r.tp,
+                router_url=r.router_url or None,
+                master_address=r.weight_sync_address or socket.getfqdn(),
+                master_port=r.weight_sync_port, bucket_bytes=r.bucket_mb * 2**20,
+            )
+            engine.wait_ready()
+            return engine
+
+        return RolloutFleet(groups, run_everywhere(start), policy, arch, export_to_all_ranks=False,
+                            bucket_bytes=r.bucket_mb * 2**20, max_restarts=r.max_restarts)
+
+    ranks_per_engine = 1 if r.engine == "hf" else r.tp
+    groups = engine_groups(world, ranks_per_engine)
+    index = rank // ranks_per_engine
+    group_pg = None
+    if ranks_per_engine > 1:
+        for ranks in groups:  # every rank creates every group, in the same order
+            pg = dist.new_group(ranks)
+            if rank in ranks:
+                group_pg = pg
+
+    def start():
+        if r.engine == "hf":
+            return build_engine("hf", model_dir_or_model=cfg.model.hf_path, device=distributed.device(),
+                                tokenizer=tokenizer)
+        if r.engine == "sglang":
+            group_rank = rank - groups[index][0]
+            return build_engine(
+                "sglang", model_path=cfg.model.hf_path, tp_size=ranks_per_engine, group=group_pg,
+                base_gpu_id=torch.cuda.current_device() - group_rank, mem_fraction_static=r.mem_fraction,
+                seed=cfg.train.seed, port=r.base_port + 100 * index, nccl_port=r.base_port + 100 * index + 50,
+                bucket_bytes=r.bucket_mb * 2**20,
+            )
+        return build_engine("vllm", model_path=cfg.model.hf_path, tp_size=ranks_per_engine, seed=cfg.train.seed,
+                            gpu_memory_utilization=r.mem_fraction)
+
+    return RolloutFleet(groups, run_everywhere(start), policy, arch, export_to_all_ranks=True,
+                        bucket_bytes=r.bucket_mb * 2**20, max_restarts=r.max_restarts)

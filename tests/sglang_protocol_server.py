@@ -1,0 +1,168 @@
+"""A server that speaks the part of SGLang's HTTP protocol the sglang-remote engine uses, with the
+hf engine behind it, so that the trainer's remote mode runs end to end on a machine without GPUs.
+
+It is the receiving side of SGLang 0.5.23 as read in its source, not SGLang itself:
+
+* ``/generate``: rows of ``input_ids`` with one sampling dict each (``sampling_seed`` seeds the
+  row), answered as SGLang does: ``output_ids``, ``text``, ``meta_info.finish_reason.type`` and
+  ``meta_info.output_token_logprobs`` as ``(logprob, token_id, None)``.
+* ``/init_weights_update_group``: joins the trainer's broadcast group as rank ``rank_offset``
+  (one TP rank per server) the way SGLang's ``init_custom_process_group`` does: a ``tcp://``
+  rendezvous, the store keyed by the group name, a group outside any default world.
+* ``/update_weights_from_distributed`` with ``load_format="flattened_bucket"``: allocates the
+  bucket's bytes from (names, dtypes, shapes) back to back, receives one broadcast from rank 0,
+  and loads the tensors.
+* ``/begin_weight_update``, ``/end_weight_update``, ``/flush_cache``, ``/health``,
+  ``/destroy_weights_update_group``, and ``/get_weights_by_name`` (SGLang's debugging route, used
+  by tests to read what a server holds).
+
+Run: ``python -m tests.sglang_protocol_server --model HF_DIR --port PORT``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import torch
+import torch.distributed as dist
+from torch.distributed import distributed_c10d as c10d
+
+from megatron_prime.rollout.base import SamplingParams
+from megatron_prime.rollout.hf_engine import HFEngine
+
+
+class Server:
+    def __init__(self, model_dir: str):
+        self.engine = HFEngine(model_dir)
+        self.lock = threading.Lock()  # one engine call at a time
+        self.groups: dict[str, object] = {}
+
+    # ---- routes -----------------------------------------------------------------------------
+
+    def generate(self, body: dict) -> list[dict]:
+        rows, params = body["input_ids"], body["sampling_params"]
+        outputs: list[dict | None] = [None] * len(rows)
+        by_params: dict[str, list[int]] = {}  # rows that differ only in their seed run together
+        for i, p in enumerate(params):
+            key = json.dumps({k: v for k, v in p.items() if k != "sampling_seed"}, sort_keys=True)
+            by_params.setdefault(key, []).append(i)
+        with self.lock:
+            for key, indices in by_params.items():
+                p = json.loads(key)
+                sampling = SamplingParams(
+                    n=1, temperature=p["temperature"], top_p=p["top_p"], top_k=p["top_k"],
+                    max_new_tokens=p["max_new_tokens"], stop_token_ids=tuple(p["stop_token_ids"]),
+                )
+                seeds = [params[i].get("sampling_seed", 0) for i in indices]
+                results = self.engine._generate_batch([rows[i] for i in indices], seeds, sampling)
+                for i, (tokens, logprobs, reason) in zip(indices, results):
+                    outputs[i] = {
+                        "output_ids": tokens,
+                        "text": self.engine._decode(tokens),
+                        "meta_info": {
+                            "finish_reason": {"type": reason},
+                            "output_token_logprobs": [[lp, t, None] for lp, t in zip(logprobs, tokens)],
+                        },
+                    }
+        return outputs
+
+    def init_weights_update_group(self, body: dict) -> dict:
+        timeout = datetime.timedelta(minutes=5)
+        url = f"tcp://{body['master_address']}:{body['master_port']}"
+        store, rank, world = next(c10d.rendezvous(url, body["rank_offset"], body["world_size"], timeout=timeout))
+        store.set_timeout(timeout)
+        group, _ = c10d._new_process_group_helper(
+            world, rank, [], c10d.Backend(body["backend"]), c10d.PrefixStore(body["group_name"], store),
+            group_name=body["group_name"], timeout=timeout,
+        )
+        c10d._world.pg_group_ranks[group] = {i: i for i in range(world)}
+        self.groups[body["group_name"]] = group
+        return {"success": True, "message": "joined"}
+
+    def update_weights_from_distributed(self, body: dict) -> dict:
+        assert body["load_format"] == "flattened_bucket", body["load_format"]
+        layout, offset = [], 0
+        for name, dtype, shape in zip(body["names"], body["dtypes"], body["shapes"]):
+            dtype = getattr(torch, dtype)
+            size = torch.Size(shape).numel() * dtype.itemsize
+            assert offset % dtype.itemsize == 0, f"unaligned {name}"
+            layout.append((name, dtype, shape, offset, size))
+            offset += size
+        flat = torch.empty(offset, dtype=torch.uint8)
+        dist.broadcast(flat, src=0, group=self.groups[body["group_name"]])
+        tensors = [(name, flat[start:start + size].view(dtype).reshape(shape))
+                   for name, dtype, shape, start, size in layout]
+        with self.lock:
+            self.engine.update_weights(tensors)
+        return {"success": True, "message": f"loaded {len(tensors)} tensors"}
+
+    def destroy_weights_update_group(self, body: dict) -> dict:
+        dist.destroy_process_group(self.groups.pop(body["group_name"]))
+        return {"success": True, "message": "destroyed"}
+
+    def get_weights_by_name(self, body: dict) -> list:
+        with self.lock:
+            param = self.engine._params[body["name"]]
+            return param.detach().reshape(-1)[: body.get("truncate_size", 100)].tolist()
+
+    def routes(self):
+        ok = lambda _body: {"success": True, "message": ""}  # noqa: E731
+        return {
+            "/generate": self.generate,
+            "/begin_weight_update": ok,
+            "/end_weight_update": ok,
+            "/flush_cache": ok,
+            "/init_weights_update_group": self.init_weights_update_group,
+            "/update_weights_from_distributed": self.update_weights_from_distributed,
+            "/destroy_weights_update_group": self.destroy_weights_update_group,
+            "/get_weights_by_name": self.get_weights_by_name,
+        }
+
+
+def serve(model_dir: str, port: int) -> None:
+    server = Server(model_dir)
+    routes = server.routes()
+
+    class Handler(BaseHTTPRequestHandler):
+        def _answer(self, code: int, payload) -> None:
+            data = json.dumps(payload).encode()
+            self.send_response(code)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def do_GET(self):  # noqa: N802
+            if self.path == "/health":
+                self._answer(200, "ok")
+            else:
+                self._answer(404, {"error": f"no route {self.path}"})
+
+        def do_POST(self):  # noqa: N802
+            route = routes.get(self.path)
+            body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))) or b"{}")
+            if route is None:
+                self._answer(404, {"error": f"no route {self.path}"})
+                return
+            try:
+                self._answer(200, route(body))
+            except Exception as exc:  # noqa: BLE001 - reported to the client, as SGLang does
+                self._answer(400, {"success": False, "message": repr(exc)})
+
+        def log_message(self, *args):  # quiet
+            pass
+
+    ThreadingHTTPServer(("127.0.0.1", port), Handler).serve_forever()
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--port", type=int, required=True)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    serve(args.model, args.port)

@@ -1,0 +1,239 @@
+"""The rollout fleet on real gloo ranks: one hf engine per rank, each generating and verifying a
+shard of every round.
+
+* The trainer's first PRIME step with two engines (world 2, DP=2) equals the step with one engine
+  (world 1): the same sampled tokens (per-sample seeds use the global prompt index) and the same
+  losses, gradient norms and advantages. This is the one-rank reference for the distributed
+  rollout.
+* Each engine really takes its own shard; greedy evaluation over the fleet equals one engine
+  evaluating every row.
+* An engine that dies is restarted, every engine is resynced from the current policy, and the
+  step goes on with the same samples; with ``rollout.max_restarts=0`` every rank raises the
+  engine's error instead of hanging.
+* Remote mode: rank 0 drives two servers speaking SGLang's protocol
+  (``tests/sglang_protocol_server.py``, an hf engine behind SGLang's routes): generation over
+  HTTP, weights broadcast in buckets over a gloo group formed the way SGLang forms it. The step
+  equals the colocated one-engine step, and after it both servers hold the updated policy.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.dist_utils import run_distributed
+from tests.trainer_fixtures import make_trainer_fixture, overrides, register_test_verifier
+
+COMPARED = ("prm/loss", "prm/accuracy", "prm/grad_norm", "policy/loss", "policy/pg_loss", "policy/grad_norm",
+            "policy/entropy", "process_reward/sequence_mean", "outcome/accuracy_sampled",
+            "rollout/logprob_diff_mean")
+
+
+def _context(fixture, root, *extra):
+    from megatron_prime.config import load_config
+    from megatron_prime.platform import distributed
+    from megatron_prime.training.trainer import build_context
+
+    cfg = load_config(None, overrides(fixture, root, f"model.prm_hf_path={fixture['prm_hf']}",
+                                      "train.mini_batch_responses=32", *extra))
+    distributed.init_model_parallel(seed=cfg.train.seed)
+    torch.manual_seed(cfg.train.seed)
+    ctx = build_context(cfg)
+    ctx.fleet.sync()
+    return ctx
+
+
+def _first_step(ctx):
+    from megatron_prime.training import prime_step as ps
+
+    captured = {}
+    original = ps.compute_advantages
+
+    def capture(*args, **kwargs):
+        captured["advantages"] = original(*args, **kwargs)
+        return captured["advantages"]
+
+    ps.compute_advantages = capture
+    try:
+        metrics, groups = ps.prime_step(ctx, step=0)
+    finally:
+        ps.compute_advantages = original
+    return {"metrics": metrics, "advantages": captured["advantages"].clone(),
+            "responses": [g.responses for g in groups]}
+
+
+def _one_engine(rank, world_size, fixture, root):
+    register_test_verifier()
+    return _first_step(_context(fixture, root))
+
+
+def _two_engines(rank, world_size, fixture, root):
+    import torch.distributed as dist
+
+    from megatron_prime.data import load_prompt_dataset
+    from megatron_prime.rollout import RolloutError
+    from megatron_prime.training.evaluate import fleet_greedy_accuracy, greedy_accuracy
+
+    register_test_verifier()
+    out = {}
+    ctx = _context(fixture, root)
+    out["groups"] = ctx.fleet.groups
+    out["step"] = _first_step(ctx)
+
+    # Who generated what: each engine gets its own contiguous shard.
+    items = list(range(7))
+    out["shards"] = ctx.fleet.map_shards(items, lambda engine, part, offset: (dist.get_rank(), part, offset),
+                                         lambda part, offset, generated: generated)
+    rows = load_prompt_dataset(fixture["eval"])
+    out["fleet_eval"] = fleet_greedy_accuracy(ctx.fleet, rows, ctx.tokenizer, ctx.render,
+                                              max_prompt_len=16, max_new_tokens=12)
+    if rank == 0:
+        out["one_engine_eval"] = greedy_accuracy(ctx.fleet.engine, rows, ctx.tokenizer, ctx.render,
+                                                 max_prompt_len=16, max_new_tokens=12)
+    ctx.fleet.shutdown()
+
+    # Rank 1's engine dies before the step: restart, resync, retry.
+    ctx = _context(fixture, root)
+    if rank == 1:
+        ctx.fleet.engine.shutdown()
+    out["recovered"] = _first_step(ctx)
+    ctx.fleet.shutdown()
+
+    # Without restarts every rank raises the engine's error.
+    ctx = _context(fixture, root, "rollout.max_restarts=0")
+    if rank == 1:
+        ctx.fleet.engine.shutdown()
+    try:
+        _first_step(ctx)
+        out["unrecovered"] = None
+    except RolloutError as exc:
+        out["unrecovered"] = str(exc)
+    errors = [None] * world_size
+    dist.all_gather_object(errors, out["unrecovered"])
+    out["unrecovered_per_rank"] = errors
+    return out
+
+
+def _remote(rank, world_size, fixture, root, urls, sync_port):
+    """Remote mode: rank 0 drives two protocol servers that start from other weights."""
+    import json
+    import urllib.request
+
+    from megatron_prime.bridge.transfer import iter_hf_tensors
+
+    register_test_verifier()
+    ctx = _context(fixture, root, "rollout.engine=sglang", "rollout.mode=remote",
+                   f"rollout.remote_urls=[{','.join(urls)}]", "rollout.weight_sync_address=127.0.0.1",
+                   f"rollout.weight_sync_port={sync_port}", "rollout.bucket_mb=1")
+    out = {"groups": ctx.fleet.groups, "has_engine": [ctx.fleet.engine is not None], "step": _first_step(ctx)}
+    export = dict(iter_hf_tensors(ctx.policy.model, ctx.arch))  # rank 0 gets every tensor
+    if rank == 0:
+        stale = []
+        for url in urls:
+            for name, tensor in export.items():
+                req = urllib.request.Request(url + "/get_weights_by_name", method="POST",
+                                             data=json.dumps({"name": name, "truncate_size": 50}).encode())
+                with urllib.request.urlopen(req) as resp:
+                    held = torch.tensor(json.loads(resp.read()))
+                if not torch.equal(held, tensor.reshape(-1)[:50]):
+                    stale.append((url, name))
+        out["stale_on_servers"] = stale
+        out["num_tensors"] = len(export)
+    ctx.fleet.shutdown()
+    return out
+
+
+def _start_servers(model_dir: str, count: int):
+    import os
+    import subprocess
+    import sys
+
+    from tests.dist_utils import free_port
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    servers, urls = [], []
+    for _ in range(count):
+        port = free_port()
+        servers.append(subprocess.Popen([sys.executable, "-m", "tests.sglang_protocol_server", "--model", model_dir,
+                                         "--port", str(port)], cwd=repo))
+        urls.append(f"http://127.0.0.1:{port}")
+    return servers, urls
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    from tests.dist_utils import free_port
+
+    root = str(tmp_path_factory.mktemp("rollout_fleet"))
+    fixture = make_trainer_fixture(root)
+    out = {"one": run_distributed(_one_engine, fixture, root, world_size=1),
+           "two": run_distributed(_two_engines, fixture, root, world_size=2)}
+    # The servers start from the perturbed PRM weights: only a working sync makes them the policy.
+    servers, urls = _start_servers(fixture["prm_hf"], 2)
+    try:
+        out["remote"] = run_distributed(_remote, fixture, root, urls, free_port(), world_size=2)
+    finally:
+        for server in servers:
+            server.kill()
+            server.wait()
+    return out
+
+
+def test_two_engines_one_per_rank(runs):
+    assert runs["two"]["groups"] == [[0], [1]]
+
+
+def test_each_engine_generates_its_own_shard(runs):
+    assert runs["two"]["shards"] == [(0, [0, 1, 2, 3], 0), (1, [4, 5, 6], 4)]
+
+
+def test_two_engines_sample_what_one_engine_samples(runs):
+    one, two = runs["one"], runs["two"]["step"]
+    assert one["responses"] == two["responses"]
+    assert 0.0 < one["metrics"]["outcome/accuracy_sampled"] < 1.0
+
+
+def test_two_engine_step_equals_one_engine_step(runs):
+    one, two = runs["one"], runs["two"]["step"]
+    assert one["advantages"].abs().max() > 1e-3
+    torch.testing.assert_close(two["advantages"], one["advantages"], rtol=1e-4, atol=1e-5)
+    for key in COMPARED:
+        assert two["metrics"][key] == pytest.approx(one["metrics"][key], rel=1e-4, abs=1e-5), key
+
+
+def test_fleet_eval_equals_one_engine_eval(runs):
+    two = runs["two"]
+    assert two["fleet_eval"] == pytest.approx(two["one_engine_eval"])
+
+
+def test_dead_engine_is_restarted_and_resynced(runs):
+    two = runs["two"]
+    assert two["recovered"]["responses"] == two["step"]["responses"]
+    for key in COMPARED:
+        assert two["recovered"]["metrics"][key] == pytest.approx(two["step"]["metrics"][key], rel=1e-6), key
+
+
+def test_dead_engine_without_restarts_fails_every_rank(runs):
+    errors = runs["two"]["unrecovered_per_rank"]
+    assert all(e is not None for e in errors), errors
+    assert errors[0] == errors[1]
+    assert "rollout engine 'hf' failed on generate(" in errors[0]
+
+
+def test_remote_mode_engine_on_rank0_only(runs):
+    assert runs["remote"]["groups"] == [[0]]
+    assert runs["remote"]["has_engine"] == [True]
+
+
+def test_remote_step_equals_colocated_step(runs):
+    """Generation over HTTP on two servers fed by broadcast = the colocated one-engine step."""
+    one, remote = runs["one"], runs["remote"]["step"]
+    assert remote["responses"] == one["responses"]
+    for key in COMPARED:
+        assert remote["metrics"][key] == pytest.approx(one["metrics"][key], rel=1e-4, abs=1e-5), key
+
+
+def test_remote_servers_hold_the_updated_policy(runs):
+    remote = runs["remote"]
+    assert remote["num_tensors"] > 0
+    assert remote["stale_on_servers"] == []
