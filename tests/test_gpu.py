@@ -85,3 +85,12 @@ def test_prime_steps_on_cuda(tmp_path):
         assert metrics[key] == metrics[key], key  # not NaN
     assert metrics["rollout/logprob_diff_mean"] < 0.05  # bf16 engine vs bf16 Megatron
     assert (tmp_path / "export" / "policy" / "config.json").exists()
+    # Three steps at lr 5e-7 barely move the weights: the policy still is the checkpoint (the
+    # optimizer's fp32 main copies were refreshed after loading; tests/test_initial_weights.py).
+    import transformers
+
+    start = transformers.AutoModelForCausalLM.from_pretrained(fixture["hf"], dtype=torch.float32)
+    end = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "export" / "policy"), dtype=torch.float32)
+    end_params = dict(end.named_parameters())
+    for name, p in start.named_parameters():
+        assert (end_params[name] - p).abs().mean().item() < 1e-3, name

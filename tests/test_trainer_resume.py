@@ -28,13 +28,13 @@ if __name__ == "__main__":
 """
 
 
-def start(args: list[str], **kwargs) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-c", TRAIN.format(root=ROOT), *args],
+def start(args: list[str], launcher: tuple[str, ...] = ("-c", TRAIN.format(root=ROOT)), **kwargs) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, *launcher, *args],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kwargs)
 
 
-def run(args: list[str]) -> str:
-    proc = start(args)
+def run(args: list[str], launcher: tuple[str, ...] = ("-c", TRAIN.format(root=ROOT))) -> str:
+    proc = start(args, launcher)
     out, _ = proc.communicate(timeout=600)
     assert proc.returncode == 0, out[-4000:]
     return out
@@ -65,13 +65,13 @@ def fixture(tmp_path_factory):
     return make_trainer_fixture(root)
 
 
-def test_stop_and_resume_matches_uninterrupted(fixture, tmp_path):
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])  # bf16: the optimizer's fp32 main params resume too
+def test_stop_and_resume_matches_uninterrupted(fixture, tmp_path, dtype):
     full, part = str(tmp_path / "full"), str(tmp_path / "part")
-    run(overrides(fixture, full, "train.steps=3", "checkpoint.interval=1", "checkpoint.export_hf=false"))
-    run(overrides(fixture, part, "train.steps=2", "checkpoint.interval=1", "checkpoint.keep_last=2",
-                  "checkpoint.export_hf=false"))
-    out = run(overrides(fixture, part, "train.steps=3", "checkpoint.interval=1", "checkpoint.keep_last=2",
-                        "checkpoint.export_hf=false"))
+    common = ["checkpoint.interval=1", "checkpoint.export_hf=false", f"model.dtype={dtype}", "optim.policy.lr=1e-4"]
+    run(overrides(fixture, full, "train.steps=3", *common))
+    run(overrides(fixture, part, "train.steps=2", "checkpoint.keep_last=2", *common))
+    out = run(overrides(fixture, part, "train.steps=3", "checkpoint.keep_last=2", *common))
     assert "resumed from step 1" in out
     a, b = scalars(full), scalars(part)
     for step in (1, 2, 3):
@@ -115,3 +115,19 @@ def test_corrupt_newest_checkpoint_falls_back_to_previous(fixture, tmp_path):
     out = run(overrides(fixture, run_dir, "train.steps=3", "checkpoint.interval=1", "checkpoint.export_hf=false"))
     assert "step_00000001 could not be loaded" in out
     assert "resumed from step 0" in out
+
+
+def test_torchrun_two_ranks_two_engines(fixture, tmp_path):
+    """The whole ``train`` under torchrun: TP=2 over 2 ranks, one hf engine per rank, evaluation
+    before and after, a checkpoint and the HF export."""
+    script = tmp_path / "train.py"
+    script.write_text(TRAIN.format(root=ROOT))
+    run_dir = str(tmp_path / "torchrun")
+    out = run(overrides(fixture, run_dir, "train.steps=2", "checkpoint.interval=2", "parallel.tp=2",
+                        f"data.eval_files=[{fixture['eval']}]"),
+              launcher=("-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(script)))
+    rows = scalars(run_dir)
+    assert 0.0 <= rows[0]["eval/accuracy"] <= 1.0 and 0.0 <= rows[3]["eval/accuracy"] <= 1.0
+    assert rows[2]["policy/grad_norm"] > 0
+    assert os.path.exists(os.path.join(run_dir, "ckpt", "step_00000001", "trainer_state.pt"))
+    assert os.path.exists(os.path.join(run_dir, "export", "policy", "model.safetensors")), out[-2000:]

@@ -50,7 +50,7 @@ def sft(cfg: Config) -> dict:
                             warmup_steps=s.warmup_steps, weight_decay=s.weight_decay, grad_clip=s.grad_clip)
     policy = build_trainable(arch, model_options(cfg), optim, total_steps=s.steps,
                              distributed_optimizer=cfg.parallel.distributed_optimizer)
-    load_initial_weights(unwrap(policy.model), cfg, arch)
+    load_initial_weights(policy, cfg, arch)
     rows = load_sft_dataset(s.train_file)
     prompts, responses = tokenize_sft(rows, tokenizer, render_prompt,
                                       cfg.data.max_prompt_len + cfg.data.max_response_len)

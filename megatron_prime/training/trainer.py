@@ -19,7 +19,7 @@ from megatron_prime.platform import distributed
 from megatron_prime.training import checkpoint
 from megatron_prime.training.distributed_utils import broadcast_object, is_rank0, on_rank0
 from megatron_prime.training.evaluate import fleet_greedy_accuracy
-from megatron_prime.training.models import build_frozen, build_trainable
+from megatron_prime.training.models import TrainableModel, build_frozen, build_trainable
 from megatron_prime.training.prime_step import PrimeContext, prime_step
 from megatron_prime.training.rollout_fleet import build_fleet
 
@@ -32,15 +32,20 @@ def model_options(cfg: Config) -> ModelOptions:
     )
 
 
-def load_initial_weights(model, cfg: Config, arch, hf_path: str | None = None) -> None:
-    """From ``hf_path`` if given, else ``model.mcore_path`` (a Megatron checkpoint) if set, else
-    ``model.hf_path``."""
+def load_initial_weights(target, cfg: Config, arch, hf_path: str | None = None) -> None:
+    """Weights for a trainable model or a frozen one: from ``hf_path`` if given, else
+    ``model.mcore_path`` (a Megatron checkpoint) if set, else ``model.hf_path``."""
+    model = unwrap(target.model if isinstance(target, TrainableModel) else target)
     if not hf_path and cfg.model.mcore_path:
         load_model(model, cfg.model.mcore_path)
-        return
-    source = SafetensorsSource(hf_path or cfg.model.hf_path, arch)
-    source.check_shapes()
-    load_hf_weights(model, arch, source, cfg.model.vocab_pad_multiple)
+    else:
+        source = SafetensorsSource(hf_path or cfg.model.hf_path, arch)
+        source.check_shapes()
+        load_hf_weights(model, arch, source, cfg.model.vocab_pad_multiple)
+    if isinstance(target, TrainableModel):
+        # In bf16/fp16 the optimizer holds fp32 main copies taken when it was built; without this
+        # its first step would write the random initialisation back over the checkpoint.
+        target.optimizer.reload_model_params()
 
 
 def build_context(cfg: Config) -> PrimeContext:
@@ -56,15 +61,15 @@ def build_context(cfg: Config) -> PrimeContext:
     policy = build_trainable(arch, opts, cfg.optim.policy,
                              total_steps=cfg.train.steps * updates_per_step * cfg.algorithm.ppo_epochs,
                              distributed_optimizer=cfg.parallel.distributed_optimizer)
-    load_initial_weights(unwrap(policy.model), cfg, arch)
+    load_initial_weights(policy, cfg, arch)
     prm = reference = None
     if uses_prm:
         prm = build_trainable(arch, opts, cfg.optim.prm, total_steps=cfg.train.steps,
                               distributed_optimizer=cfg.parallel.distributed_optimizer)
-        load_initial_weights(unwrap(prm.model), cfg, arch, hf_path=cfg.model.prm_hf_path or None)
+        load_initial_weights(prm, cfg, arch, hf_path=cfg.model.prm_hf_path or None)
     if uses_prm or cfg.algorithm.kl_coef:
         reference = build_frozen(arch, opts)
-        load_initial_weights(unwrap(reference), cfg, arch)
+        load_initial_weights(reference, cfg, arch)
 
     def load_prompts():
         rows = [row for path in cfg.data.train_files for row in load_prompt_dataset(path)]
