@@ -88,6 +88,18 @@ def test_n_samples_grouped_in_prompt_order_and_independent_of_batching(model, en
     assert [r.token_ids for r in one_by_one] == [r.token_ids for r in responses]
 
 
+def test_split_request_with_prompt_offset_samples_the_same(engine):
+    """A batch cut over engines (each told where its shard starts) samples what one request does."""
+    sp = SamplingParams(n=2, temperature=1.0, max_new_tokens=10, seed=5)
+    whole = engine.generate(PROMPTS, sp)
+    head = engine.generate(PROMPTS[:1], sp)
+    tail = engine.generate(PROMPTS[1:], SamplingParams(n=2, temperature=1.0, max_new_tokens=10, seed=5,
+                                                        prompt_offset=1))
+    assert [r.token_ids for r in head + tail] == [r.token_ids for r in whole]
+    unshifted = engine.generate(PROMPTS[1:], sp)  # without the offset the shard draws other samples
+    assert [r.token_ids for r in unshifted] != [r.token_ids for r in tail]
+
+
 def test_greedy_matches_naive_full_recompute_loop(model, engine):
     responses = engine.generate(PROMPTS, SamplingParams(temperature=0.0, max_new_tokens=15))
     for prompt, response in zip(PROMPTS, responses):

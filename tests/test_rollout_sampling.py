@@ -80,3 +80,16 @@ def test_buckets_stream_lazily():
     assert [n for n, _ in next(buckets)] == ["t0", "t1"]
     assert pulled == [0, 1, 2]  # one tensor of look-ahead, never the whole model
     assert len(list(buckets)) == 2
+
+
+def test_sglang_and_vllm_requests_seed_by_global_prompt_index():
+    from megatron_prime.rollout.base import SamplingParams, sample_seed
+    from megatron_prime.rollout.sglang_engine import expand_requests
+
+    prompts = [[1, 2], [3], [4, 5, 6]]
+    whole = SamplingParams(n=2, seed=9)
+    _, params, _ = expand_requests(prompts, whole)
+    _, tail, _ = expand_requests(prompts[1:], SamplingParams(n=2, seed=9, prompt_offset=1))
+    assert [p["sampling_seed"] for p in params[2:]] == [p["sampling_seed"] for p in tail]
+    assert params[0]["sampling_seed"] == sample_seed(9, 0, 0) == whole.seed_of(0, 0)
+    assert SamplingParams(n=2).seed_of(0, 0) is None

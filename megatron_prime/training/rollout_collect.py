@@ -66,16 +66,6 @@ def tokenize_prompts(rows, tokenizer, max_prompt_len: int, render) -> list[tuple
     return out
 
 
-def rollout_sampling(cfg: Config, tokenizer, seed: int | None, greedy: bool = False) -> SamplingParams:
-    stop = tuple(t for t in [tokenizer.eos_token_id] if t is not None)
-    if greedy:
-        return SamplingParams(n=1, temperature=0.0, max_new_tokens=cfg.data.max_response_len, stop_token_ids=stop)
-    return SamplingParams(
-        n=cfg.rollout.n, temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p, top_k=cfg.rollout.top_k,
-        max_new_tokens=cfg.data.max_response_len, stop_token_ids=stop, seed=seed,
-    )
-
-
 def generate_and_verify(fleet: RolloutFleet, rows, tokenizer, cfg: Config, seed: int, render,
                         stats: CollectStats | None, num_workers: int = 4) -> list[Group] | None:
     """K responses for each of ``rows`` (the same rows on every rank), generated and verified
@@ -84,8 +74,12 @@ def generate_and_verify(fleet: RolloutFleet, rows, tokenizer, cfg: Config, seed:
 
     def generate(engine, part, offset):
         prompts = tokenize_prompts(part, tokenizer, cfg.data.max_prompt_len, render)
-        sampling = rollout_sampling(cfg, tokenizer, seed)
-        sampling.prompt_offset = offset
+        r = cfg.rollout
+        sampling = SamplingParams(
+            n=r.n, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k, max_new_tokens=cfg.data.max_response_len,
+            stop_token_ids=tuple(t for t in [tokenizer.eos_token_id] if t is not None), seed=seed,
+            prompt_offset=offset,  # global prompt index: samples independent of the engine count
+        )
         start = time.perf_counter()
         responses = engine.generate([ids for ids, _ in prompts], sampling)
         return prompts, responses, time.perf_counter() - start
