@@ -16,7 +16,7 @@ import torch
 from tests.dist_utils import run_distributed
 from tests.trainer_fixtures import make_trainer_fixture, overrides, register_test_verifier
 
-LAYOUTS = [(1, 1), (2, 1), (1, 2)]
+LAYOUTS = [(1, 1, False), (2, 1, False), (1, 2, False), (2, 1, True)]  # (tp, pp, sequence_parallel)
 
 
 def _first_step(rank, world_size, fixture, root):
@@ -35,15 +35,16 @@ def _first_step(rank, world_size, fixture, root):
 
     ps.compute_advantages = capture
     results = {}
-    for tp, pp in LAYOUTS:
+    for tp, pp, sp in LAYOUTS:
         cfg = load_config(None, overrides(fixture, root, f"parallel.tp={tp}", f"parallel.pp={pp}",
+                                          f"parallel.sequence_parallel={sp}",
                                           f"model.prm_hf_path={fixture['prm_hf']}",
                                           "train.mini_batch_responses=32"))
         distributed.init_model_parallel(tp=tp, pp=pp, seed=cfg.train.seed)
         torch.manual_seed(cfg.train.seed)
         ctx = build_context(cfg)
         metrics, _ = ps.prime_step(ctx, step=0)
-        results[(tp, pp)] = {"metrics": metrics, "advantages": captured["advantages"].clone()}
+        results[(tp, pp, sp)] = {"metrics": metrics, "advantages": captured["advantages"].clone()}
     return results
 
 
@@ -55,15 +56,15 @@ def layouts(tmp_path_factory):
 
 
 def test_first_step_is_not_trivial(layouts):
-    base = layouts[(1, 1)]
+    base = layouts[(1, 1, False)]
     assert base["advantages"].abs().max() > 1e-3
     assert 0.0 < base["metrics"]["outcome/accuracy_sampled"] < 1.0
     assert base["metrics"]["process_reward/token/std"] > 0  # PRM moved away from the reference
 
 
-@pytest.mark.parametrize("tp,pp", [(2, 1), (1, 2)])
-def test_first_step_matches_tp1(layouts, tp, pp):
-    base, other = layouts[(1, 1)], layouts[(tp, pp)]
+@pytest.mark.parametrize("tp,pp,sp", LAYOUTS[1:])
+def test_first_step_matches_tp1(layouts, tp, pp, sp):
+    base, other = layouts[(1, 1, False)], layouts[(tp, pp, sp)]
     torch.testing.assert_close(other["advantages"], base["advantages"], rtol=1e-4, atol=1e-5)
     for key in ("prm/loss", "prm/accuracy", "prm/grad_norm", "policy/loss", "policy/pg_loss",
                 "policy/grad_norm", "policy/entropy", "process_reward/sequence_mean",

@@ -12,7 +12,7 @@ from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_prime.models.hf_config import HFArch
-from megatron_prime.models.specs import gpt_layer_spec, transformer_engine_available
+from megatron_prime.models.specs import gpt_block_spec, transformer_engine_available
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -79,6 +79,9 @@ def transformer_config(arch: HFArch, opts: ModelOptions) -> TransformerConfig:
         pipeline_model_parallel_size=opts.pp,
         sequence_parallel=opts.sequence_parallel,
         variable_seq_lengths=True,
+        # Frees pipeline outputs early and runs backward through the autograd engine directly
+        # (megatron-core's custom_backward), which also keeps the CPU backend's mode active there.
+        deallocate_pipeline_outputs=True,
         moe_token_dispatcher_type="alltoall",  # dense models; allgather rejects variable lengths
         fp8=opts.fp8,
         use_cpu_initialization=not torch.cuda.is_available(),
@@ -121,7 +124,7 @@ def build_gpt_model(
     config = transformer_config(arch, opts)
     model = GPTModel(
         config=config,
-        transformer_layer_spec=gpt_layer_spec(qk_layernorm=arch.qk_norm, use_te=opts.use_te),
+        transformer_layer_spec=gpt_block_spec(config, qk_layernorm=arch.qk_norm, use_te=opts.use_te),
         vocab_size=padded_vocab_size(arch.vocab_size, opts.tp, opts.vocab_pad_multiple),
         max_sequence_length=arch.max_position_embeddings,
         pre_process=pre_process,

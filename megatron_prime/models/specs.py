@@ -3,7 +3,8 @@
 megatron-core's local ``DotProductAttention`` materialises the full score matrix in a CUDA
 memory buffer; ``SDPAttention`` is a drop-in core-attention module built on
 ``torch.nn.functional.scaled_dot_product_attention`` (flash / memory-efficient kernels on GPU,
-plain math on CPU) with the same constructor and forward contract.
+plain math on CPU) with the same constructor and forward contract. ``RMSNorm`` replaces
+megatron-core's torch-norm fallback, which refuses sequence parallelism.
 """
 
 from __future__ import annotations
@@ -19,6 +20,11 @@ from megatron.core.models.gpt.gpt_layer_specs import (
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_block import (
+    TransformerBlock,
+    TransformerBlockSubmodules,
+    get_num_layers_to_build,
+)
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 
@@ -91,10 +97,28 @@ class SDPAttention(MegatronModule):
         return context.permute(2, 0, 1, 3).reshape(sq, b, -1)
 
 
-def gpt_layer_spec(*, qk_layernorm: bool, use_te: bool) -> ModuleSpec:
-    """The decoder layer spec: Transformer Engine modules, or local modules + SDPAttention."""
+class RMSNorm(torch.nn.RMSNorm):
+    """torch's RMSNorm behind megatron-core's norm constructor, usable with sequence parallelism
+    (megatron-core's own torch fallback refuses it). Under sequence parallelism each TP rank
+    normalises its own slice of the sequence, so the weight's gradient is a partial sum; the
+    ``sequence_parallel`` attribute makes ``finalize_model_grads`` sum it over TP."""
+
+    def __init__(self, config: TransformerConfig, hidden_size: int, eps: float = 1e-5, **_unused_norm_options):
+        super().__init__(hidden_size, eps=eps)
+        self.weight.sequence_parallel = config.sequence_parallel
+
+
+def gpt_block_spec(config: TransformerConfig, *, qk_layernorm: bool, use_te: bool) -> ModuleSpec:
+    """The decoder spec: Transformer Engine layers, or local layers with SDPAttention and
+    ``RMSNorm`` (this stage's layers plus the final norm)."""
     if use_te:
         return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=qk_layernorm)
-    spec = get_gpt_layer_local_spec(qk_layernorm=qk_layernorm, normalization="RMSNorm")
-    spec.submodules.self_attention.submodules.core_attention = SDPAttention
-    return spec
+    layer = get_gpt_layer_local_spec(qk_layernorm=qk_layernorm, normalization="RMSNorm")
+    layer.submodules.input_layernorm = RMSNorm
+    layer.submodules.pre_mlp_layernorm = RMSNorm
+    attention = layer.submodules.self_attention.submodules
+    attention.core_attention = SDPAttention
+    if qk_layernorm:
+        attention.q_layernorm = attention.k_layernorm = RMSNorm
+    return ModuleSpec(module=TransformerBlock, submodules=TransformerBlockSubmodules(
+        layer_specs=[layer] * get_num_layers_to_build(config), layer_norm=RMSNorm))

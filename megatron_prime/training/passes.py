@@ -13,6 +13,7 @@ from functools import partial
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
@@ -34,15 +35,18 @@ class PassResult:
     metrics: dict  # summed (sum, count) pairs of this rank's micro-batches (last stage; else empty)
 
 
-def _micro_batch(batch: RolloutBatch, rows: torch.Tensor, device) -> dict:
+def _micro_batch(batch: RolloutBatch, rows: torch.Tensor, device, length_multiple: int) -> dict:
+    """Rows cut to their longest sequence, right-padded to a multiple of ``length_multiple``
+    (sequence parallelism splits the sequence over TP ranks); pads are masked keys."""
     sub = batch.rows(rows)
     length = int(sub.attention_mask.sum(dim=1).max())
-    ids = sub.input_ids[:, :length]
+    width = -(-length // length_multiple) * length_multiple
+    ids = F.pad(sub.input_ids[:, :length], (0, width - length))
     return {
         "batch": sub,
         "input_ids": ids.to(device),
         "position_ids": position_ids_for(ids).to(device),
-        "attention_mask": attention_mask_4d(sub.attention_mask[:, :length]).to(device),
+        "attention_mask": attention_mask_4d(F.pad(sub.attention_mask[:, :length], (0, width - length))).to(device),
         "response_index": sub.response_index.clamp(max=length - 1).to(device),
         "targets": torch.gather(ids, 1, (sub.response_index + 1).clamp(max=length - 1)).to(device),
     }
@@ -83,7 +87,8 @@ def run_pass(
     tp_group = parallel_state.get_tensor_model_parallel_group()
     lengths = batch.attention_mask.sum(dim=1)
     row_groups = micro_batch_rows(lengths, token_budget)
-    micro_batches = [_micro_batch(batch, rows, device) for rows in row_groups]
+    multiple = parallel_state.get_tensor_model_parallel_world_size() if inner.config.sequence_parallel else 1
+    micro_batches = [_micro_batch(batch, rows, device, multiple) for rows in row_groups]
 
     def loss_func(mb, logits, non_loss_data=False):
         picked = response_logits(logits, mb["response_index"], temperature, true_vocab)
