@@ -131,3 +131,25 @@ def test_torchrun_two_ranks_two_engines(fixture, tmp_path):
     assert rows[2]["policy/grad_norm"] > 0
     assert os.path.exists(os.path.join(run_dir, "ckpt", "step_00000001", "trainer_state.pt"))
     assert os.path.exists(os.path.join(run_dir, "export", "policy", "model.safetensors")), out[-2000:]
+
+    # Resuming that TP=2 checkpoint at TP=1 stops with what to do, instead of starting over.
+    proc = start(overrides(fixture, run_dir, "train.steps=3", "checkpoint.interval=2"))
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode != 0
+    assert "written at tp=2 pp=1, this run has tp=1 pp=1" in out, out[-3000:]
+    assert "model.mcore_path=" in out
+    assert sorted(os.listdir(os.path.join(run_dir, "ckpt"))) == ["step_00000001"]  # untouched
+
+
+def test_unloadable_checkpoints_stop_the_run(fixture, tmp_path):
+    run_dir = str(tmp_path / "all_corrupt")
+    run(overrides(fixture, run_dir, "train.steps=1", "checkpoint.interval=1", "checkpoint.export_hf=false"))
+    newest = os.path.join(run_dir, "ckpt", "step_00000000", "policy")
+    for name in os.listdir(newest):
+        if name.endswith(".distcp"):
+            with open(os.path.join(newest, name), "r+b") as f:
+                f.truncate(16)
+    proc = start(overrides(fixture, run_dir, "train.steps=2", "checkpoint.interval=1", "checkpoint.export_hf=false"))
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode != 0
+    assert "no checkpoint could be loaded: step_00000000" in out, out[-3000:]

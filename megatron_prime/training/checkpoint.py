@@ -22,9 +22,10 @@ import warnings
 
 import torch
 import torch.distributed as dist
-from megatron.core import dist_checkpointing
+from megatron.core import dist_checkpointing, parallel_state
 
-from megatron_prime.bridge.mcore_io import DistributedAtomicDir, write_model_metadata
+from megatron_prime.bridge.hf_io import CheckpointError
+from megatron_prime.bridge.mcore_io import DistributedAtomicDir, read_meta, write_model_metadata
 from megatron_prime.bridge.transfer import unwrap
 from megatron_prime.training.distributed_utils import is_rank0
 from megatron_prime.training.models import TrainableModel
@@ -107,7 +108,7 @@ def save_checkpoint(root: str, step: int, models: dict[str, TrainableModel], tra
             dist_checkpointing.save(_model_state(tm, is_loading=False), path)
             if is_rank0():
                 torch.save(tm.scheduler.state_dict(), os.path.join(path, "scheduler.pt"))
-                write_model_metadata(path, hf_meta_dir, {"dtype": dtype, "step": step, "role": name})
+                write_model_metadata(path, hf_meta_dir, {"dtype": dtype, "step": step, "role": name, **_layout()})
         rank = dist.get_rank() if dist.is_initialized() else 0
         if is_rank0():
             os.makedirs(os.path.join(tmp, "rng"))
@@ -122,6 +123,27 @@ def save_checkpoint(root: str, step: int, models: dict[str, TrainableModel], tra
             shutil.rmtree(old, ignore_errors=True)
     _barrier()
     return final
+
+
+def _layout() -> dict:
+    return {"tp": parallel_state.get_tensor_model_parallel_world_size(),
+            "pp": parallel_state.get_pipeline_model_parallel_world_size()}
+
+
+def check_layout(path: str, name: str) -> None:
+    """The optimizer state reloads only at the TP/PP it was written at: say so up front."""
+    try:
+        saved = read_meta(os.path.join(path, name))
+    except (CheckpointError, ValueError):
+        return  # unreadable: loading it reports the problem
+    now = _layout()
+    if any(key in saved and saved[key] != now[key] for key in now):
+        raise CheckpointError(
+            f"{path}: written at tp={saved.get('tp')} pp={saved.get('pp')}, this run has tp={now['tp']} "
+            f"pp={now['pp']}; the optimizer state resumes only at the same layout. Resume with "
+            f"parallel.tp={saved.get('tp')} parallel.pp={saved.get('pp')}, or start from its weights alone "
+            f"(fresh optimizer) with model.mcore_path={os.path.join(path, 'policy')} and a new checkpoint.dir"
+        )
 
 
 def load_checkpoint(path: str, models: dict[str, TrainableModel]) -> dict:
@@ -152,6 +174,9 @@ def resume(root: str, resume_from: str, models: dict[str, TrainableModel]) -> di
     if resume_from == "none":
         return None
     candidates = [resume_from] if resume_from != "latest" else list(reversed(list_checkpoints(root)))
+    if candidates:  # older checkpoints share the newest one's layout: no point in falling back
+        check_layout(candidates[0], "policy")
+    failures = []
     for path in candidates:
         error = None
         try:
@@ -165,9 +190,13 @@ def resume(root: str, resume_from: str, models: dict[str, TrainableModel]) -> di
             dist.all_reduce(ok, op=dist.ReduceOp.MIN)
         if ok.item():
             return state
+        reason = f"{type(error).__name__}: {str(error).strip().splitlines()[-1]}" if error else "failed on another rank"
+        failures.append(f"{os.path.basename(path)} ({reason})")
         if is_rank0():
-            reason = f"{type(error).__name__}: {str(error).strip().splitlines()[-1]}" if error else "failed on another rank"
             warnings.warn(f"checkpoint {path} could not be loaded ({reason}); trying the previous one", stacklevel=2)
         if resume_from != "latest":
-            raise RuntimeError(f"cannot resume from {path}: {error}")
+            raise CheckpointError(f"cannot resume from {path}: {reason}")
+    if failures:  # never start over silently on top of checkpoints that exist
+        raise CheckpointError(f"{root}: no checkpoint could be loaded: {'; '.join(failures)}. Move them away "
+                              "(or set checkpoint.resume=none) to start fresh")
     return None
