@@ -85,7 +85,19 @@ def transformer_config(arch: HFArch, opts: ModelOptions) -> TransformerConfig:
         moe_token_dispatcher_type="alltoall",  # dense models; allgather rejects variable lengths
         fp8=opts.fp8,
         use_cpu_initialization=not torch.cuda.is_available(),
+        # Every model is loaded from a checkpoint right after it is built (conversion, trainer, SFT),
+        # so random weights would be drawn only to be overwritten. Megatron-core still allocates the
+        # weights, zeroes the biases and sets the tensor-parallel attributes (which
+        # perform_initialization=False skips on the CPU path, breaking grad norms at TP > 1).
+        init_method=_keep,
+        output_layer_init_method=_keep,
+        embedding_init_method=_keep,
     )
+
+
+def _keep(weight: torch.Tensor) -> torch.Tensor:
+    """An init method that leaves the freshly allocated weight as it is."""
+    return weight
 
 
 def rope_inv_freq(arch: HFArch) -> torch.Tensor:
