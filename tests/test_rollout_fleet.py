@@ -18,6 +18,9 @@ shard of every round.
 
 from __future__ import annotations
 
+import os
+import signal
+
 import pytest
 import torch
 
@@ -114,10 +117,28 @@ def _two_engines(rank, world_size, fixture, root):
     return out
 
 
-def _remote(rank, world_size, fixture, root, urls, sync_port):
-    """Remote mode: rank 0 drives two protocol servers that start from other weights."""
+def _servers_stale_vs(urls, export) -> list:
+    """(server, tensor) pairs where a server does not hold the exported tensor."""
     import json
     import urllib.request
+
+    stale = []
+    for url in urls:
+        for name, tensor in export.items():
+            req = urllib.request.Request(url + "/get_weights_by_name", method="POST",
+                                         data=json.dumps({"name": name, "truncate_size": 50}).encode())
+            with urllib.request.urlopen(req) as resp:
+                held = torch.tensor(json.loads(resp.read()))
+            if not torch.equal(held, tensor.reshape(-1)[:50]):
+                stale.append((url, name))
+    return stale
+
+
+def _remote(rank, world_size, fixture, root, urls, sync_port, server_pids, model_dir):
+    """Remote mode: rank 0 drives two protocol servers that start from other weights; then one
+    server dies and comes back (stale) between steps."""
+    import os
+    import signal
 
     from megatron_prime.bridge.transfer import iter_hf_tensors
 
@@ -128,22 +149,22 @@ def _remote(rank, world_size, fixture, root, urls, sync_port):
     out = {"groups": ctx.fleet.groups, "has_engine": [ctx.fleet.engine is not None], "step": _first_step(ctx)}
     export = dict(iter_hf_tensors(ctx.policy.model, ctx.arch))  # rank 0 gets every tensor
     if rank == 0:
-        stale = []
-        for url in urls:
-            for name, tensor in export.items():
-                req = urllib.request.Request(url + "/get_weights_by_name", method="POST",
-                                             data=json.dumps({"name": name, "truncate_size": 50}).encode())
-                with urllib.request.urlopen(req) as resp:
-                    held = torch.tensor(json.loads(resp.read()))
-                if not torch.equal(held, tensor.reshape(-1)[:50]):
-                    stale.append((url, name))
-        out["stale_on_servers"] = stale
+        out["stale_on_servers"] = _servers_stale_vs(urls, export)
         out["num_tensors"] = len(export)
+        os.kill(server_pids[1], signal.SIGKILL)  # the second server dies ...
+        out["relaunched"] = _start_servers(model_dir, 1, ports=[int(urls[1].rsplit(":", 1)[1])])[0][0].pid
+    from megatron_prime.training import prime_step as ps
+
+    metrics, _ = ps.prime_step(ctx, step=1)  # ... fails the round, is restarted and resynced
+    out["second_step_policy_loss"] = metrics["policy/loss"]
+    export = dict(iter_hf_tensors(ctx.policy.model, ctx.arch))
+    if rank == 0:
+        out["stale_after_restart"] = _servers_stale_vs(urls, export)
     ctx.fleet.shutdown()
     return out
 
 
-def _start_servers(model_dir: str, count: int):
+def _start_servers(model_dir: str, count: int, ports: list[int] | None = None):
     import os
     import subprocess
     import sys
@@ -152,8 +173,8 @@ def _start_servers(model_dir: str, count: int):
 
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     servers, urls = [], []
-    for _ in range(count):
-        port = free_port()
+    for i in range(count):
+        port = ports[i] if ports else free_port()
         servers.append(subprocess.Popen([sys.executable, "-m", "tests.sglang_protocol_server", "--model", model_dir,
                                          "--port", str(port)], cwd=repo))
         urls.append(f"http://127.0.0.1:{port}")
@@ -171,11 +192,14 @@ def runs(tmp_path_factory):
     # The servers start from the perturbed PRM weights: only a working sync makes them the policy.
     servers, urls = _start_servers(fixture["prm_hf"], 2)
     try:
-        out["remote"] = run_distributed(_remote, fixture, root, urls, free_port(), world_size=2)
+        out["remote"] = run_distributed(_remote, fixture, root, urls, free_port(), [s.pid for s in servers],
+                                        fixture["prm_hf"], world_size=2)
     finally:
         for server in servers:
             server.kill()
             server.wait()
+        if "remote" in out:
+            os.kill(out["remote"]["relaunched"], signal.SIGKILL)
     return out
 
 
@@ -237,3 +261,9 @@ def test_remote_servers_hold_the_updated_policy(runs):
     remote = runs["remote"]
     assert remote["num_tensors"] > 0
     assert remote["stale_on_servers"] == []
+
+
+def test_remote_server_that_died_is_waited_for_and_resynced(runs):
+    remote = runs["remote"]
+    assert remote["second_step_policy_loss"] == remote["second_step_policy_loss"]  # the step ran
+    assert remote["stale_after_restart"] == []

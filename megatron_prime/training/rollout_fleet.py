@@ -12,9 +12,10 @@ do not depend on how many engines there are.
 Remote (``rollout.mode=remote``): one engine handle, on global rank 0, for SGLang servers on
 other nodes; only rank 0 receives full tensors, which it broadcasts to the servers.
 
-An engine that fails is restarted (``rollout.max_restarts`` times per request), every engine is
-resynced from the current policy, and the request is retried; otherwise every rank raises the
-engine's error, naming the engine and the request.
+An engine that fails during generation or a weight sync (a dead process, a remote server that went
+away) is restarted (``rollout.max_restarts`` times per request), every engine is resynced from the
+current policy, and the request is retried; after that every rank raises the engine's error,
+naming the engine and the request.
 """
 
 from __future__ import annotations
@@ -111,10 +112,7 @@ class RolloutFleet:
 
     def sleep(self) -> None:
         """Release every engine's accelerator memory while Megatron trains."""
-        if self.engine is not None:
-            run_everywhere(self.engine.sleep)
-        else:
-            run_everywhere(lambda: None)
+        run_everywhere(lambda: self.engine.sleep() if self.engine is not None else None)
         self.released = list(MEMORY_TAGS)
 
     def _wake(self, tags: list[str]) -> None:
@@ -123,30 +121,66 @@ class RolloutFleet:
             run_everywhere(lambda: self.engine.wake(tags) if self.engine is not None else None)
             self.released = [t for t in self.released if t not in tags]
 
+    # ---- failures ------------------------------------------------------------------------------
+
+    def _with_restarts(self, what: str, attempt: Callable[[], Any], after_restart: Callable[[], None]) -> Any:
+        """``attempt()`` on every rank. If an engine failed on any rank, every rank learns it: the
+        failed engines are restarted, ``after_restart()`` runs, and the attempt is repeated
+        (``max_restarts`` times). Other errors, and the last failure, are raised on every rank."""
+        for tries in range(self.max_restarts + 1):
+            result, failure = None, None
+            try:
+                result = attempt()
+            except Exception as exc:  # noqa: BLE001 - reported to every rank below
+                failure = exc
+            failures = {rank: f for rank, f in enumerate(_all_gather(_picklable(failure))) if f is not None}
+            if not failures:
+                return result
+            fatal = [f for f in failures.values() if not isinstance(f, RolloutError)]
+            if fatal:  # not an engine failure (a bug, a bad verifier): restarting won't help
+                raise fatal[0]
+            first = next(iter(failures.values()))
+            if tries == self.max_restarts:
+                raise first
+            failed = sorted({self._engine_of(rank) for rank in failures})
+            if _world()[0] == 0:
+                print(f"rollout: engine(s) {failed} failed during {what} ({first}); restarting them", flush=True)
+            index = self.engine_index
+            run_everywhere(lambda: self.engine.restart() if index in failed else None)
+            self.released = []  # restarted engines are awake, the others were woken by the attempt
+            after_restart()
+        raise AssertionError("unreachable")
+
+    def _engine_of(self, rank: int) -> int:
+        return next(i for i, g in enumerate(self.groups) if rank in g)
+
     # ---- weights ------------------------------------------------------------------------------
 
     def sync(self) -> None:
         """Stream the current policy into every engine. Weights are woken first and the KV cache
         stays released, so the training state and the engine's KV cache never share the GPU."""
         self._wake(["weights"])
+        self._with_restarts("the weight sync", self._push_weights, after_restart=lambda: None)
 
-        def push():
-            # Remote: only data-parallel replica 0 exports (its rank 0 sends to the servers).
-            if not self.export_to_all_ranks and parallel_state.get_data_parallel_rank() != 0:
-                return
-            stream = iter_hf_tensors(self.policy, self.arch, self.bucket_bytes, self.export_to_all_ranks)
-            if self.engine is None:
-                for _ in stream:  # take part in the export's collectives
-                    pass
-                return
-            sent: list[str] = []
+    def _push_weights(self) -> None:
+        # Remote: only data-parallel replica 0 exports (its rank 0 sends to the servers).
+        if not self.export_to_all_ranks and parallel_state.get_data_parallel_rank() != 0:
+            return
+        stream = iter_hf_tensors(self.policy, self.arch, self.bucket_bytes, self.export_to_all_ranks)
+        if self.engine is None:
+            for _ in stream:  # take part in the export's collectives
+                pass
+            return
+        sent: list[str] = []
+        try:
             self.engine.update_weights((sent.append(name) or (name, t)) for name, t in stream)
-            missing = set(hf_param_names(self.arch)) - set(sent)
-            if missing or len(sent) != len(set(sent)):
-                raise RuntimeError(f"weight sync sent {len(sent)} tensors; missing {sorted(missing)[:5]}, "
-                                   f"duplicates {len(sent) - len(set(sent))}: the rollout engine would be stale")
-
-        run_everywhere(push)
+        finally:
+            for _ in stream:  # an engine that failed mid-way must not leave peers in a collective
+                pass
+        missing = set(hf_param_names(self.arch)) - set(sent)
+        if missing or len(sent) != len(set(sent)):
+            raise RuntimeError(f"weight sync sent {len(sent)} tensors; missing {sorted(missing)[:5]}, "
+                               f"duplicates {len(sent) - len(set(sent))}: the rollout engine would be stale")
 
     # ---- work over the engines -------------------------------------------------------------
 
@@ -155,51 +189,10 @@ class RolloutFleet:
         """Cut ``items`` into one contiguous shard per engine. ``generate(engine, shard,
         offset)`` runs where the engine generates, ``finish(shard, offset, generated)`` on the
         group leader; returns every engine's ``finish`` result in engine order on global rank 0
-        (None elsewhere). Every rank must call this with the same ``items``."""
-        for attempt in range(self.max_restarts + 1):
-            result, failure = self._try_shards(items, generate, finish)
-            failures = {i: f for i, f in enumerate(_all_gather(_picklable(failure))) if f is not None}
-            if not failures:
-                return self._gather_to_rank0(result)
-            fatal = [f for f in failures.values() if not isinstance(f, RolloutError)]
-            if fatal:  # not an engine failure (a bug, a bad verifier): restarting won't help
-                raise fatal[0]
-            if attempt == self.max_restarts:
-                raise next(iter(failures.values()))
-            failed = sorted({self._engine_of(rank) for rank in failures})
-            rank, _ = _world()
-            if rank == 0:
-                print(f"rollout: engine(s) {failed} failed ({next(iter(failures.values()))}); "
-                      f"restarting and resyncing the current policy", flush=True)
-            self._restart(failed)
-        raise AssertionError("unreachable")
-
-    def _engine_of(self, rank: int) -> int:
-        return next(i for i, g in enumerate(self.groups) if rank in g)
-
-    def _try_shards(self, items, generate, finish):
-        index = self.engine_index
-        if index is None or not (self.is_leader or self.engine.generate_on_every_group_rank):
-            # Group members that do not generate still wake their part of the engine.
-            try:
-                self._wake_local()
-            except Exception as exc:  # noqa: BLE001 - reported to every rank by map_shards
-                return None, exc
-            return None, None
-        shard = shard_of(len(items), len(self.groups), index)
-        try:
-            self._wake_local()
-            part = items[shard]
-            generated = generate(self.engine, part, shard.start) if part else None
-            return (finish(part, shard.start, generated) if self.is_leader and part else None), None
-        except Exception as exc:  # noqa: BLE001 - reported to every rank by map_shards
-            return None, exc
-
-    def _wake_local(self) -> None:
-        if self.released and self.engine is not None:
-            self.engine.wake(list(self.released))
-
-    def _gather_to_rank0(self, result) -> list | None:
+        (None elsewhere). Every rank must call this with the same ``items``. A failed engine is
+        restarted and every engine resynced before the retry."""
+        result = self._with_restarts(f"generation ({len(items)} items)",
+                                     lambda: self._run_shard(items, generate, finish), after_restart=self.sync)
         self.released = []  # every engine is awake now
         rank, world = _world()
         gathered = [result]
@@ -210,12 +203,19 @@ class RolloutFleet:
             return None
         return [gathered[group[0]] for group in self.groups]
 
-    def _restart(self, failed: list[int]) -> None:
-        """Restart the failed engines (on every rank of their groups), then resync all."""
+    def _run_shard(self, items, generate, finish):
+        """This rank's part of ``map_shards``: wake the engine, generate and finish its shard."""
         index = self.engine_index
-        run_everywhere(lambda: self.engine.restart() if index in failed else None)
-        self.released = []
-        self.sync()
+        if self.released and self.engine is not None:  # every rank of a group wakes its part
+            self.engine.wake(list(self.released))
+        if index is None or not (self.is_leader or self.engine.generate_on_every_group_rank):
+            return None
+        shard = shard_of(len(items), len(self.groups), index)
+        part = items[shard]
+        if not part:
+            return None
+        generated = generate(self.engine, part, shard.start)
+        return finish(part, shard.start, generated) if self.is_leader else None
 
     def shutdown(self) -> None:
         if self.engine is not None:
