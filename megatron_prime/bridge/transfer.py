@@ -6,8 +6,11 @@
   (tp 0, pp 0) rank of each data-parallel replica materialises full tensors and yields them.
   Every rank of the replica must iterate the generator to the end (it drives the collectives);
   the others get no buckets. With ``to_all_ranks`` every rank gets every tensor (colocated
-  engines fed by each rank), via all-gather over TP and broadcast over PP. Peak extra memory on the leader: one bucket plus the largest tensor
-  (at TP > 1 plus that tensor's gathered shards while it is assembled: about twice the largest).
+  engines fed by each rank), via all-gather over TP and broadcast over PP. Peak extra memory on a
+  receiving rank: one bucket plus the largest tensor. Row-split tensors (the embedding and output
+  layer, usually the largest) are gathered straight into the full tensor (point-to-point to the
+  leader; all-gather-into-tensor for every rank, which gloo, unlike NCCL, stages in a second
+  buffer); the others are assembled from their gathered shards, briefly twice their size.
 """
 
 from __future__ import annotations
@@ -83,22 +86,38 @@ def _owner_stage(arch: HFArch, global_name: str, pp_size: int) -> int:
     return pp_size - 1
 
 
-def _gather_tp(tensor: torch.Tensor, tp_dim: int | None, to_all: bool) -> list[torch.Tensor] | None:
-    """All TP shards on TP rank 0 (None elsewhere), or on every TP rank with ``to_all``;
-    replicated tensors are not gathered."""
+def _gather_tp(tensor: torch.Tensor, tp_dim: int | None, to_all: bool):
+    """``(shards, stacked)``: all TP shards on TP rank 0 (on every TP rank with ``to_all``; None
+    elsewhere), and for shards split along dim 0 the one tensor they were gathered into (the full
+    parameter, no copy), else None. Replicated tensors are not gathered."""
     tp_size = parallel_state.get_tensor_model_parallel_world_size()
     if tp_dim is None or tp_size == 1:
-        return [tensor]
+        return [tensor], (tensor if tp_dim == 0 else None)
     group = parallel_state.get_tensor_model_parallel_group()
+    receives = to_all or parallel_state.get_tensor_model_parallel_rank() == 0
+    stacked = None
+    if receives:
+        stacked = torch.empty((tp_size * tensor.shape[0], *tensor.shape[1:]), dtype=tensor.dtype, device=tensor.device)
+    shards = list(stacked.chunk(tp_size)) if receives else None  # contiguous views: gathered in place
     if to_all:
-        shards = [torch.empty_like(tensor) for _ in range(tp_size)]
-        dist.all_gather(shards, tensor.contiguous(), group=group)
-        return shards
-    is_src = parallel_state.get_tensor_model_parallel_rank() == 0
-    shards = [torch.empty_like(tensor) for _ in range(tp_size)] if is_src else None
-    dist.gather(tensor.contiguous(), shards, dst=parallel_state.get_tensor_model_parallel_src_rank(),
-                group=group)
-    return shards
+        dist.all_gather_into_tensor(stacked, tensor.contiguous(), group=group)
+    else:
+        _gather_in_place(tensor.contiguous(), shards, group)
+    if tp_dim != 0:
+        stacked = None  # shards along another dim: shards_to_hf concatenates them
+    return shards, stacked
+
+
+def _gather_in_place(tensor: torch.Tensor, shards: list[torch.Tensor] | None, group) -> None:
+    """Gather to TP rank 0 by point-to-point transfers straight into ``shards`` (views of one
+    tensor): unlike a gather collective on gloo, nothing is staged in a second full-size buffer."""
+    ranks = dist.get_process_group_ranks(group)
+    if shards is None:
+        dist.send(tensor, dst=ranks[0], group=group)
+        return
+    shards[0].copy_(tensor)
+    for request in [dist.irecv(shard, src=peer, group=group) for shard, peer in zip(shards[1:], ranks[1:])]:
+        request.wait()
 
 
 def export_hf_weights(model, arch: HFArch, bucket_bytes: int = 512 * 2**20,
@@ -127,10 +146,13 @@ def export_hf_weights(model, arch: HFArch, bucket_bytes: int = 512 * 2**20,
         tensors: list[tuple[str, torch.Tensor]] = []
         with torch.no_grad():
             if pp_rank == owner:
-                shards = _gather_tp(params[global_name].detach(), spec.tp_dim, to_all_ranks)
-                if shards is not None:
+                shards, stacked = _gather_tp(params[global_name].detach(), spec.tp_dim, to_all_ranks)
+                if shards is not None and spec.kind == "plain" and stacked is not None:
+                    # Gathered straight into the full tensor: peak one copy of it, not two.
+                    tensors = [(spec.hf_names[0], stacked[: arch.vocab_size] if spec.vocab_padded else stacked)]
+                elif shards is not None:
                     tensors = [(n, t.contiguous()) for n, t in shards_to_hf(arch, spec, shards)]
-                del shards
+                del shards, stacked
             elif receives:
                 tensors = [(n, torch.empty(expected_hf_shape(arch, n), dtype=dtype, device=device))
                            for n in spec.hf_names]
