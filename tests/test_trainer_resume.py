@@ -40,6 +40,22 @@ def run(args: list[str], launcher: tuple[str, ...] = ("-c", TRAIN.format(root=RO
     return out
 
 
+def run_failing(args: list[str]) -> str:
+    proc = start(args)
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode != 0, out[-3000:]
+    return out
+
+
+def truncate_tensors(checkpoint_dir: str) -> None:
+    """Cut every tensor file of the policy in ``checkpoint_dir`` to 16 bytes."""
+    policy = os.path.join(checkpoint_dir, "policy")
+    for name in os.listdir(policy):
+        if name.endswith(".distcp"):
+            with open(os.path.join(policy, name), "r+b") as f:
+                f.truncate(16)
+
+
 def scalars(run_dir: str) -> dict[int, dict]:
     rows = {}
     with open(os.path.join(run_dir, "logs", "scalars.jsonl")) as f:
@@ -107,11 +123,7 @@ def test_sigkill_mid_step_resumes_from_last_complete_checkpoint(fixture, tmp_pat
 def test_corrupt_newest_checkpoint_falls_back_to_previous(fixture, tmp_path):
     run_dir = str(tmp_path / "corrupt")
     run(overrides(fixture, run_dir, "train.steps=2", "checkpoint.interval=1", "checkpoint.export_hf=false"))
-    newest = os.path.join(run_dir, "ckpt", "step_00000001", "policy")
-    for name in os.listdir(newest):
-        if name.endswith(".distcp"):
-            with open(os.path.join(newest, name), "r+b") as f:
-                f.truncate(16)
+    truncate_tensors(os.path.join(run_dir, "ckpt", "step_00000001"))
     out = run(overrides(fixture, run_dir, "train.steps=3", "checkpoint.interval=1", "checkpoint.export_hf=false"))
     assert "step_00000001 could not be loaded" in out
     assert "resumed from step 0" in out
@@ -133,9 +145,7 @@ def test_torchrun_two_ranks_two_engines(fixture, tmp_path):
     assert os.path.exists(os.path.join(run_dir, "export", "policy", "model.safetensors")), out[-2000:]
 
     # Resuming that TP=2 checkpoint at TP=1 stops with what to do, instead of starting over.
-    proc = start(overrides(fixture, run_dir, "train.steps=3", "checkpoint.interval=2"))
-    out, _ = proc.communicate(timeout=600)
-    assert proc.returncode != 0
+    out = run_failing(overrides(fixture, run_dir, "train.steps=3", "checkpoint.interval=2"))
     assert "written at tp=2 pp=1, this run has tp=1 pp=1" in out, out[-3000:]
     assert "model.mcore_path=" in out
     assert sorted(os.listdir(os.path.join(run_dir, "ckpt"))) == ["step_00000001"]  # untouched
@@ -144,12 +154,6 @@ def test_torchrun_two_ranks_two_engines(fixture, tmp_path):
 def test_unloadable_checkpoints_stop_the_run(fixture, tmp_path):
     run_dir = str(tmp_path / "all_corrupt")
     run(overrides(fixture, run_dir, "train.steps=1", "checkpoint.interval=1", "checkpoint.export_hf=false"))
-    newest = os.path.join(run_dir, "ckpt", "step_00000000", "policy")
-    for name in os.listdir(newest):
-        if name.endswith(".distcp"):
-            with open(os.path.join(newest, name), "r+b") as f:
-                f.truncate(16)
-    proc = start(overrides(fixture, run_dir, "train.steps=2", "checkpoint.interval=1", "checkpoint.export_hf=false"))
-    out, _ = proc.communicate(timeout=600)
-    assert proc.returncode != 0
+    truncate_tensors(os.path.join(run_dir, "ckpt", "step_00000000"))
+    out = run_failing(overrides(fixture, run_dir, "train.steps=2", "checkpoint.interval=1", "checkpoint.export_hf=false"))
     assert "no checkpoint could be loaded: step_00000000" in out, out[-3000:]
