@@ -7,8 +7,9 @@ It is the receiving side of SGLang 0.5.23 as read in its source, not SGLang itse
   row), answered as SGLang does: ``output_ids``, ``text``, ``meta_info.finish_reason.type`` and
   ``meta_info.output_token_logprobs`` as ``(logprob, token_id, None)``.
 * ``/init_weights_update_group``: joins the trainer's broadcast group as rank ``rank_offset``
-  (one TP rank per server) the way SGLang's ``init_custom_process_group`` does: a ``tcp://``
-  rendezvous, the store keyed by the group name, a group outside any default world.
+  (one TP rank per server) with ``join_broadcast_group``, the torch calls SGLang's
+  ``init_custom_process_group`` makes (a ``tcp://`` rendezvous, the store keyed by the group
+  name, a group outside any default world; checked in tests/test_sglang_contract.py).
 * ``/update_weights_from_distributed`` with ``load_format="flattened_bucket"``: allocates the
   bucket's bytes from (names, dtypes, shapes) back to back, receives one broadcast from rank 0,
   and loads the tensors.
@@ -22,17 +23,16 @@ Run: ``python -m tests.sglang_protocol_server --model HF_DIR --port PORT``.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import torch
 import torch.distributed as dist
-from torch.distributed import distributed_c10d as c10d
 
 from megatron_prime.rollout.base import SamplingParams
 from megatron_prime.rollout.hf_engine import HFEngine
+from megatron_prime.rollout.sglang_remote import join_broadcast_group
 
 
 class Server:
@@ -71,16 +71,11 @@ class Server:
         return outputs
 
     def init_weights_update_group(self, body: dict) -> dict:
-        timeout = datetime.timedelta(minutes=5)
-        url = f"tcp://{body['master_address']}:{body['master_port']}"
-        store, rank, world = next(c10d.rendezvous(url, body["rank_offset"], body["world_size"], timeout=timeout))
-        store.set_timeout(timeout)
-        group, _ = c10d._new_process_group_helper(
-            world, rank, [], c10d.Backend(body["backend"]), c10d.PrefixStore(body["group_name"], store),
-            group_name=body["group_name"], timeout=timeout,
+        # The same torch calls as SGLang's side, checked against its source by the contract test.
+        self.groups[body["group_name"]] = join_broadcast_group(
+            body["master_address"], body["master_port"], body["world_size"], body["group_name"], body["backend"],
+            timeout_s=300, rank=body["rank_offset"],
         )
-        c10d._world.pg_group_ranks[group] = {i: i for i in range(world)}
-        self.groups[body["group_name"]] = group
         return {"success": True, "message": "joined"}
 
     def update_weights_from_distributed(self, body: dict) -> dict:

@@ -10,6 +10,7 @@ prompt computes alone. A ``DynamicCache`` holds keys/values between steps.
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import os
 import random
@@ -24,7 +25,6 @@ from .base import (
     SamplingParams,
     check_prompts,
     describe_request,
-    sample_seed,
 )
 from .sampling import choose_tokens
 
@@ -113,7 +113,8 @@ class HFEngine(RolloutEngine):
         check_prompts(self.name, prompt_token_ids)
         if self._asleep:
             raise RolloutError(self.name, describe_request(prompt_token_ids, sampling), "engine is asleep; call wake()")
-        base_seed = sampling.seed if sampling.seed is not None else random.SystemRandom().getrandbits(62)
+        if sampling.seed is None:  # unseeded: fresh randomness, still one stream per sample
+            sampling = dataclasses.replace(sampling, seed=random.SystemRandom().getrandbits(62))
         rows = [(p, j) for p in range(len(prompt_token_ids)) for j in range(sampling.n)]
         # Batching order does not change any sequence (per-sequence generators), so
         # group rows of similar prompt length to waste less compute on padding.
@@ -123,7 +124,7 @@ class HFEngine(RolloutEngine):
             for start in range(0, len(order), self.max_batch_size):
                 chunk = order[start : start + self.max_batch_size]
                 prompts = [prompt_token_ids[rows[r][0]] for r in chunk]
-                seeds = [sample_seed(base_seed, sampling.prompt_offset + rows[r][0], rows[r][1]) for r in chunk]
+                seeds = [sampling.seed_of(*rows[r]) for r in chunk]
                 for r, (tokens, logprobs, reason) in zip(chunk, self._generate_batch(prompts, seeds, sampling)):
                     results[r] = Response(rows[r][0], tokens, self._decode(tokens), reason, logprobs)
         except RolloutError:

@@ -42,8 +42,9 @@ def flatten_bucket(bucket: list[tuple[str, torch.Tensor]]) -> torch.Tensor:
 
 
 def join_broadcast_group(master_address: str, master_port: int, world_size: int, group_name: str,
-                         backend: str, timeout_s: float):
-    """Join, as rank 0, the process group the servers form in ``/init_weights_update_group``.
+                         backend: str, timeout_s: float, rank: int = 0):
+    """Join, as ``rank`` (the trainer: 0), the process group the servers form in
+    ``/init_weights_update_group``.
 
     Their side (``init_custom_process_group``) rendezvous at ``tcp://address:port`` (rank 0,
     us, hosts the store), keys the store under the group name, and builds a process group
@@ -57,13 +58,13 @@ def join_broadcast_group(master_address: str, master_port: int, world_size: int,
         raise RuntimeError("the trainer's default process group is bound to a device (device_id=...); "
                            "the weight-broadcast group with remote servers cannot be formed")
     timeout = datetime.timedelta(seconds=timeout_s)
-    store, rank, _ = next(c10d.rendezvous(f"tcp://{master_address}:{master_port}", 0, world_size, timeout=timeout))
+    store, rank, _ = next(c10d.rendezvous(f"tcp://{master_address}:{master_port}", rank, world_size, timeout=timeout))
     store.set_timeout(timeout)
     group, _ = c10d._new_process_group_helper(
         world_size, rank, [], c10d.Backend(backend), c10d.PrefixStore(group_name, store),
         group_name=group_name, timeout=timeout,
     )
-    # Address the group by its own ranks (src=0 is this process).
+    # Address the group by its own ranks (src=0 is the trainer).
     c10d._world.pg_group_ranks[group] = {i: i for i in range(world_size)}
     return group
 

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import pickle
+from typing import Any, Callable
+
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
 from megatron_prime.platform.distributed import broadcast_object, is_rank0
 
-__all__ = ["broadcast_object", "dp_rank_and_size", "dp_rows", "gather_dp_rows", "is_rank0", "on_rank0",
-           "reduce_metric_pairs"]
+__all__ = ["all_gather_object", "broadcast_object", "dp_rank_and_size", "dp_rows", "gather_dp_rows", "is_rank0",
+           "on_rank0", "picklable_error", "reduce_metric_pairs", "run_everywhere"]
 
 
 def on_rank0(fn):
@@ -24,6 +27,38 @@ def on_rank0(fn):
     error = broadcast_object(error)
     if error is not None:
         raise error
+    return result
+
+
+def picklable_error(error: Exception | None) -> Exception | None:
+    """``error`` if it can travel to other ranks, else a RuntimeError with its message."""
+    try:
+        pickle.dumps(error)
+        return error
+    except Exception:  # noqa: BLE001 - keep the message, lose the type
+        return RuntimeError(repr(error))
+
+
+def all_gather_object(obj) -> list:
+    """Every rank's picklable ``obj``, in rank order."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def run_everywhere(fn: Callable[[], Any]) -> Any:
+    """``fn()`` on every rank; if it raised on any rank, every rank raises (the first error), so
+    none is left waiting in the next collective."""
+    result, error = None, None
+    try:
+        result = fn()
+    except Exception as exc:  # noqa: BLE001 - re-raised below, on every rank
+        error = exc
+    errors = [e for e in all_gather_object(picklable_error(error)) if e is not None]
+    if errors:
+        raise errors[0]
     return result
 
 
@@ -59,10 +94,8 @@ def reduce_metric_pairs(metrics: dict) -> dict:
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return metrics
     local = {k: v.detach().cpu().double() for k, v in metrics.items()}
-    gathered = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, local)
     total: dict = {}
-    for part in gathered:
+    for part in all_gather_object(local):
         for k, v in part.items():
             total[k] = total[k] + v if k in total else v.clone()
     return total

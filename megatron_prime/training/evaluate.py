@@ -6,7 +6,7 @@ from __future__ import annotations
 from megatron_prime.rewards import score_batch
 from megatron_prime.rollout.base import SamplingParams
 from megatron_prime.training.distributed_utils import broadcast_object
-from megatron_prime.training.rollout_collect import tokenize_prompts
+from megatron_prime.training.rollout_collect import stop_token_ids, tokenize_prompts
 from megatron_prime.training.rollout_fleet import RolloutFleet
 
 
@@ -14,7 +14,7 @@ def greedy_responses(engine, rows, tokenizer, render, *, max_prompt_len: int, ma
     prompts = tokenize_prompts(rows, tokenizer, max_prompt_len, render)
     sampling = SamplingParams(
         n=1, temperature=0.0, max_new_tokens=max_new_tokens,
-        stop_token_ids=tuple(t for t in [tokenizer.eos_token_id] if t is not None),
+        stop_token_ids=stop_token_ids(tokenizer),
     )
     return engine.generate([ids for ids, _ in prompts], sampling)
 

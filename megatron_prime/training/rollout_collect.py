@@ -66,6 +66,11 @@ def tokenize_prompts(rows, tokenizer, max_prompt_len: int, render) -> list[tuple
     return out
 
 
+def stop_token_ids(tokenizer) -> tuple[int, ...]:
+    """Responses end at the tokenizer's eos (engines also stop at the model's own eos)."""
+    return tuple(t for t in [tokenizer.eos_token_id] if t is not None)
+
+
 def generate_and_verify(fleet: RolloutFleet, rows, tokenizer, cfg: Config, seed: int, render,
                         stats: CollectStats | None, num_workers: int = 4) -> list[Group] | None:
     """K responses for each of ``rows`` (the same rows on every rank), generated and verified
@@ -77,7 +82,7 @@ def generate_and_verify(fleet: RolloutFleet, rows, tokenizer, cfg: Config, seed:
         r = cfg.rollout
         sampling = SamplingParams(
             n=r.n, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k, max_new_tokens=cfg.data.max_response_len,
-            stop_token_ids=tuple(t for t in [tokenizer.eos_token_id] if t is not None), seed=seed,
+            stop_token_ids=stop_token_ids(tokenizer), seed=seed,
             prompt_offset=offset,  # global prompt index: samples independent of the engine count
         )
         start = time.perf_counter()

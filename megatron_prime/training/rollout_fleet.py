@@ -20,7 +20,6 @@ naming the engine and the request.
 
 from __future__ import annotations
 
-import pickle
 import socket
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -37,42 +36,13 @@ from megatron_prime.models.hf_config import HFArch
 from megatron_prime.platform import distributed
 from megatron_prime.rollout import RolloutEngine, RolloutError, build_engine
 from megatron_prime.rollout.base import MEMORY_TAGS
+from megatron_prime.training.distributed_utils import all_gather_object, picklable_error, run_everywhere
 
 
 def _world() -> tuple[int, int]:
     if dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
-
-
-def _picklable(error: Exception | None) -> Exception | None:
-    try:
-        pickle.dumps(error)
-        return error
-    except Exception:  # noqa: BLE001 - keep the message, lose the type
-        return RuntimeError(repr(error))
-
-
-def _all_gather(obj) -> list:
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return [obj]
-    out = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj)
-    return out
-
-
-def run_everywhere(fn: Callable[[], Any]) -> Any:
-    """``fn()`` on every rank; if it raised on any rank, every rank raises (the first error), so
-    none is left waiting in the next collective."""
-    result, error = None, None
-    try:
-        result = fn()
-    except Exception as exc:  # noqa: BLE001 - re-raised below, on every rank
-        error = exc
-    errors = [e for e in _all_gather(_picklable(error)) if e is not None]
-    if errors:
-        raise errors[0]
-    return result
 
 
 def engine_groups(world_size: int, ranks_per_engine: int) -> list[list[int]]:
@@ -100,8 +70,7 @@ class RolloutFleet:
 
     @property
     def engine_index(self) -> int | None:
-        rank, _ = _world()
-        return next((i for i, g in enumerate(self.groups) if rank in g), None)
+        return self._engine_of(_world()[0])
 
     @property
     def is_leader(self) -> bool:
@@ -133,7 +102,7 @@ class RolloutFleet:
                 result = attempt()
             except Exception as exc:  # noqa: BLE001 - reported to every rank below
                 failure = exc
-            failures = {rank: f for rank, f in enumerate(_all_gather(_picklable(failure))) if f is not None}
+            failures = {rank: f for rank, f in enumerate(all_gather_object(picklable_error(failure))) if f is not None}
             if not failures:
                 return result
             fatal = [f for f in failures.values() if not isinstance(f, RolloutError)]
@@ -151,8 +120,9 @@ class RolloutFleet:
             after_restart()
         raise AssertionError("unreachable")
 
-    def _engine_of(self, rank: int) -> int:
-        return next(i for i, g in enumerate(self.groups) if rank in g)
+    def _engine_of(self, rank: int) -> int | None:
+        """The engine ``rank`` feeds (None: it feeds none, e.g. remote mode's other ranks)."""
+        return next((i for i, g in enumerate(self.groups) if rank in g), None)
 
     # ---- weights ------------------------------------------------------------------------------
 
