@@ -16,14 +16,13 @@ setup(
         "safetensors",
         "tokenizers",  # the toy task's tokenizer is built locally
         "pyyaml",
-        "math-verify[antlr4_13_2]",  # math answer equivalence
+        "math-verify>=0.9,<0.10",  # math answer equivalence (pulls the antlr4 runtime it needs)
         "pyarrow",  # parquet datasets
         "tensorboard",
-        "tqdm",
         "matplotlib",  # tools/compare_runs.py
     ],
     extras_require={
-        "gpu": ["transformer-engine[pytorch]", "sglang", "sglang-router"],
+        "gpu": ["transformer-engine[pytorch]", "sglang==0.5.23", "sglang-router==0.3.2"],  # as tests/test_sglang_contract.py checks
         "vllm": ["vllm"],
         "test": ["pytest", "hypothesis"],
     },

@@ -3,4 +3,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-exec python3 -m megatron_prime.cli demo "$@"
+source scripts/env.sh
+exec "$PY" -m megatron_prime.cli demo "$@"

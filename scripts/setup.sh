@@ -1,18 +1,31 @@
 #!/usr/bin/env bash
 # Install everything megatron-prime needs on a fresh machine (idempotent, quiet when done).
+# Installs into the project's .venv unless a virtual environment is active or PYTHON is set
+# (scripts/env.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PYTHON=${PYTHON:-python3}
+source scripts/env.sh
+SUDO=""; [ "$(id -u)" = 0 ] || SUDO=sudo
+apt_install() {  # Debian/Ubuntu packages, when apt is there
+    command -v apt-get >/dev/null 2>&1 || return 1
+    $SUDO apt-get update -qq && $SUDO apt-get install -y -qq "$@" >/dev/null
+}
 if ! command -v bwrap >/dev/null 2>&1; then  # sandbox for model-generated code
-    if command -v apt-get >/dev/null 2>&1; then
-        SUDO=""; [ "$(id -u)" = 0 ] || SUDO=sudo
-        $SUDO apt-get update -qq && $SUDO apt-get install -y -qq bubblewrap >/dev/null
-    else
-        echo "warning: bubblewrap (bwrap) is not installed; code grading will refuse to run" >&2
+    apt_install bubblewrap || echo "warning: bubblewrap (bwrap) is not installed; code grading will refuse to run" >&2
+fi
+if [ ! -x "$PY" ]; then
+    if ! python3 -m venv .venv >/dev/null 2>&1; then
+        rm -rf .venv  # Debian's Python ships venv separately
+        apt_install python3-venv || { echo "error: python3 -m venv failed; install python3-venv or set PYTHON=" >&2; exit 1; }
+        python3 -m venv .venv
     fi
+    echo "created the virtual environment .venv"
 fi
 # CPU build of torch first: a plain `torch` requirement would pull a multi-GB CUDA build.
-if ! $PYTHON -c "import torch" >/dev/null 2>&1; then
-    $PYTHON -m pip install -q "torch==2.13.0"
+if ! "$PY" -c "import torch" >/dev/null 2>&1; then
+    "$PY" -m pip install -q "torch==2.13.0"
 fi
-$PYTHON -m pip install -q -e ".[test]"
+"$PY" -m pip install -q -e ".[test]"
+if [ "$PY" = "$PWD/.venv/bin/python" ]; then
+    echo "megatron-prime is installed in .venv; to use it from your shell: source .venv/bin/activate"
+fi

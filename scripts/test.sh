@@ -3,8 +3,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
+source scripts/env.sh
 set +e
-python3 -m pytest tests -q "$@"
+"$PY" -m pytest tests -q "$@"
 code=$?
 set -e
 if [ "$code" = 5 ]; then
