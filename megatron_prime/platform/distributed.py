@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import datetime
 import os
+import pickle
 import re
 import socket
 from dataclasses import dataclass
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
@@ -87,6 +89,53 @@ def broadcast_object(obj, src: int = 0):
     box = [obj if dist.get_rank() == src else None]
     dist.broadcast_object_list(box, src=src)
     return box[0]
+
+
+def on_rank0(fn):
+    """Run ``fn()`` on global rank 0 only; its result there (None elsewhere). An exception on rank
+    0 is re-raised on every rank, so the others fail with it instead of waiting in a collective."""
+    result, error = None, None
+    if is_rank0():
+        try:
+            result = fn()
+        except Exception as e:  # noqa: BLE001 - re-raised below, on every rank
+            error = e
+    error = broadcast_object(error)
+    if error is not None:
+        raise error
+    return result
+
+
+def picklable_error(error: Exception | None) -> Exception | None:
+    """``error`` if it can travel to other ranks, else a RuntimeError with its message."""
+    try:
+        pickle.dumps(error)
+        return error
+    except Exception:  # noqa: BLE001 - keep the message, lose the type
+        return RuntimeError(repr(error))
+
+
+def all_gather_object(obj) -> list:
+    """Every rank's picklable ``obj``, in rank order."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def run_everywhere(fn: Callable[[], Any]) -> Any:
+    """``fn()`` on every rank; if it raised on any rank, every rank raises (the first error), so
+    none is left waiting in the next collective."""
+    result, error = None, None
+    try:
+        result = fn()
+    except Exception as exc:  # noqa: BLE001 - re-raised below, on every rank
+        error = exc
+    errors = [e for e in all_gather_object(picklable_error(error)) if e is not None]
+    if errors:
+        raise errors[0]
+    return result
 
 
 def device() -> torch.device:

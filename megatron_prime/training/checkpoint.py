@@ -27,7 +27,7 @@ from megatron.core import dist_checkpointing, parallel_state
 from megatron_prime.bridge.hf_io import CheckpointError
 from megatron_prime.bridge.mcore_io import DistributedAtomicDir, read_meta, write_model_metadata
 from megatron_prime.bridge.transfer import unwrap
-from megatron_prime.training.distributed_utils import is_rank0
+from megatron_prime.platform.distributed import is_rank0
 from megatron_prime.training.models import TrainableModel
 
 STEP_PATTERN = re.compile(r"^step_(\d{8})$")

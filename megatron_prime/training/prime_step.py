@@ -34,13 +34,8 @@ from megatron_prime.config import Config
 from megatron_prime.models.hf_config import HFArch
 from megatron_prime.platform import distributed
 from megatron_prime.training.batch import RolloutBatch, build_rollout_batch
-from megatron_prime.training.distributed_utils import (
-    broadcast_object,
-    dp_rank_and_size,
-    dp_rows,
-    gather_dp_rows,
-    reduce_metric_pairs,
-)
+from megatron_prime.platform.distributed import broadcast_object
+from megatron_prime.training.data_parallel import dp_rank_and_size, dp_rows, gather_dp_rows, reduce_metric_pairs
 from megatron_prime.training.models import TrainableModel
 from megatron_prime.training.offload import offloaded
 from megatron_prime.training.passes import run_pass
@@ -149,14 +144,21 @@ def prime_step(ctx: PrimeContext, step: int) -> tuple[dict[str, float], list[Gro
     metrics.update(_step_metrics(batch, stats, token_rewards, advantages, old_logprobs))
     metrics.update(timer.metrics())
     metrics["perf/tokens_per_s"] = float(mask.sum()) / max(metrics["time/step"], 1e-9)
-    token_rewards = None if token_rewards is None else token_rewards.cpu()
-    mask = mask.cpu()
-    for g, group in enumerate(groups):  # per-token process rewards for the sample log
-        rows = slice(g * cfg.rollout.n, (g + 1) * cfg.rollout.n)
-        group.process_rewards = None if token_rewards is None else [
-            r[: int(m.sum())].tolist() for r, m in zip(token_rewards[rows], mask[rows])
-        ]
+    _attach_token_values(groups, cfg.rollout.n, mask, token_rewards, advantages)
     return broadcast_object(metrics), groups
+
+
+def _attach_token_values(groups: list[Group], k: int, mask, token_rewards, advantages) -> None:
+    """Per-token process rewards and advantages of each response, for the sample log."""
+    lengths = mask.sum(dim=1).long().cpu().tolist()
+
+    def per_response(values, rows):
+        return [v[:n].tolist() for v, n in zip(values[rows].cpu(), lengths[rows])]
+
+    for g, group in enumerate(groups):
+        rows = slice(g * k, (g + 1) * k)
+        group.process_rewards = None if token_rewards is None else per_response(token_rewards, rows)
+        group.advantages = per_response(advantages, rows)
 
 
 def update_prm(prm: TrainableModel, local: RolloutBatch, beta: float, pass_args: dict):

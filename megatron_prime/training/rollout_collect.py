@@ -15,7 +15,7 @@ from megatron_prime.algorithm import GroupBuffer, filter_groups
 from megatron_prime.config import Config
 from megatron_prime.rewards import score_batch
 from megatron_prime.rollout.base import SamplingParams
-from megatron_prime.training.distributed_utils import broadcast_object, is_rank0, on_rank0
+from megatron_prime.platform.distributed import broadcast_object, is_rank0, on_rank0
 from megatron_prime.training.rollout_fleet import RolloutFleet
 
 
@@ -31,7 +31,10 @@ class Group:
     outcomes: list[float]
     truncated: list[bool]
     data_index: int = -1
-    process_rewards: list[list[float]] | None = None  # per token, filled in after the PRM pass (for logs)
+    # Per token, filled in by the PRIME step for the sample log: the implicit process rewards
+    # (None for outcome-only estimators) and the advantages the policy was trained with.
+    process_rewards: list[list[float]] | None = None
+    advantages: list[list[float]] | None = None
 
 
 @dataclass

@@ -36,7 +36,7 @@ from megatron_prime.models.hf_config import HFArch
 from megatron_prime.platform import distributed
 from megatron_prime.rollout import RolloutEngine, RolloutError, build_engine
 from megatron_prime.rollout.base import MEMORY_TAGS
-from megatron_prime.training.distributed_utils import all_gather_object, picklable_error, run_everywhere
+from megatron_prime.platform.distributed import all_gather_object, picklable_error, run_everywhere
 
 
 def _world() -> tuple[int, int]:

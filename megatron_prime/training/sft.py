@@ -17,7 +17,8 @@ from megatron_prime.config import Config, OptimizerConfig, validate
 from megatron_prime.models.hf_config import read_hf_config
 from megatron_prime.platform import distributed
 from megatron_prime.training.batch import build_rollout_batch
-from megatron_prime.training.distributed_utils import dp_rows, is_rank0, reduce_metric_pairs
+from megatron_prime.platform.distributed import is_rank0
+from megatron_prime.training.data_parallel import dp_rows, reduce_metric_pairs
 from megatron_prime.training.models import build_trainable
 from megatron_prime.training.passes import run_pass
 from megatron_prime.training.trainer import load_initial_weights, model_options

@@ -17,7 +17,7 @@ from megatron_prime.models.gpt import ModelOptions, resolve_use_te
 from megatron_prime.models.hf_config import read_hf_config
 from megatron_prime.platform import distributed
 from megatron_prime.training import checkpoint
-from megatron_prime.training.distributed_utils import broadcast_object, is_rank0, on_rank0
+from megatron_prime.platform.distributed import broadcast_object, is_rank0, on_rank0
 from megatron_prime.training.evaluate import fleet_greedy_accuracy
 from megatron_prime.training.models import TrainableModel, build_frozen, build_trainable
 from megatron_prime.training.prime_step import PrimeContext, prime_step
