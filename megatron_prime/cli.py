@@ -26,12 +26,9 @@ def _convert(argv: list[str]) -> int:
 
 
 def _data(argv: list[str]) -> int:
-    if not argv or argv[0] != "check":
-        print("usage: megatron-prime data check FILE [FILE...]", file=sys.stderr)
-        return 2
-    from megatron_prime.data import cli_check
+    from megatron_prime.data import cli_main
 
-    return cli_check(argv[1:])
+    return cli_main(argv)
 
 
 def _training_command(name: str):

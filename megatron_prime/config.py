@@ -26,8 +26,10 @@ class ConfigError(ValueError):
 @dataclass
 class ModelConfig:
     hf_path: str = ""  # Hugging Face checkpoint dir: config.json, *.safetensors, tokenizer
-    mcore_path: str = ""  # optional Megatron checkpoint to start from instead of hf_path's weights
+    mcore_path: str = ""  # optional Megatron checkpoint to start the policy from instead of hf_path's weights
     prm_hf_path: str = ""  # optional separate starting point for the implicit PRM (same architecture)
+    prm_mcore_path: str = ""  # ... as a Megatron checkpoint (e.g. a trainer checkpoint's step_N/prm)
+    ref_path: str = ""  # reference model (HF or Megatron dir); default: where the policy's run started
     dtype: Literal["fp32", "bf16", "fp16"] = "bf16"
     fp8: Optional[Literal["e4m3", "hybrid"]] = None  # needs Transformer Engine on Hopper
     transformer_engine: Literal["auto", "on", "off"] = "auto"
@@ -118,11 +120,14 @@ class TrainConfig:
     steps: int = 592
     prompts_per_step: int = 256
     mini_batch_responses: int = 256  # responses per policy update
+    prm_mini_batch_responses: int = 0  # responses per implicit-PRM update (0: mini_batch_responses)
     micro_batch_tokens: int = 16384  # token budget per micro-batch (dynamic batch size)
     max_rollout_rounds: int = 8  # rollout rounds per step to fill the filtered batch
     offload: bool = True  # free grads/optimizer state around rollout and the other model's phase (GPU)
     eval_every: int = 0  # greedy accuracy on data.eval_files every N steps (0: start and end only)
     eval_limit: int = 0  # evaluate on the first N eval prompts (0: all)
+    warn_verify_timeout_frac: float = 0.01  # warn when more answers than this hit the grader's time limit
+    exit_after_minutes: float = 0.0  # checkpoint and exit 0 at the first step boundary after this (0: off)
     seed: int = 1234
 
 
@@ -136,8 +141,9 @@ class SFTConfig:
     warmup_steps: int = 0
     weight_decay: float = 0.0
     grad_clip: float = 1.0
-    output_dir: str = "outputs/sft"  # Megatron checkpoint + HF export (output_dir/hf)
+    output_dir: str = "outputs/sft"  # checkpoints/, then the Megatron checkpoint (mcore/) + HF export (hf/)
     log_every: int = 10
+    checkpoint_interval: int = 100  # resumable checkpoint every N steps (0: only at the end)
 
 
 @dataclass
@@ -350,6 +356,16 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
            "GAE needs a value model, which the trainer does not build; use prime_rloo, rloo, grpo, "
            "reinforce or reinforce_pp")
     _check(t.prompts_per_step >= 1, "train.prompts_per_step", t.prompts_per_step, "must be >= 1")
+    _check(t.max_rollout_rounds >= 1, "train.max_rollout_rounds", t.max_rollout_rounds, "must be >= 1")
+    prm_mb = t.prm_mini_batch_responses or t.mini_batch_responses
+    _check(t.prm_mini_batch_responses >= 0 and (t.prompts_per_step * r.n) % prm_mb == 0,
+           "train.prm_mini_batch_responses", t.prm_mini_batch_responses,
+           f"must be 0 (the policy's mini-batch) or divide prompts_per_step * rollout.n = {t.prompts_per_step * r.n}")
+    _check(t.exit_after_minutes >= 0, "train.exit_after_minutes", t.exit_after_minutes, "must be >= 0 (0: off)")
+    _check(t.warn_verify_timeout_frac >= 0, "train.warn_verify_timeout_frac", t.warn_verify_timeout_frac,
+           "must be >= 0")
+    _check(cfg.sft.checkpoint_interval >= 0, "sft.checkpoint_interval", cfg.sft.checkpoint_interval,
+           "must be >= 0 (0: only at the end)")
     _check(t.mini_batch_responses >= 1 and (t.prompts_per_step * r.n) % t.mini_batch_responses == 0,
            "train.mini_batch_responses", t.mini_batch_responses,
            f"must divide prompts_per_step * rollout.n = {t.prompts_per_step * r.n}")

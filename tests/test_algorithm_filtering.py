@@ -1,4 +1,4 @@
-"""Accuracy filter on prompt groups and the buffer carrying surplus groups to the next step."""
+"""Accuracy filter on prompt groups and the buffer carrying surplus prompts to the next step."""
 
 import io
 
@@ -7,7 +7,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from megatron_prime.algorithm import GroupBuffer, filter_groups
+from megatron_prime.algorithm import PromptBuffer, filter_groups
+from megatron_prime.data import PromptRow
 
 torch.set_num_threads(1)
 
@@ -84,8 +85,8 @@ def test_filter_argument_errors():
         filter_groups(torch.zeros(4), 2, truncated=torch.zeros(2, dtype=torch.bool))
 
 
-def test_group_buffer_is_fifo_and_bounded():
-    buffer = GroupBuffer(max_groups=3)
+def test_prompt_buffer_is_fifo_and_bounded():
+    buffer = PromptBuffer(max_prompts=3)
     buffer.push(["a", "b"])
     assert buffer.pop(1) == ["a"]
     buffer.push(["c", "d", "e"])  # b, c, d, e: over capacity, the oldest (b) is dropped
@@ -94,26 +95,29 @@ def test_group_buffer_is_fifo_and_bounded():
     assert buffer.pop(2) == [] and len(buffer) == 0
     with pytest.raises(ValueError):
         buffer.pop(-1)
-    unbounded = GroupBuffer()
+    unbounded = PromptBuffer()
     unbounded.push(range(1000))
     assert len(unbounded) == 1000
 
 
-def test_group_buffer_state_dict_round_trip_through_torch_save():
-    # Groups are whatever the trainer stores (here dicts of tensors); a checkpoint restores them
-    # in order, with the capacity and drop count, into a fresh buffer.
-    groups = [{"tokens": torch.arange(i, i + 3), "outcome": torch.tensor([1.0, 0.0])} for i in range(4)]
-    buffer = GroupBuffer(max_groups=3)
-    buffer.push(groups)
+def test_prompt_buffer_state_dict_round_trip_through_torch_save():
+    # The trainer stores dataset rows; a checkpoint restores them in order, with the capacity
+    # and drop count, into a fresh buffer.
+    rows = [PromptRow(prompt=f"{i}+1=", ground_truth=str(i + 1), verifier="math", data_source="plain", index=i)
+            for i in range(4)]
+    buffer = PromptBuffer(max_prompts=3)
+    buffer.push(rows)
     blob = io.BytesIO()
     torch.save(buffer.state_dict(), blob)
     blob.seek(0)
-    restored = GroupBuffer()
-    restored.load_state_dict(torch.load(blob, weights_only=True))
-    assert restored.max_groups == 3 and restored.num_dropped == 1 and len(restored) == 3
-    for got, expected in zip(restored.pop(3), groups[1:]):
-        assert torch.equal(got["tokens"], expected["tokens"]) and torch.equal(
-            got["outcome"], expected["outcome"]
-        )
+    restored = PromptBuffer()
+    restored.load_state_dict(torch.load(blob, weights_only=False))
+    assert restored.max_prompts == 3 and restored.num_dropped == 1 and len(restored) == 3
+    assert restored.pop(3) == rows[1:]
     # The saved state is a snapshot: popping from the restored buffer left the original intact.
     assert len(buffer) == 3
+
+
+def test_prompt_buffer_refuses_a_buffer_of_responses():
+    with pytest.raises(ValueError, match="holds sampled responses"):
+        PromptBuffer().load_state_dict({"groups": [], "max_groups": None, "num_dropped": 0})

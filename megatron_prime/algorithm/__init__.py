@@ -16,7 +16,7 @@ from megatron_prime.algorithm.advantages import (
     reinforce_returns,
     rloo_advantages,
 )
-from megatron_prime.algorithm.filtering import GroupBuffer, filter_groups
+from megatron_prime.algorithm.filtering import PromptBuffer, filter_groups
 from megatron_prime.algorithm.masked_ops import discounted_reverse_cumsum, leave_one_out_mean, masked_whiten
 from megatron_prime.algorithm.metrics import accumulate_metrics, metric, metric_means
 from megatron_prime.algorithm.policy_loss import KL_ESTIMATORS, kl_penalty, policy_loss
@@ -26,7 +26,7 @@ __all__ = [
     "ADVANTAGE_ESTIMATORS",
     "KL_ESTIMATORS",
     "OUTCOME_ONLY_ESTIMATORS",
-    "GroupBuffer",
+    "PromptBuffer",
     "accumulate_metrics",
     "compute_advantages",
     "discounted_reverse_cumsum",

@@ -1,4 +1,4 @@
-"""PRIME's accuracy filter on prompt groups (DESIGN.md §2.2) and the buffer for surplus groups."""
+"""PRIME's accuracy filter on prompt groups and the buffer that carries surplus prompts to the next step."""
 
 from __future__ import annotations
 
@@ -43,46 +43,50 @@ def filter_groups(
     return keep
 
 
-class GroupBuffer:
-    """FIFO of kept prompt groups carried to later steps (DESIGN.md §2.2).
+class PromptBuffer:
+    """FIFO of prompts carried to later steps by the accuracy filter.
 
     When a rollout step yields more groups that pass the filter than the batch needs, the
-    surplus goes here and is used first at the next step. A group is whatever object the trainer
-    uses for the K responses of one prompt (e.g. a dict of tensors); the buffer never looks
-    inside. ``max_groups`` bounds memory (and staleness) by dropping the oldest groups.
+    *prompts* of the surplus groups go here (not their responses, which a later, updated policy
+    would train on off-policy) and are generated afresh, first, at the next step, as the official
+    PRIME code does. An item is whatever the trainer uses for a prompt; the buffer never looks
+    inside. ``max_prompts`` bounds memory by dropping the oldest prompts (``num_dropped``).
 
-    Checkpointable: ``state_dict()`` holds only the groups list and plain values, so it can go
-    into ``torch.save`` with the rest of the trainer state.
+    Checkpointable: ``state_dict()`` holds only the items and plain values, so it can go into
+    ``torch.save`` with the rest of the trainer state.
     """
 
-    def __init__(self, max_groups: int | None = None):
-        if max_groups is not None and max_groups < 0:
-            raise ValueError(f"max_groups must be >= 0 or None, got {max_groups}")
-        self.max_groups = max_groups
-        self._groups: deque[Any] = deque()
-        self.num_dropped = 0  # groups discarded because the buffer was full
+    def __init__(self, max_prompts: int | None = None):
+        if max_prompts is not None and max_prompts < 0:
+            raise ValueError(f"max_prompts must be >= 0 or None, got {max_prompts}")
+        self.max_prompts = max_prompts
+        self._items: deque[Any] = deque()
+        self.num_dropped = 0  # prompts discarded because the buffer was full
 
     def __len__(self) -> int:
-        return len(self._groups)
+        return len(self._items)
 
-    def push(self, groups: Iterable[Any]) -> None:
-        """Append groups (newest last); the oldest are dropped beyond ``max_groups``."""
-        self._groups.extend(groups)
-        if self.max_groups is not None:
-            while len(self._groups) > self.max_groups:
-                self._groups.popleft()
+    def push(self, items: Iterable[Any]) -> None:
+        """Append prompts (newest last); the oldest are dropped beyond ``max_prompts``."""
+        self._items.extend(items)
+        if self.max_prompts is not None:
+            while len(self._items) > self.max_prompts:
+                self._items.popleft()
                 self.num_dropped += 1
 
     def pop(self, n: int) -> list[Any]:
-        """Remove and return up to ``n`` of the oldest groups."""
+        """Remove and return up to ``n`` of the oldest prompts."""
         if n < 0:
-            raise ValueError(f"cannot pop {n} groups")
-        return [self._groups.popleft() for _ in range(min(n, len(self._groups)))]
+            raise ValueError(f"cannot pop {n} prompts")
+        return [self._items.popleft() for _ in range(min(n, len(self._items)))]
 
     def state_dict(self) -> dict[str, Any]:
-        return {"groups": list(self._groups), "max_groups": self.max_groups, "num_dropped": self.num_dropped}
+        return {"prompts": list(self._items), "max_prompts": self.max_prompts, "num_dropped": self.num_dropped}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.max_groups = state["max_groups"]
+        if "prompts" not in state:
+            raise ValueError("this checkpoint's filter buffer holds sampled responses (written before the "
+                             "buffer kept prompts only); resume it with the release that wrote it")
+        self.max_prompts = state["max_prompts"]
         self.num_dropped = state["num_dropped"]
-        self._groups = deque(state["groups"])
+        self._items = deque(state["prompts"])

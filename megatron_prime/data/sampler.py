@@ -36,11 +36,13 @@ class PromptSampler:
             self._order, self._order_epoch = order, epoch
         return self._order
 
-    def next_batch(self) -> list[PromptRow]:
+    def next_batch(self, size: int | None = None) -> list[PromptRow]:
+        """The next ``size`` rows (default ``batch_size``) of the stream."""
+        size = self.batch_size if size is None else size
         batch = []
-        while len(batch) < self.batch_size:
+        while len(batch) < size:
             order = self._permutation(self.epoch)
-            take = min(self.batch_size - len(batch), len(order) - self.position)
+            take = min(size - len(batch), len(order) - self.position)
             batch += [self.rows[i] for i in order[self.position : self.position + take]]
             self.position += take
             if self.position == len(order):

@@ -39,6 +39,7 @@ class PromptRow:
     data_source: str
     index: int
     extra_info: dict = field(default_factory=dict)
+    where: str = ""  # "FILE line N" / "FILE row N", for reports
 
 
 class DatasetError(ValueError):
@@ -236,6 +237,7 @@ def _raw_rows(path: Path) -> Iterator[tuple[str, int, Any, str | None]]:
 class SFTRow:
     prompt: list[dict[str, str]] | str
     response: str
+    where: str = ""  # "FILE line N" / "FILE row N", for reports
 
 
 def _parse_sft_row(where: str, row: Any, number: int) -> tuple[SFTRow | None, list[str]]:
@@ -266,6 +268,7 @@ def _read(path: str | Path, kind: str = "prompts") -> tuple[list, list[str]]:
             row, row_problems = parse(where, raw, number)
             problems += row_problems
             if row is not None:
+                row.where = where
                 rows.append(row)
     except DatasetError as exc:
         return [], exc.problems

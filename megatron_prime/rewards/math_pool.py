@@ -83,6 +83,7 @@ class MathGraderPool:
             raise ValueError(f"num_workers must be >= 1, got {num_workers}")
         self.startup_timeout_s = startup_timeout_s
         self.timeouts = 0  # answers that hit the hard limit (their worker was killed)
+        self.last_timeouts = 0  # of those, in the latest grade() call
         self.crashes = 0  # workers that died while grading
         self._lock = threading.Lock()
         self._workers = [_Worker(startup_timeout_s) for _ in range(num_workers)]
@@ -135,6 +136,7 @@ class MathGraderPool:
             if worker.task:  # still busy with an item of a call that raised: start clean
                 self._replace(worker)
         scores = [0.0] * len(items)
+        self.last_timeouts = 0
         todo = deque(range(len(items)))
         while todo or any(w.task for w in self._workers):
             for worker in self._workers:
@@ -151,6 +153,7 @@ class MathGraderPool:
             for worker in list(self._workers):
                 if worker.task and now > worker.task[1]:
                     self.timeouts += 1
+                    self.last_timeouts += 1
                     logger.warning("math answer %d exceeded %.1fs; worker killed", worker.task[0], timeout_s)
                     self._replace(worker)
                 elif not worker.ready and now > worker.ready_deadline:

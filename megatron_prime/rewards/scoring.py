@@ -44,6 +44,13 @@ def grade_math(response: str, ground_truth: str, timeout_s: float = DEFAULT_MATH
     return shared_math_pool().grade([(response, ground_truth)], timeout_s)[0]
 
 
+class Scores(list):
+    """Outcome rewards in item order, plus ``timeouts``: how many math answers hit the hard time
+    limit and scored 0 (label noise for the PRM, worth watching)."""
+
+    timeouts: int = 0
+
+
 def score_batch(
     items: Sequence[tuple[str, str, str]],
     num_workers: int = 4,
@@ -51,7 +58,7 @@ def score_batch(
     math_timeout_s: float = DEFAULT_MATH_TIMEOUT_S,
     code_timeout_s: float = DEFAULT_CODE_TIMEOUT_S,
     unsafe_code: bool | None = None,
-) -> list[float]:
+) -> Scores:
     """Outcome rewards for ``(verifier_name, response, ground_truth)`` items, in order.
 
     Math answers are graded by ``num_workers`` worker processes with a hard limit each; code
@@ -63,7 +70,7 @@ def score_batch(
     unknown = names - set(known_verifiers())
     if unknown:
         raise ValueError(f"unknown verifier(s) {sorted(unknown)}; known: {known_verifiers()}")
-    scores = [0.0] * len(items)
+    scores = Scores([0.0] * len(items))
     math_idx = [i for i, (name, _, _) in enumerate(items) if name == "math"]
     other_idx = [i for i, (name, _, _) in enumerate(items) if name != "math"]
 
@@ -81,6 +88,7 @@ def score_batch(
             math_scores = pool.grade([items[i][1:] for i in math_idx], math_timeout_s)
             for i, score in zip(math_idx, math_scores):
                 scores[i] = score
+            scores.timeouts = pool.last_timeouts
         for i, future in futures.items():
             scores[i] = future.result()
     return scores

@@ -31,6 +31,8 @@ from megatron_prime.platform.distributed import is_rank0
 from megatron_prime.training.models import TrainableModel
 
 STEP_PATTERN = re.compile(r"^step_(\d{8})$")
+# DistributedAtomicDir's temporary ".step_N.tmp-XXXX" and the ".old" of a replaced step
+LEFTOVER_PATTERN = re.compile(r"^(\.step_\d{8}\.tmp-.+|step_\d{8}\.old)$")
 
 
 def step_dir(root: str, step: int) -> str:
@@ -96,8 +98,10 @@ def _barrier():
 
 
 def save_checkpoint(root: str, step: int, models: dict[str, TrainableModel], trainer_state: dict,
-                    hf_meta_dir: str, keep_last: int, dtype: str) -> str:
-    """Write step ``step`` atomically (all ranks call this); keep the newest ``keep_last``."""
+                    hf_meta_dir: str, keep_last: int, dtype: str, reference: str = "") -> str:
+    """Write step ``step`` atomically (all ranks call this); keep the newest ``keep_last``.
+    ``reference`` (the reference model's source) is recorded so that a run continued from these
+    weights at another layout (``model.mcore_path``) measures its rewards against the same one."""
     final = step_dir(root, step)
     with DistributedAtomicDir(final) as tmp:
         for name, tm in models.items():
@@ -108,7 +112,8 @@ def save_checkpoint(root: str, step: int, models: dict[str, TrainableModel], tra
             dist_checkpointing.save(_model_state(tm, is_loading=False), path)
             if is_rank0():
                 torch.save(tm.scheduler.state_dict(), os.path.join(path, "scheduler.pt"))
-                write_model_metadata(path, hf_meta_dir, {"dtype": dtype, "step": step, "role": name, **_layout()})
+                meta = {"dtype": dtype, "step": step, "role": name, "reference": os.path.abspath(reference), **_layout()}
+                write_model_metadata(path, hf_meta_dir, meta)
         rank = dist.get_rank() if dist.is_initialized() else 0
         if is_rank0():
             os.makedirs(os.path.join(tmp, "rng"))
@@ -119,10 +124,52 @@ def save_checkpoint(root: str, step: int, models: dict[str, TrainableModel], tra
         if is_rank0():
             torch.save({"step": step, **trainer_state}, os.path.join(tmp, "trainer_state.pt"))
     if is_rank0():
+        fsync_dir(root)  # the new step directory's name is on disk before older ones go
         for old in list_checkpoints(root)[:-keep_last]:
             shutil.rmtree(old, ignore_errors=True)
     _barrier()
     return final
+
+
+def fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def remove_leftovers(root: str) -> list[str]:
+    """Remove what killed saves left under ``root`` (rank 0, at start-up): temporary step
+    directories and replaced ones awaiting deletion, each a full copy of the models and optimizer
+    state. Complete step directories are never touched. Returns what was removed."""
+    if not os.path.isdir(root):
+        return []
+    leftovers = [os.path.join(root, n) for n in sorted(os.listdir(root))
+                 if LEFTOVER_PATTERN.match(n) and os.path.isdir(os.path.join(root, n))]
+    for path in leftovers:
+        shutil.rmtree(path, ignore_errors=True)
+    if leftovers:
+        print(f"checkpoint: removed {len(leftovers)} incomplete save(s) left by a killed run: "
+              + ", ".join(os.path.basename(p) for p in leftovers), flush=True)
+    return leftovers
+
+
+def trainer_checkpoint_of(model_dir: str) -> dict | None:
+    """If ``model_dir`` is the ``policy/`` of a trainer step directory: the sources a run continued
+    from it must use, ``{"reference": path or None if not recorded, "prm": path or absent}``; else
+    None."""
+    try:
+        meta = read_meta(model_dir)
+    except (CheckpointError, ValueError):
+        return None
+    if meta.get("role") != "policy":
+        return None
+    out = {"reference": meta.get("reference")}
+    prm = os.path.join(os.path.dirname(os.path.abspath(model_dir)), "prm")
+    if os.path.isdir(prm):
+        out["prm"] = prm
+    return out
 
 
 def _layout() -> dict:
@@ -141,8 +188,9 @@ def check_layout(path: str, name: str) -> None:
         raise CheckpointError(
             f"{path}: written at tp={saved.get('tp')} pp={saved.get('pp')}, this run has tp={now['tp']} "
             f"pp={now['pp']}; the optimizer state resumes only at the same layout. Resume with "
-            f"parallel.tp={saved.get('tp')} parallel.pp={saved.get('pp')}, or start from its weights alone "
-            f"(fresh optimizer) with model.mcore_path={os.path.join(path, 'policy')} and a new checkpoint.dir"
+            f"parallel.tp={saved.get('tp')} parallel.pp={saved.get('pp')}, or continue from its weights "
+            f"(policy and implicit PRM resharded, the same reference model; fresh optimizers, starting at "
+            f"step 0) with model.mcore_path={os.path.join(path, 'policy')} and a new checkpoint.dir"
         )
 
 

@@ -3,9 +3,9 @@ command), or the trainer's whole rollout fleet, each engine taking a shard of th
 
 from __future__ import annotations
 
+from megatron_prime.platform.distributed import broadcast_object
 from megatron_prime.rewards import score_batch
 from megatron_prime.rollout.base import SamplingParams
-from megatron_prime.platform.distributed import broadcast_object
 from megatron_prime.training.rollout_collect import stop_token_ids, tokenize_prompts
 from megatron_prime.training.rollout_fleet import RolloutFleet
 

@@ -1,6 +1,6 @@
-"""One PRIME step, top-down, mirroring the paper's Algorithm 1 (DESIGN.md §2).
+"""One PRIME step, top-down, mirroring the paper's Algorithm 1.
 
-    rollout K responses per prompt -> verify -> accuracy filter (resample; surplus to buffer)
+    rollout K responses per prompt -> verify -> accuracy filter (resample; surplus prompts to buffer)
     -> reference and PRM log-probs -> PRM update (single forward by default, or double)
     -> implicit process rewards -> advantages -> old log-probs -> policy update -> weight sync
 
@@ -14,6 +14,7 @@ see every response), identically on every rank.
 from __future__ import annotations
 
 import time
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable
@@ -22,7 +23,7 @@ import torch
 
 from megatron_prime.algorithm import (
     OUTCOME_ONLY_ESTIMATORS,
-    GroupBuffer,
+    PromptBuffer,
     accumulate_metrics,
     compute_advantages,
     implicit_process_rewards,
@@ -33,8 +34,8 @@ from megatron_prime.algorithm import (
 from megatron_prime.config import Config
 from megatron_prime.models.hf_config import HFArch
 from megatron_prime.platform import distributed
-from megatron_prime.training.batch import RolloutBatch, build_rollout_batch
 from megatron_prime.platform.distributed import broadcast_object
+from megatron_prime.training.batch import RolloutBatch, build_rollout_batch
 from megatron_prime.training.data_parallel import dp_rank_and_size, dp_rows, gather_dp_rows, reduce_metric_pairs
 from megatron_prime.training.models import TrainableModel
 from megatron_prime.training.offload import offloaded
@@ -52,7 +53,7 @@ class PrimeContext:
     reference: object | None  # frozen model; None when neither PRM nor KL needs it
     fleet: RolloutFleet  # the rollout engines and how ranks drive them
     sampler: object | None  # prompt sampler, rank 0 only
-    buffer: GroupBuffer
+    buffer: PromptBuffer
     tokenizer: object
     render: Callable  # render_prompt(tokenizer, prompt) -> str
 
@@ -92,10 +93,16 @@ def prime_step(ctx: PrimeContext, step: int) -> tuple[dict[str, float], list[Gro
     if stats is not None:
         timer.seconds["rollout"] = stats.rollout_s
         timer.seconds["verify"] = stats.verify_s
+        _warn_on_timeouts(step, stats, cfg.train.warn_verify_timeout_frac)
     batch = _to_batch(groups, cfg.rollout.n, ctx.tokenizer).to(distributed.device())
     local = batch.rows(dp_rows(batch.size))
     mask = batch.response_mask
-    pass_args = dict(temperature=cfg.rollout.temperature or 1.0, token_budget=cfg.train.micro_batch_tokens)
+    budget = cfg.train.micro_batch_tokens
+    # The policy's log-probs (old, and in the loss) are those of the distribution the engine sampled
+    # from: logits / T. The implicit reward (Eq. 3) is defined on the PRM's and the reference's own
+    # distributions, so their log-probs are taken at T = 1 whatever the sampling temperature.
+    policy_args = dict(temperature=cfg.rollout.temperature or 1.0, token_budget=budget)
+    model_args = dict(temperature=1.0, token_budget=budget)
     metrics: dict = {}
 
     # 4. Reference and implicit-PRM log-probs; PRM update on outcome labels (Algorithm 1).
@@ -103,21 +110,29 @@ def prime_step(ctx: PrimeContext, step: int) -> tuple[dict[str, float], list[Gro
     ref_logprobs = None
     if ctx.reference is not None:
         with timer("reference_forward"):
-            ref_logprobs = gather_dp_rows(run_pass(ctx.reference, local, **pass_args).logprobs)
-        local.extras["ref_logprobs"] = ref_logprobs[dp_rows(batch.size)]
+            ref_logprobs = gather_dp_rows(run_pass(ctx.reference, local, **model_args).logprobs)
+            local.extras["ref_logprobs"] = ref_logprobs[dp_rows(batch.size)]
+            if a.kl_coef and policy_args["temperature"] != 1.0:
+                # The KL penalty compares the policy's tempered distribution with the reference's.
+                local.extras["ref_kl_logprobs"] = run_pass(ctx.reference, local, **policy_args).logprobs
     if ctx.uses_process_rewards:
         if a.prm_update == "none":
             with timer("prm_forward"):
-                prm_logprobs = gather_dp_rows(run_pass(ctx.prm.model, local, **pass_args).logprobs)
+                prm_logprobs = gather_dp_rows(run_pass(ctx.prm.model, local, **model_args).logprobs)
         else:
             with timer("prm_update"), offloaded(ctx.policy, enabled=offload):
-                # single forward: the log-probs of the forward that computes the loss are the
-                # PRM's *before* this update, and they give this step's rewards.
-                prm_logprobs, prm_metrics = update_prm(ctx.prm, local, a.beta, pass_args)
+                # single forward: each mini-batch's log-probs come from the forward that computes
+                # its loss, i.e. from the PRM before it is updated on those responses, and they
+                # give this step's rewards.
+                prm_logprobs, prm_metrics = update_prm(ctx, local, model_args)
                 metrics.update(prm_metrics)
             if a.prm_update == "double":
                 with timer("prm_forward"):
-                    prm_logprobs = gather_dp_rows(run_pass(ctx.prm.model, local, **pass_args).logprobs)
+                    prm_logprobs = gather_dp_rows(run_pass(ctx.prm.model, local, **model_args).logprobs)
+                # In-sample fit after the update, beside prm/accuracy measured before it.
+                _, after = prm_loss(prm_logprobs, ref_logprobs, mask, batch.outcome, a.beta)
+                metrics.update({f"{k}_after_update": v for k, v in metric_means(after).items()
+                                if k in ("prm/loss", "prm/accuracy")})
         token_rewards = implicit_process_rewards(prm_logprobs, ref_logprobs, mask, a.beta)
 
     # 5. Advantages on the whole batch (paper Eq. 5 for "prime_rloo").
@@ -130,12 +145,12 @@ def prime_step(ctx: PrimeContext, step: int) -> tuple[dict[str, float], list[Gro
 
     # 6. Old log-probs, recomputed by Megatron (never trusted from the rollout engine).
     with timer("old_logprobs"):
-        old_logprobs = gather_dp_rows(run_pass(ctx.policy.model, local, **pass_args).logprobs)
+        old_logprobs = gather_dp_rows(run_pass(ctx.policy.model, local, **policy_args).logprobs)
     local.extras["old_logprobs"] = old_logprobs[dp_rows(batch.size)]
 
     # 7. Policy update: mini-batches x PPO epochs, PPO-clip with a global token mean.
     with timer("policy_update"), offloaded(ctx.prm, enabled=offload):
-        metrics.update(update_policy(ctx, local, step, pass_args))
+        metrics.update(update_policy(ctx, local, step, policy_args))
 
     # 8. Send the new policy weights to the rollout engines.
     with timer("weight_sync"):
@@ -146,6 +161,15 @@ def prime_step(ctx: PrimeContext, step: int) -> tuple[dict[str, float], list[Gro
     metrics["perf/tokens_per_s"] = float(mask.sum()) / max(metrics["time/step"], 1e-9)
     _attach_token_values(groups, cfg.rollout.n, mask, token_rewards, advantages)
     return broadcast_object(metrics), groups
+
+
+def _warn_on_timeouts(step: int, stats, limit: float) -> None:
+    """A graded-0 timeout becomes a wrong PRM label: say so when there are many."""
+    sampled = max(1, len(stats.outcomes_sampled))
+    if stats.verify_timeouts / sampled > limit:
+        warnings.warn(f"step {step}: {stats.verify_timeouts} of {sampled} answers hit the math grader's time limit "
+                      f"and scored 0 (more than train.warn_verify_timeout_frac={limit}); they are label noise for "
+                      "the implicit PRM", stacklevel=2)
 
 
 def _attach_token_values(groups: list[Group], k: int, mask, token_rewards, advantages) -> None:
@@ -161,20 +185,49 @@ def _attach_token_values(groups: list[Group], k: int, mask, token_rewards, advan
         group.advantages = per_response(advantages, rows)
 
 
-def update_prm(prm: TrainableModel, local: RolloutBatch, beta: float, pass_args: dict):
-    """One optimizer step of the implicit PRM on L_CE over the whole batch (Algorithm 1)."""
+def update_prm(ctx: PrimeContext, local: RolloutBatch, pass_args: dict):
+    """Implicit-PRM optimizer steps on L_CE (Algorithm 1), one per mini-batch of
+    ``train.prm_mini_batch_responses`` responses, in batch order. Returns the PRM log-probs of every
+    row from the forward that computed its loss (before the update on it) and the metrics."""
+    cfg = ctx.cfg
+    prm = ctx.prm
+    per_rank = prm_mini_batch_responses(cfg) // dp_rank_and_size()[1]
 
     def loss_fn(mb: RolloutBatch, logprobs, _entropy):
-        loss, m = prm_loss(logprobs, mb.extras["ref_logprobs"], mb.response_mask, mb.outcome, beta,
+        loss, m = prm_loss(logprobs, mb.extras["ref_logprobs"], mb.response_mask, mb.outcome, cfg.algorithm.beta,
                            loss_normalizer=1.0)
         return loss, mb.size, m
 
-    prm.zero_grad()
-    result = run_pass(prm.model, local, loss_fn=loss_fn, **pass_args)
-    step_info = prm.step()
-    metrics = metric_means(reduce_metric_pairs(result.metrics))
-    metrics.update({"prm/grad_norm": step_info["grad_norm"], "prm/lr": step_info["lr"]})
-    return gather_dp_rows(result.logprobs), metrics
+    logprobs = torch.zeros_like(local.response_mask)
+    pairs: dict = {}
+    steps = []
+    for start in range(0, local.size, per_rank):
+        rows = torch.arange(start, min(start + per_rank, local.size))
+        prm.zero_grad()
+        result = run_pass(prm.model, local.rows(rows), loss_fn=loss_fn, **pass_args)
+        steps.append(prm.step())
+        logprobs[rows] = result.logprobs
+        accumulate_metrics(pairs, result.metrics)
+    metrics = metric_means(reduce_metric_pairs(pairs))
+    metrics.update(_optimizer_metrics("prm", steps))
+    return gather_dp_rows(logprobs), metrics
+
+
+def prm_mini_batch_responses(cfg: Config) -> int:
+    """Responses per PRM optimizer step; 0 means the policy's mini-batch (as veRL's PRIME recipe)."""
+    return cfg.train.prm_mini_batch_responses or cfg.train.mini_batch_responses
+
+
+def _optimizer_metrics(prefix: str, steps: list[dict]) -> dict[str, float]:
+    """Mean grad norm and last lr over the steps that updated; a step that fp16/bf16 loss scaling
+    skipped (inf/nan grads) is counted apart, not as an update."""
+    done = [s for s in steps if s["update_ok"]]
+    return {
+        f"{prefix}/grad_norm": sum(s["grad_norm"] for s in done) / len(done) if done else 0.0,
+        f"{prefix}/lr": steps[-1]["lr"],
+        f"{prefix}/updates": float(len(done)),
+        f"{prefix}/skipped_updates": float(len(steps) - len(done)),
+    }
 
 
 def update_policy(ctx: PrimeContext, local: RolloutBatch, step: int, pass_args: dict) -> dict:
@@ -188,7 +241,7 @@ def update_policy(ctx: PrimeContext, local: RolloutBatch, step: int, pass_args: 
         loss, m = policy_loss(
             logprobs, mb.extras["old_logprobs"], mb.extras["advantages"], mb.response_mask,
             a.clip_low, a.clip_high, loss_normalizer=1.0,
-            ref_logprobs=mb.extras.get("ref_logprobs") if a.kl_coef else None,
+            ref_logprobs=mb.extras.get("ref_kl_logprobs", mb.extras.get("ref_logprobs")) if a.kl_coef else None,
             kl_coef=a.kl_coef, kl_estimator=a.kl_estimator,
             entropy=entropy, entropy_coef=a.entropy_coef,
             rollout_logprobs=mb.rollout_logprobs, tis_cap=a.tis_cap,
@@ -196,7 +249,7 @@ def update_policy(ctx: PrimeContext, local: RolloutBatch, step: int, pass_args: 
         return loss, int(mb.response_mask.sum()), m
 
     pairs: dict = {}
-    grad_norms = []
+    steps = []
     for _epoch in range(a.ppo_epochs):
         order = torch.randperm(local.size, generator=generator)
         for i in range(num_minibatches):
@@ -205,13 +258,10 @@ def update_policy(ctx: PrimeContext, local: RolloutBatch, step: int, pass_args: 
             result = run_pass(ctx.policy.model, local.rows(rows), loss_fn=loss_fn, with_entropy=True,
                               entropy_grad=a.entropy_coef != 0.0,
                               **pass_args)
-            info = ctx.policy.step()
-            grad_norms.append(info["grad_norm"])
+            steps.append(ctx.policy.step())
             accumulate_metrics(pairs, result.metrics)
     metrics = metric_means(reduce_metric_pairs(pairs))
-    metrics["policy/grad_norm"] = sum(grad_norms) / len(grad_norms)
-    metrics["policy/lr"] = ctx.policy.optimizer.param_groups[0]["lr"]
-    metrics["policy/updates"] = float(len(grad_norms))
+    metrics.update(_optimizer_metrics("policy", steps))
     return metrics
 
 
@@ -251,13 +301,16 @@ def _step_metrics(batch: RolloutBatch, stats, token_rewards, advantages, old_log
             "filter/kept_frac": stats.kept_groups / max(1, stats.sampled_groups),
             "filter/rounds": float(stats.rounds),
             "filter/from_buffer": float(stats.from_buffer),
+            "filter/buffer_size": float(stats.buffer_size),
+            "filter/buffer_dropped": float(stats.buffer_dropped),
             "filter/unfiltered_fill": float(stats.unfiltered_fill),
+            "verify/timeouts": float(stats.verify_timeouts),
+            "verify/timeout_frac": stats.verify_timeouts / max(1, len(stats.outcomes_sampled)),
         })
     m.update(_masked_stats("advantage", advantages, mask))
     if token_rewards is not None:
         m.update(_masked_stats("process_reward/token", token_rewards, mask))
         m["process_reward/sequence_mean"] = token_rewards.sum(dim=1).mean().item()
-    m["outcome_reward/mean"] = batch.outcome.mean().item()
     diff = (batch.rollout_logprobs - old_logprobs).abs()[mask.bool()]
     m["rollout/logprob_diff_mean"] = diff.mean().item() if diff.numel() else 0.0
     m["rollout/logprob_diff_max"] = diff.max().item() if diff.numel() else 0.0

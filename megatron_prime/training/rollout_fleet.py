@@ -26,7 +26,6 @@ from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
-
 from megatron.core import parallel_state
 
 from megatron_prime.bridge.mapping import hf_param_names
@@ -34,9 +33,9 @@ from megatron_prime.bridge.transfer import iter_hf_tensors
 from megatron_prime.config import Config
 from megatron_prime.models.hf_config import HFArch
 from megatron_prime.platform import distributed
+from megatron_prime.platform.distributed import all_gather_object, picklable_error, run_everywhere
 from megatron_prime.rollout import RolloutEngine, RolloutError, build_engine
 from megatron_prime.rollout.base import MEMORY_TAGS
-from megatron_prime.platform.distributed import all_gather_object, picklable_error, run_everywhere
 
 
 def _world() -> tuple[int, int]:

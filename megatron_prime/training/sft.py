@@ -1,6 +1,7 @@
 """``megatron-prime sft``: supervised fine-tuning with the loss on response tokens only — the
-stage that makes PRIME's starting checkpoint (the paper's Eurus-2-7B-SFT). Writes a Megatron
-checkpoint (``output_dir/mcore``) and a Hugging Face export (``output_dir/hf``)."""
+stage that makes PRIME's starting checkpoint (the paper's Eurus-2-7B-SFT). Writes resumable
+checkpoints (``output_dir/checkpoints``), then a Megatron checkpoint (``output_dir/mcore``) and a
+Hugging Face export (``output_dir/hf``)."""
 
 from __future__ import annotations
 
@@ -14,47 +15,95 @@ from megatron_prime.bridge.convert import write_hf
 from megatron_prime.bridge.mcore_io import save_model
 from megatron_prime.bridge.transfer import unwrap
 from megatron_prime.config import Config, OptimizerConfig, validate
+from megatron_prime.data import DatasetError, load_sft_dataset, render_prompt
+from megatron_prime.data.lengths import describe_dropped, split_overlong_sft
 from megatron_prime.models.hf_config import read_hf_config
 from megatron_prime.platform import distributed
-from megatron_prime.training.batch import build_rollout_batch
 from megatron_prime.platform.distributed import is_rank0
+from megatron_prime.training import checkpoint
+from megatron_prime.training.batch import build_rollout_batch
 from megatron_prime.training.data_parallel import dp_rows, reduce_metric_pairs
 from megatron_prime.training.models import build_trainable
 from megatron_prime.training.passes import run_pass
+from megatron_prime.training.preemption import StopRequest
 from megatron_prime.training.trainer import load_initial_weights, model_options
 
 
-def tokenize_sft(rows, tokenizer, render, max_len: int):
+def tokenize_sft(rows, tokenizer, render):
+    """(prompt ids, response ids + eos) per row; rows must already fit (``split_overlong_sft``)."""
     prompts, responses = [], []
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     for row in rows:
-        p = tokenizer(render(tokenizer, row.prompt), add_special_tokens=False)["input_ids"]
-        r = tokenizer(row.response, add_special_tokens=False)["input_ids"] + eos
-        if len(p) + len(r) > max_len:
-            r = r[: max(1, max_len - len(p))]
-        prompts.append(p)
-        responses.append(r)
+        prompts.append(tokenizer(render(tokenizer, row.prompt), add_special_tokens=False)["input_ids"])
+        responses.append(tokenizer(row.response, add_special_tokens=False)["input_ids"] + eos)
     return prompts, responses
 
 
-def sft(cfg: Config) -> dict:
-    from transformers import AutoTokenizer
+def load_sft_rows(cfg: Config, tokenizer, render) -> list:
+    """The SFT rows, with those longer than data.max_prompt_len + data.max_response_len dropped and
+    counted: a row cut to fit would teach the model to stop before its answer and eos."""
+    rows = load_sft_dataset(cfg.sft.train_file)
+    max_len = cfg.data.max_prompt_len + cfg.data.max_response_len
+    kept, overlong = split_overlong_sft(rows, tokenizer, max_len, render)
+    if overlong:
+        print(describe_dropped("SFT rows", overlong, len(rows),
+                               f"data.max_prompt_len + data.max_response_len = {max_len}"), flush=True)
+    if not kept:
+        raise DatasetError([f"{cfg.sft.train_file}: every row is longer than {max_len} tokens "
+                            "(data.max_prompt_len + data.max_response_len)"])
+    return kept
 
-    from megatron_prime.data import load_sft_dataset, render_prompt
+
+class BatchOrder:
+    """Which rows each SFT step trains on: a fresh seeded shuffle per epoch. Checkpointable, so a
+    resumed run trains on exactly the rows an uninterrupted one would."""
+
+    def __init__(self, num_rows: int, batch_size: int, seed: int):
+        self.num_rows, self.batch_size = num_rows, batch_size
+        self.generator = torch.Generator().manual_seed(seed)
+        self.order, self.cursor = torch.randperm(num_rows, generator=self.generator), 0
+
+    def next(self) -> list[int]:
+        if self.cursor + self.batch_size > self.num_rows:  # next epoch, new shuffle
+            self.order, self.cursor = torch.randperm(self.num_rows, generator=self.generator), 0
+        picked = self.order[self.cursor:self.cursor + self.batch_size].tolist()
+        self.cursor += self.batch_size
+        return picked
+
+    def state_dict(self) -> dict:
+        return {"order": self.order.clone(), "cursor": self.cursor, "generator": self.generator.get_state(),
+                "num_rows": self.num_rows}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["num_rows"] != self.num_rows:
+            raise DatasetError([f"the SFT checkpoint was written for {state['num_rows']} rows, "
+                                f"this run has {self.num_rows}: same data, or a new sft.output_dir"])
+        self.order, self.cursor = state["order"], state["cursor"]
+        self.generator.set_state(state["generator"])
+
+
+def sft(cfg: Config) -> dict:
+    """Supervised fine-tuning with periodic atomic checkpoints (``sft.output_dir/checkpoints``,
+    every ``sft.checkpoint_interval`` steps): a rerun resumes from the newest (``checkpoint.resume``),
+    and a stop signal or ``train.exit_after_minutes`` checkpoints and stops at a step boundary."""
+    from transformers import AutoTokenizer
 
     env = distributed.setup(cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.cp, cfg.parallel.ep, cfg.train.seed)
     validate(cfg, world_size=env.world_size)
+    stop = StopRequest(cfg.train.exit_after_minutes)
     s = cfg.sft
+    ckpt_root = os.path.join(s.output_dir, "checkpoints")
+    if is_rank0():
+        checkpoint.remove_leftovers(ckpt_root)
     arch = read_hf_config(cfg.model.hf_path)
     tokenizer = AutoTokenizer.from_pretrained(cfg.model.hf_path)
     optim = OptimizerConfig(lr=s.lr, min_lr=s.min_lr, lr_schedule="cosine" if s.min_lr < s.lr else "constant",
                             warmup_steps=s.warmup_steps, weight_decay=s.weight_decay, grad_clip=s.grad_clip)
     policy = build_trainable(arch, model_options(cfg), optim, total_steps=s.steps,
                              distributed_optimizer=cfg.parallel.distributed_optimizer)
-    load_initial_weights(policy, cfg, arch)
-    rows = load_sft_dataset(s.train_file)
-    prompts, responses = tokenize_sft(rows, tokenizer, render_prompt,
-                                      cfg.data.max_prompt_len + cfg.data.max_response_len)
+    load_initial_weights(policy, cfg.model.mcore_path or cfg.model.hf_path, arch, cfg)
+    rows = load_sft_rows(cfg, tokenizer, render_prompt)
+    prompts, responses = tokenize_sft(rows, tokenizer, render_prompt)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
     def loss_fn(mb, logprobs, _entropy):
@@ -62,14 +111,22 @@ def sft(cfg: Config) -> dict:
         nll = -(logprobs * mask).sum()
         return nll, int(mask.sum()), {"sft/nll": metric(nll, mask.sum())}
 
-    generator = torch.Generator().manual_seed(cfg.train.seed)
-    order = torch.randperm(len(rows), generator=generator)
-    cursor, start, history = 0, time.time(), []
-    for step in range(s.steps):
-        if cursor + s.batch_size > len(order):  # next epoch, new shuffle
-            order, cursor = torch.randperm(len(rows), generator=generator), 0
-        picked = order[cursor: cursor + s.batch_size].tolist()
-        cursor += s.batch_size
+    batches = BatchOrder(len(rows), s.batch_size, cfg.train.seed)
+    start_step = 0
+    state = checkpoint.resume(ckpt_root, cfg.checkpoint.resume, {"policy": policy})
+    if state is not None:
+        batches.load_state_dict(state["sft"])
+        start_step = state["step"] + 1
+        if is_rank0():
+            print(f"[sft] resumed from step {state['step']} ({ckpt_root})", flush=True)
+
+    def save(step: int) -> None:
+        checkpoint.save_checkpoint(ckpt_root, step, {"policy": policy}, {"sft": batches.state_dict()},
+                                   cfg.model.hf_path, cfg.checkpoint.keep_last, cfg.model.dtype)
+
+    start, history, stopped = time.time(), [], None
+    for step in range(start_step, s.steps):
+        picked = batches.next()
         batch = build_rollout_batch(
             prompts=[prompts[i] for i in picked], responses=[responses[i] for i in picked],
             outcomes=[0.0] * len(picked), rollout_logprobs=None,
@@ -82,11 +139,27 @@ def sft(cfg: Config) -> dict:
         nll = metric_means(reduce_metric_pairs(result.metrics)).get("sft/nll", float("nan"))
         history.append(nll)
         if is_rank0() and (step % s.log_every == 0 or step == s.steps - 1):
+            skipped = "" if info["update_ok"] else " (update skipped: inf/nan grads)"
             print(f"[sft {step + 1}/{s.steps} | {time.time() - start:5.0f}s] nll={nll:.4f} "
-                  f"lr={info['lr']:.2e} grad_norm={info['grad_norm']:.3f}", flush=True)
+                  f"lr={info['lr']:.2e} grad_norm={info['grad_norm']:.3f}{skipped}", flush=True)
+        last = step == s.steps - 1
+        saved = last or (s.checkpoint_interval and (step + 1) % s.checkpoint_interval == 0)
+        if saved:
+            save(step)
+        stopped = None if last else stop.should_stop()
+        if stopped is not None:
+            if not saved:
+                save(step)
+            if is_rank0():
+                print(f"[sft] stopping after step {step} ({stopped}); run the same command again to resume",
+                      flush=True)
+            break
+    stop.close()
 
     mcore_dir = os.path.join(s.output_dir, "mcore")
     hf_dir = os.path.join(s.output_dir, "hf")
-    save_model(policy.model, mcore_dir, cfg.model.hf_path, extra_meta={"dtype": cfg.model.dtype})
-    write_hf(unwrap(policy.model), arch, hf_dir, cfg.model.hf_path)
-    return {"mcore": mcore_dir, "hf": hf_dir, "final_nll": history[-1] if history else None}
+    if stopped is None:
+        save_model(policy.model, mcore_dir, cfg.model.hf_path, extra_meta={"dtype": cfg.model.dtype})
+        write_hf(unwrap(policy.model), arch, hf_dir, cfg.model.hf_path)
+    return {"mcore": mcore_dir, "hf": hf_dir, "final_nll": history[-1] if history else None, "history": history,
+            "stopped": stopped}

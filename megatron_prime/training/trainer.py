@@ -4,23 +4,27 @@ PRIME steps with metrics, evaluation, checkpoints (exact resume) and a final HF 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 import torch
 
-from megatron_prime.algorithm import OUTCOME_ONLY_ESTIMATORS, GroupBuffer
+from megatron_prime.algorithm import OUTCOME_ONLY_ESTIMATORS, PromptBuffer
 from megatron_prime.bridge.convert import write_hf
 from megatron_prime.bridge.hf_io import SafetensorsSource
-from megatron_prime.bridge.mcore_io import load_model
+from megatron_prime.bridge.mcore_io import META_FILE, load_model
 from megatron_prime.bridge.transfer import load_hf_weights, unwrap
-from megatron_prime.config import Config, config_to_dict, validate
+from megatron_prime.config import Config, ConfigError, config_to_dict, validate
+from megatron_prime.data import DatasetError, PromptSampler, load_prompt_dataset, render_prompt
+from megatron_prime.data.lengths import describe_dropped, split_overlong_prompts
 from megatron_prime.models.gpt import ModelOptions, resolve_use_te
 from megatron_prime.models.hf_config import read_hf_config
 from megatron_prime.platform import distributed
-from megatron_prime.training import checkpoint
 from megatron_prime.platform.distributed import broadcast_object, is_rank0, on_rank0
+from megatron_prime.training import checkpoint
 from megatron_prime.training.evaluate import fleet_greedy_accuracy
 from megatron_prime.training.models import TrainableModel, build_frozen, build_trainable
-from megatron_prime.training.prime_step import PrimeContext, prime_step
+from megatron_prime.training.preemption import StopRequest
+from megatron_prime.training.prime_step import PrimeContext, prime_step, prm_mini_batch_responses
 from megatron_prime.training.rollout_fleet import build_fleet
 
 
@@ -32,14 +36,50 @@ def model_options(cfg: Config) -> ModelOptions:
     )
 
 
-def load_initial_weights(target, cfg: Config, arch, hf_path: str | None = None) -> None:
-    """Weights for a trainable model or a frozen one: from ``hf_path`` if given, else
-    ``model.mcore_path`` (a Megatron checkpoint) if set, else ``model.hf_path``."""
+@dataclass
+class WeightSources:
+    """Where each of PRIME's three models takes its starting weights: an HF checkpoint dir or a
+    Megatron checkpoint dir (``model.mcore_path`` style)."""
+
+    policy: str
+    prm: str
+    reference: str
+
+
+def weight_sources(cfg: Config) -> WeightSources:
+    """The policy starts from ``model.mcore_path`` or ``model.hf_path``. The PRM and the reference
+    start where the policy's run started (paper: all three from the SFT model), unless
+    ``model.prm_mcore_path`` / ``model.prm_hf_path`` / ``model.ref_path`` say otherwise.
+
+    When ``model.mcore_path`` is the policy of a trainer checkpoint (e.g. to continue at another
+    TP/PP), its PRM is that checkpoint's ``prm/`` and its reference is the reference that run
+    recorded: never the trained policy of step N, which would measure every implicit reward
+    and KL against the wrong model."""
+    m = cfg.model
+    policy = m.mcore_path or m.hf_path
+    prm, reference = m.prm_mcore_path or m.prm_hf_path, m.ref_path
+    trainer_ckpt = checkpoint.trainer_checkpoint_of(m.mcore_path) if m.mcore_path else None
+    if trainer_ckpt is not None:
+        prm = prm or trainer_ckpt.get("prm", "")
+        reference = reference or trainer_ckpt["reference"]
+        if reference is None:
+            raise ConfigError(f"model.mcore_path={m.mcore_path} is a trainer checkpoint that does not record its "
+                              "reference model: set model.ref_path to the run's original starting checkpoint")
+        if not os.path.isdir(reference):
+            raise ConfigError(f"model.mcore_path={m.mcore_path} is a trainer checkpoint whose reference model was "
+                              f"{reference}, which does not exist here: set model.ref_path to that model (the "
+                              f"original starting checkpoint)")
+    return WeightSources(policy=policy, prm=prm or policy, reference=reference or policy)
+
+
+def load_initial_weights(target, path: str, arch, cfg: Config) -> None:
+    """Weights of a trainable or frozen model from ``path``: a Megatron checkpoint dir (any TP/PP)
+    or an HF checkpoint dir."""
     model = unwrap(target.model if isinstance(target, TrainableModel) else target)
-    if not hf_path and cfg.model.mcore_path:
-        load_model(model, cfg.model.mcore_path)
+    if os.path.exists(os.path.join(path, META_FILE)):
+        load_model(model, path)
     else:
-        source = SafetensorsSource(hf_path or cfg.model.hf_path, arch)
+        source = SafetensorsSource(path, arch)
         source.check_shapes()
         load_hf_weights(model, arch, source, cfg.model.vocab_pad_multiple)
     if isinstance(target, TrainableModel):
@@ -48,38 +88,53 @@ def load_initial_weights(target, cfg: Config, arch, hf_path: str | None = None) 
         target.optimizer.reload_model_params()
 
 
-def build_context(cfg: Config) -> PrimeContext:
-    from transformers import AutoTokenizer
+def load_prompts(cfg: Config, tokenizer, render) -> PromptSampler:
+    """The training prompts, validated, with those longer than ``data.max_prompt_len`` dropped and
+    counted once here (found at generation time they would stop the run, and again on resume)."""
+    rows = [row for path in cfg.data.train_files for row in load_prompt_dataset(path)]
+    kept, overlong = split_overlong_prompts(rows, tokenizer, cfg.data.max_prompt_len, render)
+    if overlong:
+        print(describe_dropped("prompts", overlong, len(rows), f"data.max_prompt_len={cfg.data.max_prompt_len}"),
+              flush=True)
+    if not kept:
+        raise DatasetError([f"{', '.join(cfg.data.train_files)}: every prompt is longer than "
+                            f"data.max_prompt_len={cfg.data.max_prompt_len} tokens"])
+    return PromptSampler(kept, batch_size=cfg.train.prompts_per_step, seed=cfg.data.seed)
 
-    from megatron_prime.data import PromptSampler, load_prompt_dataset, render_prompt
+
+def build_context(cfg: Config, sources: WeightSources | None = None) -> PrimeContext:
+    from transformers import AutoTokenizer
 
     arch = read_hf_config(cfg.model.hf_path)
     opts = model_options(cfg)
     tokenizer = AutoTokenizer.from_pretrained(cfg.model.hf_path)
     uses_prm = cfg.algorithm.estimator not in OUTCOME_ONLY_ESTIMATORS
+    sources = sources or weight_sources(cfg)
     updates_per_step = cfg.train.prompts_per_step * cfg.rollout.n // cfg.train.mini_batch_responses
     policy = build_trainable(arch, opts, cfg.optim.policy,
                              total_steps=cfg.train.steps * updates_per_step * cfg.algorithm.ppo_epochs,
                              distributed_optimizer=cfg.parallel.distributed_optimizer)
-    load_initial_weights(policy, cfg, arch)
+    load_initial_weights(policy, sources.policy, arch, cfg)
+    loaded = {"policy": sources.policy}
     prm = reference = None
     if uses_prm:
-        prm = build_trainable(arch, opts, cfg.optim.prm, total_steps=cfg.train.steps,
+        prm_updates = cfg.train.prompts_per_step * cfg.rollout.n // prm_mini_batch_responses(cfg)
+        prm = build_trainable(arch, opts, cfg.optim.prm, total_steps=cfg.train.steps * prm_updates,
                               distributed_optimizer=cfg.parallel.distributed_optimizer)
-        load_initial_weights(prm, cfg, arch, hf_path=cfg.model.prm_hf_path or None)
+        load_initial_weights(prm, sources.prm, arch, cfg)
+        loaded["implicit PRM"] = sources.prm
     if uses_prm or cfg.algorithm.kl_coef:
         reference = build_frozen(arch, opts)
-        load_initial_weights(reference, cfg, arch)
-
-    def load_prompts():
-        rows = [row for path in cfg.data.train_files for row in load_prompt_dataset(path)]
-        return PromptSampler(rows, batch_size=cfg.train.prompts_per_step, seed=cfg.data.seed)
+        load_initial_weights(reference, sources.reference, arch, cfg)
+        loaded["reference"] = sources.reference
+    if is_rank0():
+        print("weights: " + "; ".join(f"{role} from {path}" for role, path in loaded.items()), flush=True)
 
     # Rank 0 owns the prompts; a bad file fails every rank.
-    sampler = on_rank0(load_prompts)
+    sampler = on_rank0(lambda: load_prompts(cfg, tokenizer, render_prompt))
     fleet = build_fleet(cfg, tokenizer, policy.model, arch)
     return PrimeContext(cfg=cfg, arch=arch, policy=policy, prm=prm, reference=reference, fleet=fleet,
-                        sampler=sampler, buffer=GroupBuffer(), tokenizer=tokenizer, render=render_prompt)
+                        sampler=sampler, buffer=PromptBuffer(), tokenizer=tokenizer, render=render_prompt)
 
 
 def _trainable(ctx: PrimeContext) -> dict:
@@ -94,16 +149,24 @@ def run_eval(ctx: PrimeContext, eval_rows) -> float:
 
 
 def train(cfg: Config) -> dict:
-    """Run PRIME training; returns a summary (eval accuracy before/after, final paths)."""
+    """Run PRIME training; returns a summary (eval accuracy before/after, final paths, and
+    ``stopped``: why the run stopped early at a step boundary, if it did)."""
     env = distributed.setup(cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.cp, cfg.parallel.ep, cfg.train.seed)
     validate(cfg, world_size=env.world_size)
+    stop = StopRequest(cfg.train.exit_after_minutes)  # from here on a signal stops at a step boundary
     torch.manual_seed(cfg.train.seed)
-    ctx = build_context(cfg)
-    from megatron_prime.data import load_prompt_dataset
+    if is_rank0():
+        checkpoint.remove_leftovers(cfg.checkpoint.dir)
+    sources = weight_sources(cfg)
+    ctx = build_context(cfg, sources)
     from megatron_prime.metrics import MetricsLogger
 
     def load_eval_rows():
         rows = [row for path in cfg.data.eval_files for row in load_prompt_dataset(path)]
+        rows, overlong = split_overlong_prompts(rows, ctx.tokenizer, cfg.data.max_prompt_len, ctx.render)
+        if overlong:
+            print(describe_dropped("eval prompts", overlong, len(rows) + len(overlong),
+                                   f"data.max_prompt_len={cfg.data.max_prompt_len}"), flush=True)
         return rows[: cfg.train.eval_limit] if cfg.train.eval_limit else rows
 
     # Every engine evaluates a shard, so every rank holds the rows.
@@ -133,31 +196,48 @@ def train(cfg: Config) -> dict:
         if logger:
             logger.log(0, {"eval/accuracy": summary["eval_before"]})
 
+    def save(step: int) -> None:
+        trainer_state = {"sampler": ctx.sampler.state_dict() if is_rank0() else None,
+                         "buffer": ctx.buffer.state_dict()}
+        checkpoint.save_checkpoint(cfg.checkpoint.dir, step, _trainable(ctx), trainer_state,
+                                   cfg.model.hf_path, cfg.checkpoint.keep_last, cfg.model.dtype,
+                                   reference=sources.reference)
+
+    # Step s is logged as step s + 1 (step 0 holds the evaluation before training).
     for step in range(start_step, cfg.train.steps):
         metrics, groups = prime_step(ctx, step)
         last = step == cfg.train.steps - 1
-        if has_eval and cfg.train.eval_every and (step + 1) % cfg.train.eval_every == 0 and not last:
+        if has_eval and (last or (cfg.train.eval_every and (step + 1) % cfg.train.eval_every == 0)):
             metrics["eval/accuracy"] = run_eval(ctx, eval_rows)
+            if last:
+                summary["eval_after"] = metrics["eval/accuracy"]
         if logger:
             logger.log(step + 1, metrics)
             if cfg.logging.sample_every and step % cfg.logging.sample_every == 0:
                 logger.log_samples(step, _samples(groups))
-        if (step + 1) % cfg.checkpoint.interval == 0 or last:
-            trainer_state = {"sampler": ctx.sampler.state_dict() if is_rank0() else None,
-                             "buffer": ctx.buffer.state_dict()}
-            checkpoint.save_checkpoint(cfg.checkpoint.dir, step, _trainable(ctx), trainer_state,
-                                       cfg.model.hf_path, cfg.checkpoint.keep_last, cfg.model.dtype)
         summary["last_metrics"] = metrics
+        saved = (step + 1) % cfg.checkpoint.interval == 0 or last
+        if saved:
+            save(step)
+        reason = None if last else stop.should_stop()
+        if reason is not None:
+            if not saved:
+                save(step)
+            summary["stopped"] = reason
+            if is_rank0():
+                print(f"stopping after step {step} ({reason}); checkpoint {checkpoint.step_dir(cfg.checkpoint.dir, step)} "
+                      "is complete: run the same command again to resume", flush=True)
+            break
+    stop.close()
 
-    if has_eval:
-        summary["eval_after"] = run_eval(ctx, eval_rows)
-        if logger:
-            logger.log(cfg.train.steps + 1, {"eval/accuracy": summary["eval_after"]})
-    if cfg.checkpoint.export_hf:
-        for name, tm in _trainable(ctx).items():
-            out = os.path.join(cfg.checkpoint.export_dir, name)
-            write_hf(unwrap(tm.model), ctx.arch, out, cfg.model.hf_path)
-            summary[f"export_{name}"] = out
+    if "stopped" not in summary:
+        if has_eval and "eval_after" not in summary:  # every step was done before this run
+            summary["eval_after"] = run_eval(ctx, eval_rows)
+        if cfg.checkpoint.export_hf:
+            for name, tm in _trainable(ctx).items():
+                out = os.path.join(cfg.checkpoint.export_dir, name)
+                write_hf(unwrap(tm.model), ctx.arch, out, cfg.model.hf_path)
+                summary[f"export_{name}"] = out
     if logger:
         logger.close()
     ctx.fleet.shutdown()

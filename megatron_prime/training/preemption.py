@@ -1,0 +1,58 @@
+"""Stopping at a step boundary: SIGTERM (preemption, ``scancel``), SIGUSR1 (SLURM's
+``--signal=B:USR1@600`` warning before the time limit) or a wall-clock budget
+(``train.exit_after_minutes``).
+
+A signal only sets a flag; the step in progress runs to its end. At each step boundary every rank
+calls ``should_stop()``, which all-reduces the flag, so all ranks stop after the same step (a signal
+that reached one rank stops them all) and none is left waiting in a collective. The trainer then
+writes a checkpoint and exits 0; rerunning the same command resumes from it.
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+
+import torch
+import torch.distributed as dist
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+class StopRequest:
+    def __init__(self, exit_after_minutes: float = 0.0, signals=STOP_SIGNALS):
+        self.deadline = time.monotonic() + 60.0 * exit_after_minutes if exit_after_minutes > 0 else None
+        self.exit_after_minutes = exit_after_minutes
+        self.received: str | None = None
+        self._previous = {}
+        for sig in signals:
+            self._previous[sig] = signal.signal(sig, self._on_signal)
+
+    def _on_signal(self, signum, _frame) -> None:
+        self.received = signal.Signals(signum).name
+
+    def should_stop(self) -> str | None:
+        """Collective: the reason to stop now (on every rank), or None."""
+        reason = self.received
+        if reason is None and self.deadline is not None and time.monotonic() >= self.deadline:
+            reason = f"train.exit_after_minutes={self.exit_after_minutes:g} reached"
+        flag = torch.tensor([0 if reason is None else 1], dtype=torch.int)
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            if dist.get_backend() == "nccl":
+                flag = flag.cuda()
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if not flag.item():
+            return None
+        return reason or "a stop signal reached another rank"
+
+    def close(self) -> None:
+        """Put the previous signal handlers back."""
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
+
+    def __enter__(self) -> "StopRequest":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
