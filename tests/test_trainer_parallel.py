@@ -9,7 +9,6 @@ post-update values are not a fair fp32 comparison)."""
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 
@@ -60,6 +59,12 @@ def test_first_step_is_not_trivial(layouts):
     assert base["advantages"].abs().max() > 1e-3
     assert 0.0 < base["metrics"]["outcome/accuracy_sampled"] < 1.0
     assert base["metrics"]["process_reward/token/std"] > 0  # PRM moved away from the reference
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_megatron_log_probs_match_the_engines(layouts, layout):
+    # fp32: the hf engine's sampling log-probs are an independent reference for Megatron's
+    assert layouts[layout]["metrics"]["rollout/logprob_diff_max"] <= 1e-4
 
 
 @pytest.mark.parametrize("tp,pp,sp", LAYOUTS[1:])

@@ -81,10 +81,26 @@ def fixture(tmp_path_factory):
     return make_trainer_fixture(root)
 
 
-@pytest.mark.parametrize("dtype", ["fp32", "bf16"])  # bf16: the optimizer's fp32 main params resume too
-def test_stop_and_resume_matches_uninterrupted(fixture, tmp_path, dtype):
+def assert_engine_agrees(rows: dict) -> None:
+    """fp32: the hf engine's sampling log-probs are an independent reference for Megatron's."""
+    for step, row in rows.items():
+        if "rollout/logprob_diff_max" in row:
+            assert row["rollout/logprob_diff_max"] <= 1e-4, (step, row["rollout/logprob_diff_max"])
+
+
+def buffered_prompts(checkpoint_dir: str) -> int:
+    import torch
+
+    return len(torch.load(os.path.join(checkpoint_dir, "trainer_state.pt"), weights_only=False)["buffer"]["prompts"])
+
+
+# fp32 with the paper's filter band: surplus prompts cross the checkpoint in the buffer. bf16: the
+# optimizer's fp32 main params resume too.
+@pytest.mark.parametrize("dtype,band", [("fp32", ("0.2", "0.8")), ("bf16", ("0.0", "1.0"))])
+def test_stop_and_resume_matches_uninterrupted(fixture, tmp_path, dtype, band):
     full, part = str(tmp_path / "full"), str(tmp_path / "part")
-    common = ["checkpoint.interval=1", "checkpoint.export_hf=false", f"model.dtype={dtype}", "optim.policy.lr=1e-4"]
+    common = ["checkpoint.interval=1", "checkpoint.export_hf=false", f"model.dtype={dtype}", "optim.policy.lr=1e-4",
+              f"algorithm.filter_low={band[0]}", f"algorithm.filter_high={band[1]}"]
     run(overrides(fixture, full, "train.steps=3", *common))
     run(overrides(fixture, part, "train.steps=2", "checkpoint.keep_last=2", *common))
     out = run(overrides(fixture, part, "train.steps=3", "checkpoint.keep_last=2", *common))
@@ -93,6 +109,12 @@ def test_stop_and_resume_matches_uninterrupted(fixture, tmp_path, dtype):
     for step in (1, 2, 3):
         assert_same_step(a[step], b[step])
     assert sorted(os.listdir(os.path.join(part, "ckpt"))) == ["step_00000001", "step_00000002"]  # keep_last=2
+    if dtype == "fp32":
+        assert buffered_prompts(os.path.join(part, "ckpt", "step_00000001")) > 0
+        assert any(a[step]["filter/from_buffer"] > 0 for step in (1, 2, 3))
+        # every trained response comes from the current policy, buffer or not
+        assert_engine_agrees(a)
+        assert_engine_agrees(b)
 
 
 def test_sigkill_mid_step_resumes_from_last_complete_checkpoint(fixture, tmp_path):
@@ -129,26 +151,113 @@ def test_corrupt_newest_checkpoint_falls_back_to_previous(fixture, tmp_path):
     assert "resumed from step 0" in out
 
 
-def test_torchrun_two_ranks_two_engines(fixture, tmp_path):
-    """The whole ``train`` under torchrun: TP=2 over 2 ranks, one hf engine per rank, evaluation
-    before and after, a checkpoint and the HF export."""
+def torchrun(script, args: list[str], **kwargs) -> subprocess.Popen:
+    return start(args, launcher=("-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(script)),
+                 **kwargs)
+
+
+def finish(proc: subprocess.Popen) -> str:
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, out[-4000:]
+    return out
+
+
+def signal_rank_mid_step(proc: subprocess.Popen, run_dir: str, rank: int, sig: int) -> None:
+    """Once step 0 is logged, send ``sig`` to the worker of ``rank`` only (it is then in step 1)."""
+    import psutil
+
+    log = os.path.join(run_dir, "logs", "scalars.jsonl")
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if os.path.exists(log) and any(json.loads(line)["step"] == 1 for line in open(log) if line.strip()):
+            break
+        time.sleep(0.05)
+    workers = [p for p in psutil.Process(proc.pid).children(recursive=True) if p.environ().get("RANK") == str(rank)]
+    assert workers, "worker not found"
+    workers[0].send_signal(sig)
+
+
+LAYOUT_CHECK = """
+import sys, torch
+sys.path.insert(0, {root!r})
+from tests.trainer_fixtures import register_test_verifier
+from megatron_prime.bridge.mcore_io import load_model
+from megatron_prime.config import load_config
+from megatron_prime.platform import distributed
+from megatron_prime.training.models import build_frozen
+from megatron_prime.training.passes import run_pass
+from megatron_prime.training.prime_step import _to_batch
+from megatron_prime.training.rollout_collect import collect_groups
+from megatron_prime.training.trainer import build_context, load_initial_weights, model_options
+
+if __name__ == "__main__":
+    register_test_verifier()
+    cfg = load_config(None, sys.argv[1:])
+    distributed.setup(seed=cfg.train.seed)
+    ctx = build_context(cfg)
+    groups, _ = collect_groups(ctx.fleet, ctx.sampler, ctx.buffer, ctx.tokenizer, cfg, 0, ctx.render)
+    batch = _to_batch(groups, cfg.rollout.n, ctx.tokenizer)
+
+    def logprobs(model):
+        return run_pass(model, batch, temperature=1.0, token_budget=cfg.train.micro_batch_tokens).logprobs
+
+    def fresh(path):
+        model = build_frozen(ctx.arch, model_options(cfg))
+        load_initial_weights(model, path, ctx.arch, cfg)
+        return model
+
+    sft, trained_prm, trained_policy = fresh({sft!r}), fresh({ckpt!r} + "/prm"), fresh({ckpt!r} + "/policy")
+    assert torch.equal(logprobs(ctx.reference), logprobs(sft)), "reference is not the original SFT model"
+    assert torch.equal(logprobs(ctx.prm.model), logprobs(trained_prm)), "PRM is not the checkpointed PRM"
+    assert torch.equal(logprobs(ctx.policy.model), logprobs(trained_policy)), "policy is not the checkpointed one"
+    assert not torch.equal(logprobs(trained_policy), logprobs(sft)), "the policy did not train"
+    assert not torch.equal(logprobs(trained_prm), logprobs(sft)), "the PRM did not train"
+    print("LAYOUT CHECK OK")
+"""
+
+
+def test_torchrun_preemption_and_resume_at_another_layout(fixture, tmp_path):
+    """The whole ``train`` under torchrun at TP=2 over 2 ranks (one hf engine per rank, evaluation,
+    checkpoints, HF export). A SIGUSR1 that reaches one rank mid-step stops both after that step
+    with a complete checkpoint and exit code 0; the rerun cleans a killed save's leftovers, resumes
+    and matches the uninterrupted run. Then the TP=2 checkpoint is continued at TP=1 through
+    ``model.mcore_path``: the reference is still the original SFT model and the PRM the trained one."""
     script = tmp_path / "train.py"
     script.write_text(TRAIN.format(root=ROOT))
-    run_dir = str(tmp_path / "torchrun")
-    out = run(overrides(fixture, run_dir, "train.steps=2", "checkpoint.interval=2", "parallel.tp=2",
-                        f"data.eval_files=[{fixture['eval']}]"),
-              launcher=("-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(script)))
-    rows = scalars(run_dir)
-    assert 0.0 <= rows[0]["eval/accuracy"] <= 1.0 and 0.0 <= rows[3]["eval/accuracy"] <= 1.0
-    assert rows[2]["policy/grad_norm"] > 0
-    assert os.path.exists(os.path.join(run_dir, "ckpt", "step_00000001", "trainer_state.pt"))
-    assert os.path.exists(os.path.join(run_dir, "export", "policy", "model.safetensors")), out[-2000:]
+    common = ["train.steps=4", "checkpoint.interval=100", "parallel.tp=2", "optim.policy.lr=1e-3", "optim.prm.lr=1e-3",
+              f"data.eval_files=[{fixture['eval']}]", "train.eval_every=2"]
+    whole, parts = str(tmp_path / "whole"), str(tmp_path / "parts")
+    finish(torchrun(script, overrides(fixture, whole, *common)))
+    rows = scalars(whole)
+    assert 0.0 <= rows[0]["eval/accuracy"] <= 1.0 and 0.0 <= rows[4]["eval/accuracy"] <= 1.0
+    assert os.path.exists(os.path.join(whole, "export", "policy", "model.safetensors"))
+    assert_engine_agrees(rows)
 
-    # Resuming that TP=2 checkpoint at TP=1 stops with what to do, instead of starting over.
-    out = run_failing(overrides(fixture, run_dir, "train.steps=3", "checkpoint.interval=2"))
-    assert "written at tp=2 pp=1, this run has tp=1 pp=1" in out, out[-3000:]
-    assert "model.mcore_path=" in out
-    assert sorted(os.listdir(os.path.join(run_dir, "ckpt"))) == ["step_00000001"]  # untouched
+    proc = torchrun(script, overrides(fixture, parts, *common))
+    signal_rank_mid_step(proc, parts, rank=1, sig=signal.SIGUSR1)
+    out = finish(proc)
+    stopped = sorted(n for n in os.listdir(os.path.join(parts, "ckpt")) if n.startswith("step_"))
+    assert len(stopped) == 1 and "stopping after step" in out and "another rank" in out, out[-3000:]
+    last = int(stopped[0].split("_")[1])
+    assert last < 3 and not os.path.exists(os.path.join(parts, "export"))  # stopped early: no export
+    for leftover in (".step_00000009.tmp-x1y2", f"step_{last:08d}.old"):  # what killed saves leave
+        os.makedirs(os.path.join(parts, "ckpt", leftover, "policy"))
+    out = finish(torchrun(script, overrides(fixture, parts, *common)))
+    assert f"resumed from step {last}" in out and "removed 2 incomplete save(s)" in out, out[-3000:]
+    assert sorted(n for n in os.listdir(os.path.join(parts, "ckpt"))) == [stopped[0], "step_00000003"]
+    resumed = scalars(parts)
+    for step in range(last + 2, 5):
+        assert_same_step(resumed[step], rows[step])
+
+    # At TP=1 the optimizer state cannot be resumed: the run stops with what to do instead ...
+    ckpt = os.path.join(whole, "ckpt", "step_00000003")
+    out = run_failing(overrides(fixture, whole, "train.steps=5"))
+    assert "written at tp=2 pp=1, this run has tp=1 pp=1" in out and f"model.mcore_path={ckpt}/policy" in out
+    assert sorted(os.listdir(os.path.join(whole, "ckpt"))) == ["step_00000003"]  # untouched
+    # ... and continuing from the weights that way keeps the reference and the trained PRM.
+    out = run(overrides(fixture, str(tmp_path / "tp1"), f"model.mcore_path={ckpt}/policy"),
+              launcher=("-c", LAYOUT_CHECK.format(root=ROOT, sft=fixture["hf"], ckpt=ckpt)))
+    assert "LAYOUT CHECK OK" in out
 
 
 def test_unloadable_checkpoints_stop_the_run(fixture, tmp_path):

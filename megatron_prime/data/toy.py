@@ -1,4 +1,4 @@
-"""The synthetic toy task of the CPU demo (DESIGN §4): multi-step arithmetic.
+"""The synthetic toy task of the CPU demo: multi-step arithmetic.
 
 A problem is ``a+b*c=`` (default) and its solution is written step by step, products first, then
 the running sum, ending in the boxed answer::
@@ -7,7 +7,7 @@ the running sum, ending in the boxed answer::
 
 Difficulty knobs: the number of operations (2: a+b*c, 3: a+b*c+d, 4: a+b*c+d*e, ...), the range
 of addends / right factors and the range of left factors. The default (a, c < 50, b < 10) is
-the setting measured in DESIGN §4: a 0.8M-parameter model reaches ~53% greedy accuracy after
+the demo's setting: a 0.8M-parameter model reaches ~50% greedy accuracy after
 100 s of SFT, inside PRIME's useful band; fewer operations or smaller ranges make it easier,
 more operations or larger ranges harder.
 

@@ -10,7 +10,7 @@ from megatron_prime.config import Config, load_config
 
 DEFAULT_CONFIG = os.path.join(os.path.dirname(__file__), "..", "..", "examples", "configs", "tiny_cpu.yaml")
 
-# ~0.8M parameters (DESIGN.md §4: learnable in demo time on 2 CPU cores)
+# ~0.8M parameters: the toy task is learnable with it in demo time on 2 CPU cores
 TINY_MODEL = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,
                   num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=True)
 
