@@ -102,8 +102,10 @@ def load_model(model, mcore_dir: str) -> None:
     """Load a checkpoint written at any TP/PP into this rank's shards of ``model``."""
     read_arch(mcore_dir)
     inner = unwrap(model)
+    requested = inner.sharded_state_dict()
     try:
-        state = dist_checkpointing.load(inner.sharded_state_dict(), mcore_dir)
+        state = dist_checkpointing.load(requested, mcore_dir)
     except Exception as e:  # dist_checkpointing raises many types; name the dir
         raise CheckpointError(f"{mcore_dir}: cannot load Megatron checkpoint: {e}") from e
-    inner.load_state_dict(state)
+    # A trainer checkpoint's common state (optimizer param groups, ...) comes back too: keep the model.
+    inner.load_state_dict({k: v for k, v in state.items() if k in requested})
