@@ -13,7 +13,7 @@ from megatron_prime.algorithm import metric, metric_means
 from megatron_prime.bridge.convert import write_hf
 from megatron_prime.bridge.mcore_io import save_model
 from megatron_prime.bridge.transfer import unwrap
-from megatron_prime.config import Config, OptimizerConfig, validate
+from megatron_prime.config import Config, OptimizerConfig
 from megatron_prime.models.hf_config import read_hf_config
 from megatron_prime.platform import distributed
 from megatron_prime.training.batch import build_rollout_batch
@@ -22,6 +22,7 @@ from megatron_prime.training.data_parallel import dp_rows, reduce_metric_pairs
 from megatron_prime.training.models import build_trainable
 from megatron_prime.training.passes import run_pass
 from megatron_prime.training.trainer import load_initial_weights, model_options
+from megatron_prime.training.validation import validate_run
 
 
 def tokenize_sft(rows, tokenizer, render, max_len: int):
@@ -42,8 +43,8 @@ def sft(cfg: Config) -> dict:
 
     from megatron_prime.data import load_sft_dataset, render_prompt
 
-    env = distributed.setup(cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.cp, cfg.parallel.ep, cfg.train.seed)
-    validate(cfg, world_size=env.world_size)
+    validate_run(cfg, world_size=distributed.detect_launch_env().world_size, stage="sft")
+    distributed.setup(cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.cp, cfg.parallel.ep, cfg.train.seed)
     s = cfg.sft
     arch = read_hf_config(cfg.model.hf_path)
     tokenizer = AutoTokenizer.from_pretrained(cfg.model.hf_path)

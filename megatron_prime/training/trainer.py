@@ -12,7 +12,7 @@ from megatron_prime.bridge.convert import write_hf
 from megatron_prime.bridge.hf_io import SafetensorsSource
 from megatron_prime.bridge.mcore_io import load_model
 from megatron_prime.bridge.transfer import load_hf_weights, unwrap
-from megatron_prime.config import Config, config_to_dict, validate
+from megatron_prime.config import Config, config_to_dict
 from megatron_prime.models.gpt import ModelOptions, resolve_use_te
 from megatron_prime.models.hf_config import read_hf_config
 from megatron_prime.platform import distributed
@@ -22,6 +22,7 @@ from megatron_prime.training.evaluate import fleet_greedy_accuracy
 from megatron_prime.training.models import TrainableModel, build_frozen, build_trainable
 from megatron_prime.training.prime_step import PrimeContext, prime_step
 from megatron_prime.training.rollout_fleet import build_fleet
+from megatron_prime.training.validation import validate_run
 
 
 def model_options(cfg: Config) -> ModelOptions:
@@ -95,8 +96,8 @@ def run_eval(ctx: PrimeContext, eval_rows) -> float:
 
 def train(cfg: Config) -> dict:
     """Run PRIME training; returns a summary (eval accuracy before/after, final paths)."""
-    env = distributed.setup(cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.cp, cfg.parallel.ep, cfg.train.seed)
-    validate(cfg, world_size=env.world_size)
+    validate_run(cfg, world_size=distributed.detect_launch_env().world_size)
+    distributed.setup(cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.cp, cfg.parallel.ep, cfg.train.seed)
     torch.manual_seed(cfg.train.seed)
     ctx = build_context(cfg)
     from megatron_prime.data import load_prompt_dataset
