@@ -9,6 +9,7 @@
 #                                                         # validated config, memory plan; exit 0
 #                                                         # if it can run, non-zero and why if not
 #   sbatch examples/prime_7b.sh [key=value ...]           # edit the variables below first
+#   (run both from the repository root: the job works in the directory it was submitted from)
 #
 # Runs as a CHAIN OF REQUEUED JOBS. 592 steps take days at 70B (the paper's 7B step is ~680 s: 592 steps ~112 h), longer
 # than most partitions allow. 600 s before the time limit Slurm sends USR1 to this script

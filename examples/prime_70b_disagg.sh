@@ -7,6 +7,7 @@
 #
 #   bash examples/prime_70b_disagg.sh --dry-run [key=value ...]   # no SLURM: commands, layout, plan
 #   sbatch examples/prime_70b_disagg.sh [key=value ...]
+#   (run both from the repository root: the job works in the directory it was submitted from)
 #
 # Runs as a CHAIN OF REQUEUED JOBS, like examples/prime_7b.sh: USR1 600 s before the time limit
 # is forwarded to the training ranks, which finish their step, checkpoint and exit 0; the job is

@@ -6,6 +6,7 @@
 #                                                         # validated config, memory plan; exit 0
 #                                                         # if it can run, non-zero and why if not
 #   sbatch examples/prime_7b.sh [key=value ...]           # edit the variables below first
+#   (run both from the repository root: the job works in the directory it was submitted from)
 #
 # Runs as a CHAIN OF REQUEUED JOBS. 592 steps at the paper's ~680 s per step take ~112 h, longer
 # than most partitions allow. 600 s before the time limit Slurm sends USR1 to this script

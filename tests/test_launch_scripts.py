@@ -18,8 +18,8 @@ SCRIPTS = ["examples/prime_7b.sh", "examples/prime_70b.sh", "examples/prime_70b_
 
 
 def _run(script, *args, env=None, timeout=300):
-    full_env = {**os.environ, "PYTHON": sys.executable, "PYTHONPATH": ROOT, **(env or {})}
-    full_env.pop("SLURM_JOB_NUM_NODES", None) if "SLURM_JOB_NUM_NODES" not in (env or {}) else None
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}  # no SLURM here
+    full_env.update(PYTHON=sys.executable, PYTHONPATH=ROOT, **(env or {}))
     return subprocess.run(["bash", script, *args], cwd=ROOT, env=full_env, capture_output=True, text=True,
                           timeout=timeout)
 

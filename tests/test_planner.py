@@ -235,3 +235,14 @@ def test_plan_figures_by_hand():
     engine = plan.engine
     assert engine.weights == n * 2 // 2 and engine.share == int(0.6 * 80 * GIB)
     assert engine.kv_bytes_per_token == 2 * 28 * 2 * 128 * 2  # K and V, 28 layers, 4/2 KV heads, bf16
+
+
+def test_planner_needs_neither_torch_nor_megatron():
+    """The planner is arithmetic on shapes and config: it must run on a laptop before installs."""
+    import subprocess
+    import sys
+
+    code = ("import sys, megatron_prime.planner.command, megatron_prime.planner.plan; "
+            "print(sorted(m for m in ('torch', 'megatron', 'transformers') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

@@ -261,7 +261,7 @@ def format_plan(plan: Plan, cfg: Config, arch: HFArch) -> str:
     row(f"optimizer (Adam{' + fp32 main' if DTYPE_BYTES[cfg.model.dtype] < 4 else ''}, {where})",
         [gib(m.state.optimizer) for m in ms])
     row(f"activations ({mb.sequences} x {mb.seq_len} tokens, in flight)", [gib(m.activations) for m in ms])
-    row("activations with full recompute", [gib(m.activations_recompute) for m in ms])
+    row("activations with full recompute (not a setting yet)", [gib(m.activations_recompute) for m in ms])
     row("logits, training pass", [gib(m.logits_training) for m in ms])
     row("logits, log-prob pass", [gib(m.logits_forward) for m in ms])
     if plan.engine:
