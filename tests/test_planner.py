@@ -104,7 +104,6 @@ ACTIVATION_SHAPE = dict(architectures=["Qwen2ForCausalLM"], hidden_size=256, int
                         num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=2, vocab_size=1000,
                         max_position_embeddings=512, tie_word_embeddings=False)
 ACTIVATION_CASES = {2: [("fp32", 1, False), ("bf16", 1, False), ("bf16", 2, True), ("fp32", 2, False)]}
-PEAK_TOLERANCE = 0.10  # measured forward peak vs planned activations + logits
 
 
 def _activation_check(dtype, tp, sp, sequences=2, seq_len=128):
@@ -117,7 +116,8 @@ def _activation_check(dtype, tp, sp, sequences=2, seq_len=128):
     from megatron_prime.config import OptimizerConfig
     from megatron_prime.models.forward import attention_mask_4d, position_ids_for
     from megatron_prime.models.gpt import ModelOptions
-    from megatron_prime.planner.activations import MicroBatch, logits_bytes, model_activation_bytes
+    from megatron_prime.planner.activations import (MicroBatch, layer_activation_bytes, logits_bytes,
+                                                    model_activation_bytes)
     from megatron_prime.platform import distributed
     from megatron_prime.training.models import build_trainable
 
@@ -149,7 +149,9 @@ def _activation_check(dtype, tp, sp, sequences=2, seq_len=128):
     mb = MicroBatch(sequences, seq_len)
     planned = model_activation_bytes(arch, mb, dtype=dtype, tp=tp, sequence_parallel=sp, layers=arch.num_layers,
                                      first_stage=True, last_stage=True, spec="local")
+    one_layer = layer_activation_bytes(arch, mb, dtype=dtype, tp=tp, sequence_parallel=sp, spec="local")
     return {"case": (dtype, tp, sp), "saved": sum(saved.values()), "planned": planned, "peak": peak,
+            "one_layer": one_layer,
             "logits": logits.numel() * logits.element_size(),
             "planned_logits_forward": logits_bytes(arch, mb.tokens, dtype=dtype, tp=tp, vocab_pad_multiple=128,
                                                    training=False)}
@@ -180,9 +182,10 @@ def test_activation_estimate_against_measured_cpu_memory(measured):
     for r in measured[0]["activations"] + measured[1]["activations"]:
         # what the forward keeps for backward: exact on the local spec
         assert r["saved"] == r["planned"], r
-        # the measured peak: activations + logits + one op's temporaries
+        # The measured peak holds the kept activations and the logits, plus the temporaries of the
+        # op running at the peak: never less, and at most one layer's activations more.
         planned_peak = r["planned"] + r["logits"]
-        assert abs(r["peak"] - planned_peak) <= PEAK_TOLERANCE * planned_peak, r
+        assert planned_peak <= r["peak"] <= planned_peak + r["one_layer"], r
         # the log-prob pass's estimate bounds the bare logits
         assert r["planned_logits_forward"] >= r["logits"]
 

@@ -28,7 +28,9 @@ chunk) a layer keeps only its input, B·h/σ per token, plus one layer's full se
 recomputed in the backward. (Not a trainer setting yet: reported to show what it would free.)
 
 The local (``"local"``) figures equal the bytes megatron-core keeps on CPU exactly (saved-tensor
-hooks) and the CPU peak within 10% (``tests/test_planner.py``); the Transformer Engine
+hooks), and the measured CPU peak of a forward lies between them (+ the logits) and that plus
+one layer's activations, the temporaries of the op at the peak (``tests/test_planner.py``, on
+megatron-core 0.16.1 and 0.19.2: 3-10% over for a 4-layer model); the Transformer Engine
 (``"te"``) ones are the same count for TE's fused modules and have not been measured on a GPU.
 
 Pipeline parallelism (1F1B schedule): stage r holds ``min(pp - r, micro-batches)`` micro-batches
