@@ -1,4 +1,4 @@
-"""``megatron-prime`` command line: train | sft | eval | demo | convert | data.
+"""``megatron-prime`` command line: train | sft | eval | demo | plan | convert | data.
 
 Each subcommand imports its module lazily so ``--help`` and ``data check`` stay fast.
 """
@@ -31,6 +31,14 @@ def _data(argv: list[str]) -> int:
     return cli_main(argv)
 
 
+def _plan(argv: list[str]) -> int:
+    from megatron_prime.algorithm import OUTCOME_ONLY_ESTIMATORS
+    from megatron_prime.planner.command import plan_command
+    from megatron_prime.training.validation import validate_run
+
+    return plan_command(argv, validate_run=validate_run, outcome_only=OUTCOME_ONLY_ESTIMATORS)
+
+
 def _training_command(name: str):
     def run(argv: list[str]) -> int:
         from megatron_prime.training import entrypoints
@@ -45,6 +53,7 @@ COMMANDS = {
     "sft": (_training_command("sft"), "supervised fine-tuning: megatron-prime sft CONFIG [key=value ...]"),
     "eval": (_training_command("evaluate"), "greedy accuracy of a checkpoint on eval sets"),
     "demo": (_training_command("demo"), "the tiny CPU demo: toy task, SFT, PRIME, before/after accuracy"),
+    "plan": (_plan, "memory and layout plan: megatron-prime plan CONFIG --gpus N --gpu-mem 80"),
     "convert": (_convert, "checkpoint conversion: hf-to-mcore | mcore-to-hf | verify"),
     "data": (_data, "dataset tools: data check FILE"),
 }

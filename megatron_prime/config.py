@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -34,6 +34,9 @@ class ModelConfig:
     fp8: Optional[Literal["e4m3", "hybrid"]] = None  # needs Transformer Engine on Hopper
     transformer_engine: Literal["auto", "on", "off"] = "auto"
     vocab_pad_multiple: int = 128  # vocab is padded to a multiple of this x TP
+    # config.json that gives the model's shape to `megatron-prime plan` and dry runs while
+    # hf_path does not exist yet (e.g. examples/models/Qwen2.5-Math-7B/config.json)
+    shape_from: str = ""
 
 
 @dataclass
@@ -307,25 +310,57 @@ def _check(ok: bool, key: str, value: Any, allowed: str) -> None:
         raise ConfigError(f"config key '{key}' = {value!r} is not allowed: {allowed}")
 
 
-def validate_parallel(parallel: ParallelConfig, *, num_layers: int, num_heads: int, num_kv_heads: int,
-                      world_size: int | None = None) -> None:
-    """Check the parallel layout against the model's shape (and the number of ranks, if known)."""
+class ModelShape(typing.Protocol):
+    """What validation needs of a model's shape (``models.hf_config.HFArch`` has it)."""
+
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+
+
+def validate_parallel(parallel: ParallelConfig, *, num_layers: int | None = None, num_heads: int | None = None,
+                      num_kv_heads: int | None = None, world_size: int | None = None) -> None:
+    """Check the parallel layout against the model's shape and the number of ranks, where known."""
     for name in ("tp", "pp", "cp", "ep"):
         _check(getattr(parallel, name) >= 1, f"parallel.{name}", getattr(parallel, name), "must be >= 1")
     tp, pp = parallel.tp, parallel.pp
-    _check(num_heads % tp == 0, "parallel.tp", tp,
-           f"must divide the number of attention heads ({num_heads})")
-    _check(num_kv_heads % tp == 0, "parallel.tp", tp,
-           f"must divide the number of KV groups ({num_kv_heads})")
-    _check(num_layers % pp == 0, "parallel.pp", pp, f"must divide the number of layers ({num_layers})")
+    if num_heads is not None:
+        _check(num_heads % tp == 0, "parallel.tp", tp,
+               f"must divide the number of attention heads ({num_heads}); try {_divisors(num_heads, num_kv_heads)}")
+    if num_kv_heads is not None:
+        _check(num_kv_heads % tp == 0, "parallel.tp", tp,
+               f"must divide the number of KV groups ({num_kv_heads}); try {_divisors(num_kv_heads, num_heads)}")
+    if num_layers is not None:
+        _check(num_layers % pp == 0, "parallel.pp", pp,
+               f"must divide the number of layers ({num_layers}); try {_divisors(num_layers)}")
     if world_size is not None:
         model_parallel = tp * pp * parallel.cp
         _check(world_size % model_parallel == 0, "parallel", f"tp={tp} pp={pp} cp={parallel.cp}",
-               f"tp*pp*cp must divide the world size ({world_size})")
+               f"tp*pp*cp = {model_parallel} must divide the world size ({world_size})")
 
 
-def validate(cfg: Config, world_size: int | None = None) -> None:
-    """Validate the whole tree up front, before any model is built."""
+def _divisors(n: int, also_divides: int | None = None) -> str:
+    ok = [d for d in range(1, n + 1) if n % d == 0 and (also_divides is None or also_divides % d == 0)]
+    return "one of " + ", ".join(map(str, ok))
+
+
+def _multiples_dividing(unit: int, total: int, limit: int = 4) -> str:
+    """Up to ``limit`` multiples of ``unit`` that divide ``total`` (for 'what would work')."""
+    ok = [m for m in range(unit, total + 1, unit) if total % m == 0][:limit]
+    return ", ".join(map(str, ok)) if ok else f"none: change the batch to a multiple of {unit}"
+
+
+def validate(cfg: Config, world_size: int | None = None, *, model_shape: ModelShape | None = None,
+             estimators: typing.Collection[str] | None = None, gpus_per_node: int | None = None,
+             stage: Literal["train", "sft"] = "train") -> None:
+    """Validate the whole tree up front, before any process group or model is built.
+
+    The facts config does not own come in as arguments (config imports nothing of ours):
+    ``model_shape`` (layers, heads, KV groups; ``models.hf_config.read_hf_config``), the advantage
+    ``estimators`` the algorithm registry knows, the ranks (``world_size``) and ``gpus_per_node``.
+    A check whose fact is not given is skipped; ``training.validation.validate_run`` gathers them
+    all. ``stage`` says which batch settings must split over data parallelism (PRIME's or SFT's).
+    """
     a, r, t = cfg.algorithm, cfg.rollout, cfg.train
     _check(a.beta > 0, "algorithm.beta", a.beta, "must be > 0")
     _check(0.0 <= a.filter_low <= a.filter_high <= 1.0, "algorithm.filter_low/filter_high",
@@ -348,10 +383,8 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     if world_size is not None and r.mode == "colocated":
         _check(world_size % r.tp == 0, "rollout.tp", r.tp,
                f"colocated engines take rollout.tp consecutive ranks each: must divide the world size ({world_size})")
-    from megatron_prime.algorithm import ADVANTAGE_ESTIMATORS  # torch only
-
-    _check(a.estimator in ADVANTAGE_ESTIMATORS, "algorithm.estimator", a.estimator,
-           f"one of {', '.join(sorted(ADVANTAGE_ESTIMATORS))}")
+    if estimators is not None:
+        _check(a.estimator in estimators, "algorithm.estimator", a.estimator, f"one of {', '.join(sorted(estimators))}")
     _check(a.estimator != "gae", "algorithm.estimator", a.estimator,
            "GAE needs a value model, which the trainer does not build; use prime_rloo, rloo, grpo, "
            "reinforce or reinforce_pp")
@@ -375,19 +408,45 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     _check(cfg.checkpoint.keep_last >= 1, "checkpoint.keep_last", cfg.checkpoint.keep_last, "must be >= 1")
     _check(cfg.model.vocab_pad_multiple >= 1, "model.vocab_pad_multiple", cfg.model.vocab_pad_multiple,
            "must be >= 1")
-    if cfg.model.fp8 is not None:
-        _check(cfg.model.transformer_engine != "off", "model.fp8", cfg.model.fp8,
-               "FP8 needs Transformer Engine (model.transformer_engine must not be 'off')")
+    _check(cfg.checkpoint.interval >= 1, "checkpoint.interval", cfg.checkpoint.interval,
+           "must be >= 1 (a checkpoint every N steps; the last step is always saved)")
+    # Refused rather than half-supported: each would build and run, and train the wrong thing.
+    _check(cfg.model.fp8 is None, "model.fp8", cfg.model.fp8,
+           "FP8 training has not run on a GPU yet (Transformer Engine FP8 needs an FP8 recipe and "
+           "micro-batch token counts divisible by 16, which the trainer does not arrange): leave "
+           "model.fp8 unset (null) and train in model.dtype=bf16")
+    _check(cfg.parallel.cp == 1, "parallel.cp", cfg.parallel.cp,
+           "must be 1: the trainer does not split sequences over context-parallel ranks (every rank "
+           "would see whole sequences and the attention would be wrong); use parallel.tp/parallel.pp")
+    _check(cfg.parallel.ep == 1, "parallel.ep", cfg.parallel.ep,
+           "must be 1: the supported models (Llama, Qwen2/2.5, Qwen3 dense) have no experts to split")
     if cfg.parallel.sequence_parallel:
         _check(cfg.parallel.tp > 1, "parallel.sequence_parallel", True, "needs parallel.tp > 1")
-    if cfg.model.hf_path:
-        config_path = os.path.join(cfg.model.hf_path, "config.json")
-        if os.path.exists(config_path):
-            from megatron_prime.models.hf_config import read_hf_config  # no torch.distributed
-
-            arch = read_hf_config(cfg.model.hf_path)
-            validate_parallel(cfg.parallel, num_layers=arch.num_layers, num_heads=arch.num_heads,
-                              num_kv_heads=arch.num_kv_heads, world_size=world_size)
-            return
-    validate_parallel(cfg.parallel, num_layers=cfg.parallel.pp, num_heads=cfg.parallel.tp,
-                      num_kv_heads=cfg.parallel.tp, world_size=world_size)
+    shape = dict(num_layers=model_shape.num_layers, num_heads=model_shape.num_heads,
+                 num_kv_heads=model_shape.num_kv_heads) if model_shape is not None else {}
+    validate_parallel(cfg.parallel, world_size=world_size, **shape)
+    if world_size is not None:
+        p = cfg.parallel
+        dp = world_size // (p.tp * p.pp * p.cp)
+        layout = f"world size {world_size} / (tp {p.tp} x pp {p.pp})"
+        if stage == "train":
+            rows = t.prompts_per_step * r.n
+            _check(rows % dp == 0, "train.prompts_per_step", t.prompts_per_step,
+                   f"prompts_per_step x rollout.n = {rows} responses must split evenly over the "
+                   f"{dp} data-parallel ranks ({layout}); try prompts_per_step a multiple of "
+                   f"{dp // math.gcd(dp, r.n)}")
+            _check(t.mini_batch_responses % dp == 0, "train.mini_batch_responses", t.mini_batch_responses,
+                   f"must split evenly over the {dp} data-parallel ranks ({layout}); "
+                   f"try {_multiples_dividing(dp, rows)}")
+            _check(prm_mb % dp == 0, "train.prm_mini_batch_responses", t.prm_mini_batch_responses,
+                   f"{prm_mb} responses per PRM update must split evenly over the {dp} data-parallel "
+                   f"ranks ({layout}); try {_multiples_dividing(dp, rows)}")
+        else:
+            _check(cfg.sft.batch_size % dp == 0, "sft.batch_size", cfg.sft.batch_size,
+                   f"must split evenly over the {dp} data-parallel ranks ({layout}); "
+                   f"try a multiple of {dp}")
+    colocated_engines = r.mode == "colocated" and r.engine != "hf"
+    if gpus_per_node is not None and colocated_engines:
+        _check(r.tp <= gpus_per_node and gpus_per_node % r.tp == 0, "rollout.tp", r.tp,
+               f"a colocated engine runs on rollout.tp GPUs of one node: must divide the GPUs per node "
+               f"({gpus_per_node}); try {_divisors(gpus_per_node)}")

@@ -1,6 +1,7 @@
 import pytest
 
 from megatron_prime.config import ConfigError, config_from_dict, load_config, validate, validate_parallel
+from megatron_prime.training.validation import gpus_per_node, validate_run
 from tests.hf_models import make_tiny_hf
 
 
@@ -46,13 +47,15 @@ def test_validate_names_key_value_and_rule():
 def test_parallel_layout_checked_against_model(tmp_path):
     make_tiny_hf("qwen2", str(tmp_path / "m"))  # 4 heads, 2 KV groups, 2 layers
     base = [f"model.hf_path={tmp_path / 'm'}"]
-    validate(config_from_dict({}, base + ["parallel.tp=2", "parallel.pp=2"]), world_size=4)
-    with pytest.raises(ConfigError, match=r"parallel.tp.*= 4.*KV groups \(2\)"):
-        validate(config_from_dict({}, base + ["parallel.tp=4"]))
-    with pytest.raises(ConfigError, match=r"parallel.pp.*= 3.*layers \(2\)"):
-        validate(config_from_dict({}, base + ["parallel.pp=3"]))
+    validate_run(config_from_dict({}, base + ["parallel.tp=2", "parallel.pp=2", "train.prompts_per_step=4",
+                                                    "train.mini_batch_responses=16"]),
+                 world_size=4)
+    with pytest.raises(ConfigError, match=r"parallel.tp.*= 4.*KV groups \(2\); try one of 1, 2"):
+        validate_run(config_from_dict({}, base + ["parallel.tp=4"]), world_size=None)
+    with pytest.raises(ConfigError, match=r"parallel.pp.*= 3.*layers \(2\); try one of 1, 2"):
+        validate_run(config_from_dict({}, base + ["parallel.pp=3"]), world_size=None)
     with pytest.raises(ConfigError, match=r"world size \(6\)"):
-        validate(config_from_dict({}, base + ["parallel.tp=2", "parallel.pp=2"]), world_size=6)
+        validate_run(config_from_dict({}, base + ["parallel.tp=2", "parallel.pp=2"]), world_size=6)
     with pytest.raises(ConfigError, match=r"attention heads \(4\)"):
         validate_parallel(config_from_dict({}, ["parallel.tp=3"]).parallel, num_layers=2, num_heads=4, num_kv_heads=4)
 
@@ -76,7 +79,8 @@ def test_missing_config_file():
 )
 def test_rollout_and_estimator_checked_up_front(overrides, message):
     with pytest.raises(ConfigError, match=message):
-        validate(config_from_dict({}, overrides), world_size=6)
+        validate_run(config_from_dict({}, overrides + ["train.prompts_per_step=6", "train.mini_batch_responses=24"]),
+                     world_size=6)
 
 
 @pytest.mark.parametrize("overrides", [
@@ -85,4 +89,79 @@ def test_rollout_and_estimator_checked_up_front(overrides, message):
     ["rollout.engine=sglang", "rollout.mode=remote", "rollout.remote_urls=[http://h:30000]", "rollout.tp=8"],
 ])
 def test_rollout_layouts_accepted(overrides):
-    validate(config_from_dict({}, overrides), world_size=6)
+    validate_run(config_from_dict({}, overrides + ["train.prompts_per_step=6", "train.mini_batch_responses=24"]),
+                 world_size=6, ranks_per_node=6)
+
+
+def test_config_imports_nothing_of_ours():
+    """config is the bottom layer: importing it must not import another megatron_prime module."""
+    import subprocess
+    import sys
+
+    code = ("import sys, megatron_prime.config; "
+            "print(sorted(m for m in sys.modules if m.startswith('megatron_prime') and m != 'megatron_prime.config'))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "['megatron_prime']"
+
+
+# Layouts refused before they go wrong (each names the setting and what would work).
+TINY = {"num_layers": 2, "num_heads": 4, "num_kv_heads": 2}
+
+
+@pytest.mark.parametrize(
+    "overrides, world_size, per_node, message",
+    [
+        (["parallel.tp=2", "parallel.pp=2"], 6, None, r"tp\*pp\*cp = 4 must divide the world size \(6\)"),
+        (["parallel.tp=4"], 4, None, r"parallel.tp' = 4.*KV groups \(2\); try one of 1, 2"),
+        (["parallel.tp=3"], 3, None, r"parallel.tp' = 3.*attention heads \(4\); try one of 1, 2"),
+        (["rollout.engine=sglang", "rollout.tp=16"], 16, 8,
+         r"rollout.tp' = 16.*GPUs of one node: must divide the GPUs per node \(8\); try one of 1, 2, 4, 8"),
+        (["rollout.engine=sglang", "rollout.tp=3", "train.prompts_per_step=6", "train.mini_batch_responses=24"], 24, 8,
+          r"rollout.tp' = 3.*must divide the GPUs per node \(8\)"),
+        (["rollout.engine=vllm", "rollout.tp=4"], 6, None, r"rollout.tp' = 4.*must divide the world size \(6\)"),
+        (["parallel.cp=2"], 2, None, r"parallel.cp' = 2.*does not split sequences"),
+        (["parallel.ep=2"], 2, None, r"parallel.ep' = 2.*no experts"),
+        (["train.prompts_per_step=3", "train.mini_batch_responses=4"], 8, None,
+         r"train.prompts_per_step' = 3.*12 responses must split evenly over the 8 data-parallel ranks"
+         r".*try prompts_per_step a multiple of 2"),
+        (["train.prompts_per_step=16", "train.mini_batch_responses=4"], 8, None,
+         r"train.mini_batch_responses' = 4.*over the 8 data-parallel ranks \(world size 8 / \(tp 1 x pp 1\)\); "
+         r"try 8, 16, 32, 64"),
+        (["checkpoint.interval=0"], 1, None, r"checkpoint.interval' = 0.*must be >= 1"),
+        (["model.fp8=e4m3"], 1, None, r"model.fp8' = 'e4m3'.*has not run on a GPU yet.*model.dtype=bf16"),
+        (["model.fp8=hybrid", "model.transformer_engine='on'"], 1, None, r"model.fp8' = 'hybrid'"),
+    ],
+)
+def test_layouts_refused_before_they_go_wrong(overrides, world_size, per_node, message):
+    cfg = config_from_dict({}, overrides)
+    with pytest.raises(ConfigError, match=message):
+        validate(cfg, world_size, model_shape=_Shape(**TINY), gpus_per_node=per_node)
+
+
+def test_sft_batch_split_over_data_parallel_ranks():
+    cfg = config_from_dict({}, ["sft.batch_size=6", "train.prompts_per_step=4", "train.mini_batch_responses=16"])
+    validate(cfg, 4)  # PRIME's batch splits; SFT's is not checked for a PRIME run
+    with pytest.raises(ConfigError, match=r"sft.batch_size' = 6.*4 data-parallel ranks.*multiple of 4"):
+        validate(cfg, 4, stage="sft")
+    validate(config_from_dict({}, ["sft.batch_size=8"]), 4, stage="sft")
+
+
+def test_accepted_layouts():
+    validate(config_from_dict({}, ["parallel.tp=2", "parallel.pp=2", "train.prompts_per_step=16",
+                                   "train.mini_batch_responses=32", "rollout.engine=sglang", "rollout.tp=4"]),
+             16, model_shape=_Shape(**TINY), gpus_per_node=8)
+    # remote servers are not bound to the trainer's nodes
+    validate(config_from_dict({}, ["rollout.engine=sglang", "rollout.mode=remote",
+                                   "rollout.remote_urls=[http://h:30000]", "rollout.tp=16"]), 8, gpus_per_node=8)
+
+
+def test_gpus_per_node_from_the_launcher():
+    assert gpus_per_node({"LOCAL_WORLD_SIZE": "4"}) == 4
+    assert gpus_per_node({"SLURM_NTASKS_PER_NODE": "8"}) == 8
+    assert gpus_per_node({"SLURM_TASKS_PER_NODE": "8(x4)"}) == 8
+    assert gpus_per_node({}) is None
+
+
+class _Shape:
+    def __init__(self, num_layers, num_heads, num_kv_heads):
+        self.num_layers, self.num_heads, self.num_kv_heads = num_layers, num_heads, num_kv_heads

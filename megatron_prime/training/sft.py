@@ -14,7 +14,7 @@ from megatron_prime.algorithm import metric, metric_means
 from megatron_prime.bridge.convert import write_hf
 from megatron_prime.bridge.mcore_io import save_model
 from megatron_prime.bridge.transfer import unwrap
-from megatron_prime.config import Config, OptimizerConfig, validate
+from megatron_prime.config import Config, OptimizerConfig
 from megatron_prime.data import DatasetError, load_sft_dataset, render_prompt
 from megatron_prime.data.lengths import describe_dropped, split_overlong_sft
 from megatron_prime.models.hf_config import read_hf_config
@@ -27,6 +27,7 @@ from megatron_prime.training.models import build_trainable
 from megatron_prime.training.passes import run_pass
 from megatron_prime.training.preemption import StopRequest
 from megatron_prime.training.trainer import load_initial_weights, model_options
+from megatron_prime.training.validation import validate_run
 
 
 def tokenize_sft(rows, tokenizer, render):
@@ -88,8 +89,8 @@ def sft(cfg: Config) -> dict:
     and a stop signal or ``train.exit_after_minutes`` checkpoints and stops at a step boundary."""
     from transformers import AutoTokenizer
 
-    env = distributed.setup(cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.cp, cfg.parallel.ep, cfg.train.seed)
-    validate(cfg, world_size=env.world_size)
+    validate_run(cfg, world_size=distributed.detect_launch_env().world_size, stage="sft")
+    distributed.setup(cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.cp, cfg.parallel.ep, cfg.train.seed)
     stop = StopRequest(cfg.train.exit_after_minutes)
     s = cfg.sft
     ckpt_root = os.path.join(s.output_dir, "checkpoints")

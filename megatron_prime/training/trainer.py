@@ -13,7 +13,7 @@ from megatron_prime.bridge.convert import write_hf
 from megatron_prime.bridge.hf_io import SafetensorsSource
 from megatron_prime.bridge.mcore_io import META_FILE, load_model
 from megatron_prime.bridge.transfer import load_hf_weights, unwrap
-from megatron_prime.config import Config, ConfigError, config_to_dict, validate
+from megatron_prime.config import Config, ConfigError, config_to_dict
 from megatron_prime.data import DatasetError, PromptSampler, load_prompt_dataset, render_prompt
 from megatron_prime.data.lengths import describe_dropped, split_overlong_prompts
 from megatron_prime.models.gpt import ModelOptions, resolve_use_te
@@ -26,6 +26,7 @@ from megatron_prime.training.models import TrainableModel, build_frozen, build_t
 from megatron_prime.training.preemption import StopRequest
 from megatron_prime.training.prime_step import PrimeContext, prime_step, prm_mini_batch_responses
 from megatron_prime.training.rollout_fleet import build_fleet
+from megatron_prime.training.validation import validate_run
 
 
 def model_options(cfg: Config) -> ModelOptions:
@@ -151,8 +152,8 @@ def run_eval(ctx: PrimeContext, eval_rows) -> float:
 def train(cfg: Config) -> dict:
     """Run PRIME training; returns a summary (eval accuracy before/after, final paths, and
     ``stopped``: why the run stopped early at a step boundary, if it did)."""
-    env = distributed.setup(cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.cp, cfg.parallel.ep, cfg.train.seed)
-    validate(cfg, world_size=env.world_size)
+    validate_run(cfg, world_size=distributed.detect_launch_env().world_size)
+    distributed.setup(cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.cp, cfg.parallel.ep, cfg.train.seed)
     stop = StopRequest(cfg.train.exit_after_minutes)  # from here on a signal stops at a step boundary
     torch.manual_seed(cfg.train.seed)
     if is_rank0():

@@ -80,7 +80,7 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     quiet()
-    from megatron_prime.config import validate
+    from megatron_prime.training.validation import validate_run
     from megatron_prime.platform import distributed
     from megatron_prime.training.demo import demo_configs
     from megatron_prime.training.prime_step import prime_step
@@ -109,7 +109,7 @@ def main() -> None:
         for name, estimator in (("prime", "prime_rloo"), ("rloo", "rloo")):
             run_cfg = copy.deepcopy(cfg)
             run_cfg.algorithm.estimator = estimator
-            validate(run_cfg, world_size=1)
+            validate_run(run_cfg, world_size=1)
             torch.manual_seed(run_cfg.train.seed)
             contexts[name] = build_context(run_cfg)
             contexts[name].fleet.sync()

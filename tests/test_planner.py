@@ -1,0 +1,251 @@
+"""The planner's memory figures against what megatron-core really allocates (CPU, gloo ranks), its
+activation estimate against a measured CPU peak, and its verdicts for the example configs."""
+
+from __future__ import annotations
+
+import pytest
+
+from megatron_prime.models.hf_config import arch_from_dict
+from tests.dist_utils import run_distributed
+
+# Shapes that exercise every rule of the buffer layout: a vocabulary that is not a multiple of
+# the padding unit, QKV biases (qwen2), q/k norms and tied embeddings (qwen3, whose PP=2 stage
+# copies get their own bucket), GQA that TP=2 splits.
+SHAPES = {
+    "qwen2": dict(architectures=["Qwen2ForCausalLM"], hidden_size=64, intermediate_size=96,
+                  num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, vocab_size=250,
+                  max_position_embeddings=256, tie_word_embeddings=False),
+    "qwen3": dict(architectures=["Qwen3ForCausalLM"], hidden_size=48, intermediate_size=80, head_dim=24,
+                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, vocab_size=300,
+                  max_position_embeddings=256, tie_word_embeddings=True),
+    "llama": dict(architectures=["LlamaForCausalLM"], hidden_size=64, intermediate_size=160,
+                  num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=2, vocab_size=1000,
+                  max_position_embeddings=256, tie_word_embeddings=False),
+}
+LAYOUTS = [(1, 1), (2, 1), (1, 2)]  # (tp, pp) on 2 ranks: DP=2, TP=2, PP=2
+
+
+def _storage_bytes(tensors, exclude=()) -> int:
+    seen = {t.untyped_storage().data_ptr() for t in exclude}
+    total = 0
+    for t in tensors:
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in seen:
+            seen.add(ptr)
+            total += t.untyped_storage().nbytes()
+    return total
+
+
+def _allocated(trainable) -> dict:
+    """Bytes the DDP buffers (or the parameters themselves) and the optimizer hold on this rank."""
+    ddp = trainable.model
+    params = list(ddp.module.parameters())
+    buffers = ddp.buffers
+    if buffers and buffers[0].param_data is not None:
+        param_bytes = sum(b.param_data.untyped_storage().nbytes() for b in buffers)
+        param_tensors = [b.param_data for b in buffers]
+    else:
+        param_bytes = _storage_bytes(params)
+        param_tensors = params
+    grad_bytes = sum(b.grad_data.untyped_storage().nbytes() for b in buffers)
+    optimizers = getattr(trainable.optimizer, "chained_optimizers", [trainable.optimizer])
+    state = []
+    for opt in optimizers:
+        inner = opt.optimizer
+        for group in inner.param_groups:
+            state += list(group["params"])  # main params: fp32 copies, or views of the model's
+        for s in inner.state.values():
+            state += [v for v in s.values() if hasattr(v, "untyped_storage") and v.dim() > 0]
+    opt_bytes = _storage_bytes(state, exclude=param_tensors + params + [b.grad_data for b in buffers])
+    return {"params": param_bytes, "grads": grad_bytes, "optimizer": opt_bytes}
+
+
+def _state_checks(rank, world_size, cases):
+    import torch
+    from megatron.core import parallel_state
+
+    from megatron_prime.config import OptimizerConfig
+    from megatron_prime.models.gpt import ModelOptions
+    from megatron_prime.platform import distributed
+    from megatron_prime.planner.state_memory import frozen_state_bytes, stage_parameters, trainable_state_bytes
+    from megatron_prime.training.models import build_frozen, build_trainable
+
+    results = []
+    for family, tp, pp, dtype, dist_opt in cases:
+        arch = arch_from_dict(SHAPES[family])
+        distributed.init_model_parallel(tp=tp, pp=pp)
+        opts = ModelOptions(dtype=dtype, tp=tp, pp=pp)
+        trainable = build_trainable(arch, opts, OptimizerConfig(lr=1e-3), total_steps=1,
+                                    distributed_optimizer=dist_opt)
+        trainable.zero_grad()
+        trainable.step()  # Adam allocates its moments on the first step
+        measured = _allocated(trainable)
+        pp_rank = parallel_state.get_pipeline_model_parallel_rank()
+        dp = parallel_state.get_data_parallel_world_size()
+        params = stage_parameters(arch, tp=tp, pp=pp, pp_rank=pp_rank, vocab_pad_multiple=128)
+        names = [n for n, _ in trainable.model.module.named_parameters()]
+        planned = trainable_state_bytes(params, dtype=dtype, dp=dp, dp_rank=parallel_state.get_data_parallel_rank(),
+                                        distributed_optimizer=dist_opt)
+        frozen = build_frozen(arch, opts)
+        frozen_bytes = sum(p.numel() * p.element_size() for p in frozen.parameters())
+        results.append({
+            "case": (family, tp, pp, dtype, dist_opt), "measured": measured,
+            "planned": {"params": planned.params, "grads": planned.grads, "optimizer": planned.optimizer},
+            "names_match": [n.removeprefix("module.") for n in names] == [p.name for p in params],
+            "frozen": (frozen_bytes, frozen_state_bytes(params, dtype=dtype).params),
+        })
+        del trainable, frozen
+    activations = [_activation_check(*case) for case in ACTIVATION_CASES[world_size]]
+    return distributed.all_gather_object({"state": results, "activations": activations})
+
+
+# The activation model: a 4-layer GQA model, 2 sequences of 128 tokens.
+ACTIVATION_SHAPE = dict(architectures=["Qwen2ForCausalLM"], hidden_size=256, intermediate_size=704,
+                        num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=2, vocab_size=1000,
+                        max_position_embeddings=512, tie_word_embeddings=False)
+ACTIVATION_CASES = {2: [("fp32", 1, False), ("bf16", 1, False), ("bf16", 2, True), ("fp32", 2, False)]}
+
+
+def _activation_check(dtype, tp, sp, sequences=2, seq_len=128):
+    """Bytes the forward keeps for backward (saved-tensor hooks: unique storages that are not
+    parameters) and the peak of live CPU memory during the forward (the profiler's allocation
+    events), against the planner's figures for megatron-core's local layer spec."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from megatron_prime.config import OptimizerConfig
+    from megatron_prime.models.forward import attention_mask_4d, position_ids_for
+    from megatron_prime.models.gpt import ModelOptions
+    from megatron_prime.planner.activations import (MicroBatch, layer_activation_bytes, logits_bytes,
+                                                    model_activation_bytes)
+    from megatron_prime.platform import distributed
+    from megatron_prime.training.models import build_trainable
+
+    distributed.init_model_parallel(tp=tp)
+    arch = arch_from_dict(ACTIVATION_SHAPE)
+    trainable = build_trainable(arch, ModelOptions(dtype=dtype, tp=tp, sequence_parallel=sp), OptimizerConfig(),
+                                total_steps=1, distributed_optimizer=True)
+    model = trainable.model
+    model.train()
+    skip = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    torch.manual_seed(0)
+    ids = torch.randint(0, arch.vocab_size, (sequences, seq_len))
+    saved = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in skip:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), \
+            profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        logits = model(ids, position_ids_for(ids), attention_mask_4d(torch.ones_like(ids)))
+    live = peak = 0
+    for _, nbytes in sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+                            if e.name() == "[memory]"):
+        live += nbytes
+        peak = max(peak, live)
+    mb = MicroBatch(sequences, seq_len)
+    planned = model_activation_bytes(arch, mb, dtype=dtype, tp=tp, sequence_parallel=sp, layers=arch.num_layers,
+                                     first_stage=True, last_stage=True, spec="local")
+    one_layer = layer_activation_bytes(arch, mb, dtype=dtype, tp=tp, sequence_parallel=sp, spec="local")
+    return {"case": (dtype, tp, sp), "saved": sum(saved.values()), "planned": planned, "peak": peak,
+            "one_layer": one_layer,
+            "logits": logits.numel() * logits.element_size(),
+            "planned_logits_forward": logits_bytes(arch, mb.tokens, dtype=dtype, tp=tp, vocab_pad_multiple=128,
+                                                   training=False)}
+
+
+@pytest.fixture(scope="module")
+def measured():
+    """One 2-rank gloo launch for all measurements (starting processes costs more than measuring)."""
+    cases = [(family, tp, pp, dtype, True) for family in SHAPES for tp, pp in LAYOUTS for dtype in ("bf16", "fp32")]
+    cases += [("qwen2", 1, 1, "bf16", False), ("qwen3", 1, 2, "fp32", False)]
+    return run_distributed(_state_checks, cases, world_size=2)
+
+
+def test_state_bytes_equal_megatron_allocations(measured):
+    per_rank = measured
+    for rank, results in enumerate(per_rank):
+        for r in results["state"]:
+            assert r["names_match"], r["case"]
+            assert r["planned"] == r["measured"], (rank, r["case"])
+            assert r["frozen"][0] == r["frozen"][1], (rank, r["case"])
+    # DP=2 really splits the optimizer unevenly here, so the per-rank arithmetic is exercised
+    dp_case = [r for r in per_rank[0]["state"] if r["case"] == ("qwen2", 1, 1, "bf16", True)][0]
+    dp_case_1 = [r for r in per_rank[1]["state"] if r["case"] == ("qwen2", 1, 1, "bf16", True)][0]
+    assert dp_case["measured"]["optimizer"] != dp_case_1["measured"]["optimizer"]
+
+
+def test_activation_estimate_against_measured_cpu_memory(measured):
+    for r in measured[0]["activations"] + measured[1]["activations"]:
+        # what the forward keeps for backward: exact on the local spec
+        assert r["saved"] == r["planned"], r
+        # The measured peak holds the kept activations and the logits, plus the temporaries of the
+        # op running at the peak: never less, and at most one layer's activations more.
+        planned_peak = r["planned"] + r["logits"]
+        assert planned_peak <= r["peak"] <= planned_peak + r["one_layer"], r
+        # the log-prob pass's estimate bounds the bare logits
+        assert r["planned_logits_forward"] >= r["logits"]
+
+
+# --- the verdicts for the example configs (no process group: arithmetic on the shipped shapes)
+
+
+def _plan(capsys, *argv):
+    from megatron_prime.algorithm import OUTCOME_ONLY_ESTIMATORS
+    from megatron_prime.planner.command import plan_command
+    from megatron_prime.training.validation import validate_run
+
+    code = plan_command(list(argv), validate_run=validate_run, outcome_only=OUTCOME_ONLY_ESTIMATORS)
+    return code, capsys.readouterr().out
+
+
+def test_7b_config_fits_one_node_of_80gb(capsys):
+    code, out = _plan(capsys, "examples/configs/prime_7b.yaml", "--gpus", "8", "--gpu-mem", "80")
+    assert code == 0 and "\nFITS: peak" in out, out
+    assert "7.62B parameters" in out and "shape from examples/models/Qwen2.5-Math-7B/config.json" in out
+    # a layout that does not fit says so and names one that does on the same node
+    code, out = _plan(capsys, "examples/configs/prime_7b.yaml", "--gpus", "8", "parallel.tp=2",
+                      "parallel.sequence_parallel=false")
+    assert code == 1 and "DOES NOT FIT on 80.0 GiB GPUs" in out
+    assert "fits: TP=4 PP=1 DP=2 on 8 GPUs (1 node)" in out
+
+
+def test_70b_config_needs_more_than_one_node(capsys):
+    code, out = _plan(capsys, "examples/configs/prime_70b.yaml", "--gpus", "8", "--gpu-mem", "80")
+    assert code == 1 and "no TP/PP/micro-batch layout fits on 8 GPUs; the fewest that fit: 40 (5 nodes of 8)" in out
+    code, out = _plan(capsys, "examples/configs/prime_70b.yaml", "--gpus", "64", "--gpu-mem", "80")
+    assert code == 0 and "FITS" in out and "TP=8 PP=4 DP=2 on 64 GPUs (8 nodes)" in out
+
+
+def test_plan_figures_by_hand():
+    """The 7B figures against arithmetic done by hand from the shipped config.json."""
+    from megatron_prime.config import load_config
+    from megatron_prime.planner.plan import GIB, Layout, plan_layout
+    from megatron_prime.planner.shapes import model_shape
+
+    cfg = load_config("examples/configs/prime_7b.yaml")
+    arch, _ = model_shape(cfg)
+    plan = plan_layout(cfg, arch, Layout(8, 8, 4, 1, 16384), gpu_mem_gib=80, uses_prm=True, uses_reference=True)
+    policy = plan.models["policy"].state
+    n = 7_615_616_512  # Qwen2.5-Math-7B parameters (untied embeddings, QKV biases)
+    # TP=4 shards all but the norms (and QKV biases are sharded too): within 0.1% of n / 4
+    assert abs(policy.params / 2 - n / 4) / (n / 4) < 1e-3
+    assert policy.grads == 2 * policy.params  # fp32 gradients of bf16 parameters
+    assert abs(policy.optimizer - 12 * policy.params / 2 / 2) <= 12 * 2 * 128  # 12 bytes/param over DP=2
+    engine = plan.engine
+    assert engine.weights == n * 2 // 2 and engine.share == int(0.6 * 80 * GIB)
+    assert engine.kv_bytes_per_token == 2 * 28 * 2 * 128 * 2  # K and V, 28 layers, 4/2 KV heads, bf16
+
+
+def test_planner_needs_neither_torch_nor_megatron():
+    """The planner is arithmetic on shapes and config: it must run on a laptop before installs."""
+    import subprocess
+    import sys
+
+    code = ("import sys, megatron_prime.planner.command, megatron_prime.planner.plan; "
+            "print(sorted(m for m in ('torch', 'megatron', 'transformers') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
