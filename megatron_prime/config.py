@@ -390,10 +390,6 @@ def validate(cfg: Config, world_size: int | None = None, *, model_shape: ModelSh
            "reinforce or reinforce_pp")
     _check(t.prompts_per_step >= 1, "train.prompts_per_step", t.prompts_per_step, "must be >= 1")
     _check(t.max_rollout_rounds >= 1, "train.max_rollout_rounds", t.max_rollout_rounds, "must be >= 1")
-    prm_mb = t.prm_mini_batch_responses or t.mini_batch_responses
-    _check(t.prm_mini_batch_responses >= 0 and (t.prompts_per_step * r.n) % prm_mb == 0,
-           "train.prm_mini_batch_responses", t.prm_mini_batch_responses,
-           f"must be 0 (the policy's mini-batch) or divide prompts_per_step * rollout.n = {t.prompts_per_step * r.n}")
     _check(t.exit_after_minutes >= 0, "train.exit_after_minutes", t.exit_after_minutes, "must be >= 0 (0: off)")
     _check(t.warn_verify_timeout_frac >= 0, "train.warn_verify_timeout_frac", t.warn_verify_timeout_frac,
            "must be >= 0")
@@ -402,6 +398,10 @@ def validate(cfg: Config, world_size: int | None = None, *, model_shape: ModelSh
     _check(t.mini_batch_responses >= 1 and (t.prompts_per_step * r.n) % t.mini_batch_responses == 0,
            "train.mini_batch_responses", t.mini_batch_responses,
            f"must divide prompts_per_step * rollout.n = {t.prompts_per_step * r.n}")
+    prm_mb = t.prm_mini_batch_responses or t.mini_batch_responses
+    _check(t.prm_mini_batch_responses >= 0 and (t.prompts_per_step * r.n) % prm_mb == 0,
+           "train.prm_mini_batch_responses", t.prm_mini_batch_responses,
+           f"must be 0 (the policy's mini-batch) or divide prompts_per_step * rollout.n = {t.prompts_per_step * r.n}")
     _check(t.micro_batch_tokens >= cfg.data.max_prompt_len + cfg.data.max_response_len,
            "train.micro_batch_tokens", t.micro_batch_tokens,
            "must hold at least one full sequence (data.max_prompt_len + data.max_response_len)")

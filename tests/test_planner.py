@@ -61,7 +61,6 @@ def _allocated(trainable) -> dict:
 
 
 def _state_checks(rank, world_size, cases):
-    import torch
     from megatron.core import parallel_state
 
     from megatron_prime.config import OptimizerConfig
