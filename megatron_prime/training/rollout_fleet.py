@@ -39,6 +39,9 @@ from megatron_prime.rollout.base import MEMORY_TAGS
 from megatron_prime.platform.distributed import all_gather_object, picklable_error, run_everywhere
 
 
+VLLM_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}  # the engine computes in the trainer's dtype
+
+
 def _world() -> tuple[int, int]:
     if dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
@@ -112,6 +115,8 @@ class RolloutFleet:
             if tries == self.max_restarts:
                 raise first
             failed = sorted({self._engine_of(rank) for rank in failures})
+            if getattr(self.engine, "restarts_together", False):  # vLLM SPMD: its groups span every rank
+                failed = list(range(len(self.groups)))
             if _world()[0] == 0:
                 print(f"rollout: engine(s) {failed} failed during {what} ({first}); restarting them", flush=True)
             index = self.engine_index
@@ -237,8 +242,11 @@ def build_fleet(cfg: Config, tokenizer, policy, arch: HFArch) -> RolloutFleet:
                 seed=cfg.train.seed, port=r.base_port + 100 * index, nccl_port=r.base_port + 100 * index + 50,
                 bucket_bytes=r.bucket_mb * 2**20,
             )
+        # CUDA graphs pay off on GPU; on CPU compiling costs 20-40 s per start (and restart) for nothing.
         return build_engine("vllm", model_path=cfg.model.hf_path, tp_size=ranks_per_engine, seed=cfg.train.seed,
-                            gpu_memory_utilization=r.mem_fraction)
+                            dtype=VLLM_DTYPES[cfg.model.dtype], gpu_memory_utilization=r.mem_fraction,
+                            enforce_eager=not torch.cuda.is_available(),
+                            max_model_len=cfg.data.max_prompt_len + cfg.data.max_response_len)
 
     return RolloutFleet(groups, run_everywhere(start), policy, arch, export_to_all_ranks=True,
                         bucket_bytes=r.bucket_mb * 2**20, max_restarts=r.max_restarts)
