@@ -162,16 +162,24 @@ class SGLangRemoteEngine(RolloutEngine):
         request = describe_request(prompt_token_ids, sampling)
         check_prompts(self.name, prompt_token_ids)
         input_ids, params, prompt_of_row = expand_requests(prompt_token_ids, sampling)
-        targets = itertools.cycle([self.router] if self.router else self.workers)
         chunks = []
-        for start in range(0, len(input_ids), self.samples_per_request):
-            rows = slice(start, start + self.samples_per_request)
-            body = {"input_ids": input_ids[rows], "sampling_params": params[rows], "return_logprob": True}
-            chunks.append(self._pool.submit(self._post, next(targets), "/generate", body))
+        if self.router:
+            # sglang-router takes one sampling dict per request (a list of them is refused, HTTP 422),
+            # so each row, with its own seed, is its own request; the router spreads them.
+            for row, p in zip(input_ids, params):
+                body = {"input_ids": row, "sampling_params": p, "return_logprob": True}
+                chunks.append(self._pool.submit(self._post, self.router, "/generate", body))
+        else:
+            targets = itertools.cycle(self.workers)
+            for start in range(0, len(input_ids), self.samples_per_request):
+                rows = slice(start, start + self.samples_per_request)
+                body = {"input_ids": input_ids[rows], "sampling_params": params[rows], "return_logprob": True}
+                chunks.append(self._pool.submit(self._post, next(targets), "/generate", body))
         outs = []
         for future in chunks:
             try:
-                outs.extend(future.result())
+                result = future.result()
+                outs.extend(result if isinstance(result, list) else [result])
             except RolloutError as exc:
                 raise RolloutError(self.name, f"{request} via {exc.request}", exc.reason) from exc
         if len(outs) != len(input_ids):

@@ -352,8 +352,9 @@ class VLLMEngine(RolloutEngine):
     def sleep(self) -> None:
         if self._no_sleep_mode("sleep()"):
             return
+        llm = self._running("sleep(level=1)")
         try:
-            self._running("sleep(level=1)").sleep(level=1)
+            llm.sleep(level=1)
         except Exception as exc:
             raise RolloutError(self.name, "sleep(level=1)", repr(exc)) from exc
 

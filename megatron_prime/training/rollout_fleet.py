@@ -35,7 +35,7 @@ from megatron_prime.config import Config
 from megatron_prime.models.hf_config import HFArch
 from megatron_prime.platform import distributed
 from megatron_prime.rollout import RolloutEngine, RolloutError, build_engine
-from megatron_prime.rollout.base import MEMORY_TAGS
+from megatron_prime.rollout.base import MEMORY_TAGS, SamplingParams
 from megatron_prime.platform.distributed import all_gather_object, picklable_error, run_everywhere
 
 
@@ -188,6 +188,8 @@ class RolloutFleet:
         shard = shard_of(len(items), len(self.groups), index)
         part = items[shard]
         if not part:
+            if getattr(self.engine, "restarts_together", False):  # vLLM's data-parallel replicas step together: join with nothing
+                self.engine.generate([], SamplingParams())
             return None
         generated = generate(self.engine, part, shard.start)
         return finish(part, shard.start, generated) if self.is_leader else None
