@@ -182,10 +182,10 @@ def run(tmp_path_factory):
     from tests.trainer_fixtures import make_vllm_trainer_fixture as make
 
     root = str(tmp_path_factory.mktemp("rollout_vllm"))
-    fixture = make(root)
+    fixture = make(root, tied=True)  # tied output layer: the case vLLM's reload alone leaves stale on CPU
     # Two more policies of other weights: the engine starts from prm_hf, the TP=2 policy is hf,
     # the PP=2 policy a third model, so each sync must overwrite every tensor.
-    third = make(os.path.join(root, "third"), seed=1)
+    third = make(os.path.join(root, "third"), seed=1, tied=True)
     return run_distributed(_checks, fixture, [fixture["hf"], third["hf"]], world_size=2)
 
 

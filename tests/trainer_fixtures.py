@@ -84,17 +84,18 @@ def overrides(fixture: dict, root: str, *extra: str) -> list[str]:
 VLLM_TINY = dict(TINY, hidden_size=128, intermediate_size=256)
 
 
-def make_vllm_trainer_fixture(root: str, seed: int = 0) -> dict:
+def make_vllm_trainer_fixture(root: str, seed: int = 0, tied: bool = False) -> dict:
     """``make_trainer_fixture``'s files and prompts with a model that vLLM's CPU build runs (head_dim
-    32). Weights are drawn with std 0.2 (norms around 1), so logits are O(1): a weight sync that did
-    not land, or a stale tensor, moves log-probs by far more than the 1e-4 the tests allow."""
+    32; ``tied``: the output layer is the embedding). Weights are drawn with std 0.2 (norms around
+    1), so logits are O(1): a weight sync that did not land, or a stale tensor, moves log-probs by
+    far more than the 1e-4 the tests allow."""
     import torch
     import transformers
 
     fixture = make_trainer_fixture(root, seed)
     tokenizer = transformers.AutoTokenizer.from_pretrained(fixture["hf"])
     config = transformers.Qwen2Config(vocab_size=len(tokenizer), eos_token_id=tokenizer.eos_token_id,
-                                      pad_token_id=tokenizer.pad_token_id, **VLLM_TINY)
+                                      pad_token_id=tokenizer.pad_token_id, **{**VLLM_TINY, "tie_word_embeddings": tied})
     torch.manual_seed(seed)
     model = transformers.Qwen2ForCausalLM(config)
     for target, noise in ((fixture["hf"], 0.0), (fixture["prm_hf"], 0.02)):

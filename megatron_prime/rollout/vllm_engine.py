@@ -19,7 +19,9 @@ Weights: ``update_weights`` streams the bridge's full HF tensors into vLLM's in-
 QKV / gate-up, buffers at most the layers whose tensors have not all arrived (the bridge sends
 layer by layer: no full-model copy), re-runs the platform's post-load processing (on CPU the
 linear layers repack their weights) and copies the result into the tensors the engine
-computes with. Then the prefix cache is reset.
+computes with. A tied output layer receives no tensor of its own, so its processing is re-run
+(``refresh_tied_layers``: on CPU it would keep computing with the old weights). Then the prefix
+cache is reset.
 
 Memory: sleep mode (``enable_sleep_mode=True``; ``sleep()`` is ``LLM.sleep(level=1)``, weights
 to host memory and KV cache dropped; ``wake()`` restores weights, then the KV cache) where the
@@ -80,6 +82,10 @@ VLLM_API_USED: dict[str, tuple[str, ...]] = {
     ),
     "entrypoints/llm.py:LLM.generate": ("prompts", "sampling_params", "use_tqdm"),
     "entrypoints/llm.py:LLM.collective_rpc": ("method", "kwargs"),
+    "entrypoints/llm.py:LLM.apply_model": ("func",),
+    # refresh_tied_layers: what a tied lm_head's quant_method runs after loading.
+    "model_executor/layers/vocab_parallel_embedding.py:UnquantizedEmbeddingMethod.process_weights_after_loading": (
+        "layer",),
     "entrypoints/llm.py:LLM.reset_prefix_cache": (),
     "entrypoints/llm.py:LLM.sleep": ("level",),
     "entrypoints/llm.py:LLM.wake_up": ("tags",),
@@ -166,6 +172,23 @@ def _close(llm, keep_default_group: bool) -> None:
         llm.llm_engine.engine_core.shutdown()
     finally:
         vllm_groups.destroy_distributed_environment = original
+
+
+def refresh_tied_layers(model) -> int:
+    """Re-run the post-load processing of every layer whose weight another layer shares (a tied
+    output layer: Qwen2.5 up to 3B, Llama 3.2). vLLM's reload processes only the layers that
+    received tensors, and a tied ``lm_head`` receives none (its weight is the embedding's); on CPU it
+    computes with a copy of the weight it packed for its GEMM at load time, so without this it keeps
+    the old output layer. Elsewhere the processing is a no-op. Returns how many layers it ran on."""
+    sharing: dict[int, list] = {}
+    for module in model.modules():
+        weight = module._parameters.get("weight")
+        if weight is not None and getattr(module, "quant_method", None) is not None:
+            sharing.setdefault(id(weight), []).append(module)
+    tied = [m for modules in sharing.values() if len(modules) > 1 for m in modules]
+    for module in tied:
+        module.quant_method.process_weights_after_loading(module)
+    return len(tied)
 
 
 class VLLMEngine(RolloutEngine):
@@ -335,6 +358,7 @@ class VLLMEngine(RolloutEngine):
             with trainer_state_kept():
                 llm.collective_rpc(method="reload_weights",
                                    kwargs=dict(weights_iterator=iter(named_tensors), is_checkpoint_format=True))
+                llm.apply_model(func=refresh_tied_layers)
                 # Cached prefixes hold keys/values computed with the old weights.
                 llm.reset_prefix_cache()
         except Exception as exc:
