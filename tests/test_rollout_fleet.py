@@ -236,6 +236,10 @@ def _start_router(worker_urls: list[str], log_path: str):
 
     from tests.dist_utils import free_port
 
+    import importlib.util
+
+    if importlib.util.find_spec("sglang_router") is None:
+        raise RuntimeError("sglang-router is not installed: bash scripts/setup.sh, or pip install -e '.[router]'")
     for url in worker_urls:
         _wait_http(url + "/health")
     port = free_port()

@@ -1,5 +1,5 @@
-"""The real vLLM engine (the registry's CPU build, fp32, a tiny Qwen2 with head_dim 32) on two real
-gloo ranks, against the Megatron policy the trainer would feed it.
+"""The real vLLM engine (the registry's CPU build, fp32, a tiny Qwen2 with head_dim 32 and a tied
+output layer) on two real gloo ranks, against the Megatron policy the trainer would feed it.
 
 * One engine over both ranks (tp=2, vLLM's external launcher) starts from *other* weights; the
   policy is built at TP=2 and streamed in with ``update_weights`` (the bridge's buckets). Then

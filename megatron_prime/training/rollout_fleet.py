@@ -244,7 +244,7 @@ def build_fleet(cfg: Config, tokenizer, policy, arch: HFArch) -> RolloutFleet:
                 seed=cfg.train.seed, port=r.base_port + 100 * index, nccl_port=r.base_port + 100 * index + 50,
                 bucket_bytes=r.bucket_mb * 2**20,
             )
-        # CUDA graphs pay off on GPU; on CPU compiling costs 20-40 s per start (and restart) for nothing.
+        # CUDA graphs pay off on GPU; on CPU, compiling costs 20-40 s per start and restart.
         return build_engine("vllm", model_path=cfg.model.hf_path, tp_size=ranks_per_engine, seed=cfg.train.seed,
                             dtype=VLLM_DTYPES[cfg.model.dtype], gpu_memory_utilization=r.mem_fraction,
                             enforce_eager=not torch.cuda.is_available(),

@@ -101,10 +101,14 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=32, help="max new tokens, tiny model")
     parser.add_argument("--half-b-new-tokens", type=int, default=8, help="max new tokens, ~0.5B model")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads (default 1: on a shared 2-core machine, 2 threads spin-wait on each other "
+                             "whenever another process holds a core, which slowed the hf engine 20x here)")
     args = parser.parse_args()
     quiet()
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
     torch.set_grad_enabled(False)
+    torch.set_num_threads(args.threads)
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
