@@ -11,9 +11,11 @@ Constructed by the trainer on global rank 0 only (``training/rollout_fleet.py``)
 Written against SGLang ``SGLANG_VERSION`` (routes and bodies are in
 ``sglang_engine.SGLANG_HTTP_USED``, checked by ``tests/test_sglang_contract.py``, which
 also checks that the server's group and bucket layout are what we mirror here). The
-trainer side needs no sglang installed. Tested end to end on CPU (gloo) against a server
-that speaks this protocol with an hf engine behind it (``tests/sglang_protocol_server.py``);
-never run against real SGLang servers.
+trainer side needs no sglang installed. Tested end to end on CPU (gloo) through the real
+``sglang-router`` 0.3.2 against servers that speak this protocol with an hf engine behind them
+(``tests/sglang_protocol_server.py``); never run against real SGLang servers. The router takes
+one sampling dict per ``/generate`` request (a list of them, one per row, it refuses with HTTP
+422), so through it every sample, with its own seed, is its own request.
 """
 
 from __future__ import annotations
