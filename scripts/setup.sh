@@ -29,7 +29,7 @@ fi
 # on the first run. Only beside a CPU torch (on GPU: pip install -e ".[vllm]"); MEGATRON_PRIME_NO_VLLM=1
 # leaves it out (the vLLM tests then skip).
 with_vllm=0
-if [ "${MEGATRON_PRIME_NO_VLLM:-0}" != 1 ] && "$PY" -c "import sys, torch; sys.exit(torch.version.cuda is not None)"; then
+if [ "${MEGATRON_PRIME_NO_VLLM:-0}" != 1 ] && "$PY" -c "import sys, torch; sys.exit(torch.version.cuda is not None)" 2>/dev/null; then
     with_vllm=1
 fi
 extras="test,router"
