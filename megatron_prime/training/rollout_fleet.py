@@ -35,7 +35,10 @@ from megatron_prime.models.hf_config import HFArch
 from megatron_prime.platform import distributed
 from megatron_prime.platform.distributed import all_gather_object, picklable_error, run_everywhere
 from megatron_prime.rollout import RolloutEngine, RolloutError, build_engine
-from megatron_prime.rollout.base import MEMORY_TAGS
+from megatron_prime.rollout.base import MEMORY_TAGS, SamplingParams
+
+
+VLLM_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}  # the engine computes in the trainer's dtype
 
 
 def _world() -> tuple[int, int]:
@@ -111,6 +114,8 @@ class RolloutFleet:
             if tries == self.max_restarts:
                 raise first
             failed = sorted({self._engine_of(rank) for rank in failures})
+            if getattr(self.engine, "restarts_together", False):  # vLLM SPMD: its groups span every rank
+                failed = list(range(len(self.groups)))
             if _world()[0] == 0:
                 print(f"rollout: engine(s) {failed} failed during {what} ({first}); restarting them", flush=True)
             index = self.engine_index
@@ -182,6 +187,8 @@ class RolloutFleet:
         shard = shard_of(len(items), len(self.groups), index)
         part = items[shard]
         if not part:
+            if getattr(self.engine, "restarts_together", False):  # vLLM's data-parallel replicas step together: join with nothing
+                self.engine.generate([], SamplingParams())
             return None
         generated = generate(self.engine, part, shard.start)
         return finish(part, shard.start, generated) if self.is_leader else None
@@ -236,8 +243,11 @@ def build_fleet(cfg: Config, tokenizer, policy, arch: HFArch) -> RolloutFleet:
                 seed=cfg.train.seed, port=r.base_port + 100 * index, nccl_port=r.base_port + 100 * index + 50,
                 bucket_bytes=r.bucket_mb * 2**20,
             )
+        # CUDA graphs pay off on GPU; on CPU, compiling costs 20-40 s per start and restart.
         return build_engine("vllm", model_path=cfg.model.hf_path, tp_size=ranks_per_engine, seed=cfg.train.seed,
-                            gpu_memory_utilization=r.mem_fraction)
+                            dtype=VLLM_DTYPES[cfg.model.dtype], gpu_memory_utilization=r.mem_fraction,
+                            enforce_eager=not torch.cuda.is_available(),
+                            max_model_len=cfg.data.max_prompt_len + cfg.data.max_response_len)
 
     return RolloutFleet(groups, run_everywhere(start), policy, arch, export_to_all_ranks=True,
                         bucket_bytes=r.bucket_mb * 2**20, max_restarts=r.max_restarts)
