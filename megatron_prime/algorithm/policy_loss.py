@@ -1,4 +1,4 @@
-"""PPO-clip policy loss (paper Sec. 3.3 / DESIGN.md §2.6) with the optional KL, entropy and
+"""PPO-clip policy loss (paper Sec. 3.3) with the optional dual-clip, KL, entropy and
 truncated-importance-sampling terms, and the KL estimators."""
 
 from __future__ import annotations
@@ -41,6 +41,7 @@ def policy_loss(
     clip_high: float = 0.2,
     *,
     loss_normalizer: float | torch.Tensor,
+    clip_ratio_c: float | None = None,
     ref_logprobs: torch.Tensor | None = None,
     kl_coef: float = 0.0,
     kl_estimator: str = "k3",
@@ -57,9 +58,14 @@ def policy_loss(
         loss_t = pg_t + kl_coef * KL_t - entropy_coef * H_t
         loss   = sum_t loss_t / loss_normalizer
     ``loss_normalizer`` is the number of valid tokens in the *global* batch (all micro-batches,
-    all data-parallel ranks), so micro-batch losses add up to the global token mean (§2.6).
+    all data-parallel ranks), so micro-batch losses add up to the global token mean.
 
     Optional terms:
+      * ``clip_ratio_c`` (> 1): dual-clip PPO (Ye et al. 2020, arXiv 1912.09729; veRL's
+        ``clip_ratio_c``). For A_t < 0 the clipped loss grows without bound in rho_t; dual-clip
+        caps it: pg_t = min(pg_t, -A_t * clip_ratio_c), so a token whose ratio already exceeds
+        clip_ratio_c contributes a constant (no gradient). Tokens with A_t >= 0 are unchanged.
+        Applied before the TIS weight. ``None`` (default): plain PPO-clip, as the paper.
       * ``ref_logprobs`` + ``kl_coef``: KL to the reference policy (``kl_penalty``, k1 or k3).
       * ``entropy`` ([B, T], e.g. from ``vocab_parallel_entropy``) + ``entropy_coef``: bonus.
       * ``rollout_logprobs``: the inference engine's log-probs of the same tokens. Used for the
@@ -71,6 +77,7 @@ def policy_loss(
     Metrics are (sum, count) pairs over valid tokens (see ``metrics.py``):
       policy/loss, policy/pg_loss     the per-token loss and its PPO part
       policy/clip_frac                tokens where the clipped branch is strictly active
+      policy/dual_clip_frac           tokens where the dual-clip cap is active (if clip_ratio_c)
       policy/approx_kl                k3 estimate of KL(pi_old || pi_theta)
       policy/ratio                    rho_t
       policy/ref_kl                   the selected KL estimator to pi_ref (if ref_logprobs)
@@ -85,6 +92,8 @@ def policy_loss(
         raise ValueError(f"clip ranges must be >= 0, got clip_low={clip_low}, clip_high={clip_high}")
     if tis_cap is not None and tis_cap <= 0:
         raise ValueError(f"tis_cap must be > 0, got {tis_cap}")
+    if clip_ratio_c is not None and not clip_ratio_c > 1.0:
+        raise ValueError(f"clip_ratio_c must be > 1 (the ratio bound for negative advantages), got {clip_ratio_c}")
     valid = as_bool_mask(mask)
     for name, tensor in (("old_logprobs", old_logprobs), ("advantages", advantages), ("mask", mask)):
         if tensor.shape != logprobs.shape:
@@ -101,6 +110,11 @@ def policy_loss(
     unclipped = neg_advantages * ratio
     clipped = neg_advantages * ratio.clamp(1.0 - clip_low, 1.0 + clip_high)
     pg_loss = torch.maximum(unclipped, clipped)
+    dual_clipped = None
+    if clip_ratio_c is not None:
+        cap = neg_advantages * clip_ratio_c  # only binds where A < 0 (there the cap is positive)
+        dual_clipped = (advantages < 0) & (pg_loss > cap)
+        pg_loss = torch.where(dual_clipped, cap, pg_loss)
 
     tis_weight = None
     if rollout_logprobs is not None:
@@ -149,6 +163,8 @@ def policy_loss(
             # ratio is exactly 1 on padding: sum (ratio - 1), which is 0 there, and add the count back
             "policy/ratio": metric((ratio - 1.0).sum() + num_tokens, num_tokens),
         }
+        if dual_clipped is not None:
+            metrics["policy/dual_clip_frac"] = token_metric(dual_clipped)
         if ref_kl is not None:
             metrics["policy/ref_kl"] = token_metric(ref_kl)
         if entropy is not None:

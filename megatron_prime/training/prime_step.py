@@ -187,7 +187,7 @@ def update_policy(ctx: PrimeContext, local: RolloutBatch, step: int, pass_args: 
     def loss_fn(mb: RolloutBatch, logprobs, entropy):
         loss, m = policy_loss(
             logprobs, mb.extras["old_logprobs"], mb.extras["advantages"], mb.response_mask,
-            a.clip_low, a.clip_high, loss_normalizer=1.0,
+            a.clip_low, a.clip_high, loss_normalizer=1.0, clip_ratio_c=a.clip_ratio_c,
             ref_logprobs=mb.extras.get("ref_logprobs") if a.kl_coef else None,
             kl_coef=a.kl_coef, kl_estimator=a.kl_estimator,
             entropy=entropy, entropy_coef=a.entropy_coef,
