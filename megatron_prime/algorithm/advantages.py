@@ -43,7 +43,9 @@ from megatron_prime.algorithm.masked_ops import (
     leave_one_out_mean,
     masked_mean_var,
     masked_whiten,
+    reverse_returns,
     zero_invalid,
+    zero_invalid_,
 )
 
 
@@ -75,11 +77,14 @@ def _combine(
     whiten: bool = False,
 ) -> torch.Tensor:
     """process_coef * process_return + outcome_coef * outcome_term (``[B]``, on every token),
-    exactly 0 on padding, optionally whitened over the batch."""
-    advantages = (outcome_coef * outcome_term)[:, None]  # broadcast along tokens, not materialised
-    if process_return is not None:
-        advantages = advantages + (process_return if process_coef == 1.0 else process_coef * process_return)
-    advantages = zero_invalid(advantages, valid)  # also broadcasts [B, 1] to [B, T]
+    exactly 0 on padding, optionally whitened over the batch. ``process_return`` is a fresh
+    tensor (it is scaled, added to and masked in place)."""
+    outcome_column = (outcome_coef * outcome_term)[:, None]
+    if process_return is None:
+        advantages = zero_invalid(outcome_column, valid)  # broadcasts [B, 1] to [B, T]
+    else:
+        advantages = process_return if process_coef == 1.0 else process_return.mul_(process_coef)
+        advantages = zero_invalid_(advantages.add_(outcome_column), valid)
     return masked_whiten(advantages, valid) if whiten else advantages
 
 
@@ -87,15 +92,17 @@ def _rloo_token_rewards(
     rewards: torch.Tensor, valid: torch.Tensor, group_size: int, k_scaled: bool
 ) -> torch.Tensor:
     """Token rewards minus the leave-one-out mean of the other responses' per-token means
-    (Eq. 5's bracket), or the official code's K/(K-1) form when ``k_scaled``. ``rewards`` are
-    zero on padding; the result is not (callers' scans skip padding)."""
-    lengths = valid.sum(dim=-1).clamp(min=1)
+    (Eq. 5's bracket), or the official code's K/(K-1) form when ``k_scaled``. ``rewards`` must
+    be zero on padding and are overwritten (the result, zero on padding, reuses them)."""
+    lengths = valid.sum(dim=-1, dtype=torch.int32).clamp(min=1)
     # r_phi(y^j) / |y^j|, accumulated in float64 (see masked_mean_var for why)
     mean_reward = (rewards.sum(dim=-1, dtype=torch.float64) / lengths).to(rewards.dtype)
-    shaped = rewards - leave_one_out_mean(mean_reward, group_size)[:, None]
+    baseline = leave_one_out_mean(mean_reward, group_size)
     if k_scaled and group_size > 1:
-        shaped = shaped + (rewards - mean_reward[:, None]) / (group_size - 1)
-    return shaped
+        # r - baseline + (r - mean) / (K - 1) = r * K/(K-1) - (baseline + mean / (K-1))
+        rewards.mul_(group_size / (group_size - 1))
+        baseline = baseline + mean_reward / (group_size - 1)
+    return zero_invalid_(rewards.sub_(baseline[:, None]), valid)
 
 
 def prime_rloo_advantages(
@@ -147,7 +154,7 @@ def prime_rloo_advantages(
     if _uses_process(token_rewards, process_coef):
         rewards = zero_invalid(token_rewards.to(dtype), valid)
         shaped = _rloo_token_rewards(rewards, valid, group_size, k_scaled_tokens)
-        process_return = discounted_reverse_cumsum(shaped, valid, gamma)
+        process_return = reverse_returns(shaped, valid, gamma)
 
     return _combine(valid, outcome_term, outcome_coef, process_return, process_coef, whiten)
 
@@ -165,8 +172,9 @@ def normalize_by_max_return(token_rewards: torch.Tensor, mask: torch.Tensor) -> 
     """
     valid = as_bool_mask(mask)
     rewards = zero_invalid(token_rewards, valid)
-    largest_return = rewards.flip(-1).cumsum(-1).abs().amax()  # the flip back does not change a max
-    return torch.where(largest_return > 0, rewards / largest_return, rewards)
+    lowest, highest = torch.aminmax(rewards.flip(-1).cumsum_(-1))  # flipping back changes no extreme
+    largest_return = torch.maximum(-lowest, highest)
+    return rewards.div_(torch.where(largest_return > 0, largest_return, 1.0))
 
 
 def prime_official_advantages(
@@ -207,13 +215,20 @@ def prime_official_advantages(
     dtype = _result_dtype(outcome, token_rewards)
 
     outcome_rloo = outcome.to(dtype) - leave_one_out_mean(outcome.to(dtype), group_size)
-    is_last = valid & (valid.cumsum(dim=-1) == valid.sum(dim=-1, keepdim=True))
-    rewards = zero_invalid((outcome_coef * outcome_rloo)[:, None].expand(valid.shape), is_last)
     if _uses_process(token_rewards, process_coef):
         process = normalize_by_max_return(token_rewards.to(dtype), valid)
-        rewards = rewards + process_coef * _rloo_token_rewards(process, valid, group_size, k_scaled=True)
+        rewards = _rloo_token_rewards(process, valid, group_size, k_scaled=True)
+        if process_coef != 1.0:
+            rewards.mul_(process_coef)
+    else:
+        rewards = torch.zeros(valid.shape, dtype=dtype, device=valid.device)
+    # The outcome on each response's last valid token (none for an empty response).
+    last = valid.shape[-1] - 1 - valid.flip(-1).to(torch.uint8).argmax(dim=-1)
+    has_tokens = valid.any(dim=-1)
+    rows = torch.arange(valid.shape[0], device=valid.device)
+    rewards.index_put_((rows, last), torch.where(has_tokens, outcome_coef * outcome_rloo, 0.0), accumulate=True)
     # The scans are linear, so one scan of the summed rewards is the sum of the two returns.
-    return masked_whiten(discounted_reverse_cumsum(rewards, valid, gamma), valid)
+    return masked_whiten(reverse_returns(rewards, valid, gamma), valid)
 
 
 def rloo_advantages(
