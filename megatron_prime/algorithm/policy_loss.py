@@ -70,7 +70,7 @@ def policy_loss(
         clip_ratio_c contributes a constant (no gradient). Tokens with A_t >= 0 are unchanged.
         Applied before the TIS weight. ``None`` (default): plain PPO-clip, as the paper.
       * ``ref_logprobs`` + ``kl_coef``: KL to the reference policy (``kl_penalty``, k1 or k3).
-      * ``entropy`` ([B, T], e.g. from ``vocab_parallel_entropy``) + ``entropy_coef``: bonus.
+      * ``entropy`` ([B, T], e.g. from ``output_layer_logprobs``) + ``entropy_coef``: bonus.
       * ``rollout_logprobs``: the inference engine's log-probs of the same tokens. Used for the
         rollout/recompute mismatch metrics and, with ``tis_cap``, truncated importance sampling
         (Yao et al. 2025): w_t = min(pi_old / pi_rollout, tis_cap), detached, corrects the
