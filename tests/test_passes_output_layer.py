@@ -122,7 +122,6 @@ def _compare(rank, world_size, layouts):
 
 def _check(results):
     for layout, r in results.items():
-        print(layout, {k: v for k, v in r.items() if k != "grads"}, max(r["grads"].values()))
         assert r["logprobs"] < 1e-6 and r["forward_logprobs"] < 1e-6, (layout, r["logprobs"], r["forward_logprobs"])
         assert r["entropy"] < 1e-6, (layout, r["entropy"])
         assert r["padding_zero"], layout
