@@ -80,7 +80,7 @@ class _OutputLayerLogProbs(torch.autograd.Function):
                 target_shifted = torch.where(in_shard[rows], x.gather(-1, local_targets[rows, None]).squeeze(-1), 0.0)
             exp_shifted = torch.exp(x)
             stats = [exp_shifted.sum(dim=-1), target_shifted]
-            if with_entropy:  # H = log S - sum_v e_v (x_v - m) / S, as vocab_parallel_entropy
+            if with_entropy:  # H = log S - sum_v e_v (x_v - m) / S: x - m, not x, avoids cancellation
                 stats.append(x.mul_(exp_shifted).sum(dim=-1))
             sums = _all_reduce(torch.stack(stats), dist.ReduceOp.SUM, tp_group)
             log_sums[rows] = sums[0].log()
