@@ -92,6 +92,7 @@ class AlgorithmConfig:
     prm_update: Literal["single", "double", "none"] = "single"
     clip_low: float = 0.2
     clip_high: float = 0.2
+    clip_ratio_c: Optional[float] = None  # dual-clip PPO bound (> 1) for negative advantages; veRL uses 3
     kl_coef: float = 0.0
     kl_estimator: Literal["k1", "k3"] = "k3"
     entropy_coef: float = 0.0
@@ -369,6 +370,8 @@ def validate(cfg: Config, world_size: int | None = None, *, model_shape: ModelSh
     _check(a.clip_low >= 0 and a.clip_high >= 0, "algorithm.clip_low/clip_high",
            (a.clip_low, a.clip_high), "must be >= 0")
     _check(a.ppo_epochs >= 1, "algorithm.ppo_epochs", a.ppo_epochs, "must be >= 1")
+    _check(a.clip_ratio_c is None or a.clip_ratio_c > 1, "algorithm.clip_ratio_c", a.clip_ratio_c,
+           "must be > 1 (or null: no dual-clip)")
     _check(r.n >= 1, "rollout.n", r.n, "must be >= 1")
     _check(r.temperature >= 0, "rollout.temperature", r.temperature, "must be >= 0")
     _check(0 < r.top_p <= 1, "rollout.top_p", r.top_p, "must be in (0, 1]")

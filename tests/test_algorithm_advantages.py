@@ -17,6 +17,8 @@ from megatron_prime.algorithm import (
     discounted_reverse_cumsum,
     gae_advantages,
     grpo_advantages,
+    normalize_by_max_return,
+    prime_official_advantages,
     prime_rloo_advantages,
     reinforce_advantages,
     reinforce_pp_advantages,
@@ -102,6 +104,34 @@ def naive_prime_rloo(rewards, outcome, mask, K, gamma, pc, oc, whiten, k_scaled=
         outcome_term = outcome[i].item() - outcome_baseline
         _write(out, mask, i, [pc * p + oc * outcome_term for p in process])
     return _naive_whiten(out, mask) if whiten else out
+
+
+def naive_prime_official(rewards, outcome, mask, K, gamma, pc, oc):
+    """The official PRIME pipeline step by step, one response at a time (valid tokens only)."""
+    B = outcome.shape[0]
+    token_rewards = [[rewards[i, t].item() for t in _valid_positions(mask, i)] for i in range(B)]
+    # 1. divide by the batch's largest |undiscounted return-to-go|
+    largest = max((abs(x) for r in token_rewards for x in _reverse_discounted(r, 1.0)), default=0.0)
+    if largest > 0:
+        token_rewards = [[x / largest for x in r] for r in token_rewards]
+    means = [sum(r) / max(len(r), 1) for r in token_rewards]
+    out = torch.zeros(mask.shape, dtype=F64)
+    for i in range(B):
+        group = range(i - i % K, i - i % K + K)
+        others = [j for j in group if j != i]
+        # 2. RLOO per source: K/(K-1) token form for the process rewards, outcome on the last token
+        if K > 1:
+            process = [x * K / (K - 1) - sum(means[j] for j in group) / (K - 1) for x in token_rewards[i]]
+            outcome_rloo = outcome[i].item() - sum(outcome[j].item() for j in others) / (K - 1)
+        else:
+            process, outcome_rloo = list(token_rewards[i]), outcome[i].item()
+        combined = [pc * x for x in process]
+        if combined:
+            combined[-1] += oc * outcome_rloo
+        # 3. one discounted return of both sources
+        _write(out, mask, i, _reverse_discounted(combined, gamma))
+    # 4. always whitened over the batch
+    return _naive_whiten(out, mask)
 
 
 def naive_grpo(rewards, outcome, mask, K, gamma, pc, oc, whiten, eps=1e-6):
@@ -298,6 +328,107 @@ def test_prime_rloo_matches_naive(b, k_scaled):
     actual = prime_rloo_advantages(*args, k_scaled_tokens=k_scaled)
     torch.testing.assert_close(actual, naive_prime_rloo(*args, k_scaled=k_scaled), **EXACT)
 
+
+# --- the official PRIME pipeline ----------------------------------------------------------------
+# One group, K = 2 (token rewards are r_phi = beta * q, here already small numbers):
+#   response 1: r = [0.2, -0.1, 0.3]  outcome 1
+#   response 2: r = [-0.2, 0.4]       outcome 0
+OFFICIAL_REWARDS = [[0.2, -0.1, 0.3], [-0.2, 0.4]]
+OFFICIAL_OUTCOME = torch.tensor([1.0, 0.0], dtype=F64)
+
+
+def test_normalize_by_max_return_hand_example():
+    # Reverse cumsums: resp1 [0.4, 0.2, 0.3], resp2 [0.2, 0.4]; the largest |.| is 0.4, so every
+    # reward is divided by 0.4: resp1 [0.5, -0.25, 0.75], resp2 [-0.5, 1.0].
+    rewards, mask = t(OFFICIAL_REWARDS)
+    assert_rows(normalize_by_max_return(rewards, mask), mask, [[0.5, -0.25, 0.75], [-0.5, 1.0]])
+    # A negative return can be the largest: [-0.6, 0.1] has reverse cumsum [-0.5, 0.1] -> / 0.5
+    rewards, mask = t([[-0.6, 0.1], [0.2]])
+    assert_rows(normalize_by_max_return(rewards, mask), mask, [[-1.2, 0.2], [0.4]])
+    # All-zero rewards stay zero (no 0/0).
+    zeros, mask = t([[0.0, 0.0], [0.0]])
+    assert_rows(normalize_by_max_return(zeros, mask), mask, [[0.0, 0.0], [0.0]])
+
+
+def test_prime_official_hand_example_gamma_1():
+    # 1. normalised (above): resp1 [0.5, -0.25, 0.75], resp2 [-0.5, 1.0]
+    # 2. per-token means m1 = 1/3, m2 = 1/4; K/(K-1) = 2, (m1 + m2)/(K-1) = 7/12:
+    #      process: resp1 [1 - 7/12, -0.5 - 7/12, 1.5 - 7/12] = [5, -13, 11]/12
+    #               resp2 [-1 - 7/12, 2 - 7/12]               = [-19, 17]/12
+    #    outcome RLOO o1 = 1 - 0 = 1, o2 = 0 - 1 = -1, on the last token only:
+    #      resp1 [5, -13, 11 + 12]/12 = [5, -13, 23]/12      resp2 [-19, 17 - 12]/12 = [-19, 5]/12
+    # 3. returns (gamma = 1): resp1 [15, 10, 23]/12, resp2 [-14, 5]/12
+    # 4. whiten over the 5 tokens: mean 39/5 /12 = 7.8/12; deviations [7.2, 2.2, 15.2, -21.8, -2.8]/12;
+    #    squares sum 51.84 + 4.84 + 231.04 + 475.24 + 7.84 = 770.8 -> unbiased var = 192.7 / 144
+    rewards, mask = t(OFFICIAL_REWARDS)
+    adv = compute_advantages(
+        "prime_official", token_rewards=rewards, outcome=OFFICIAL_OUTCOME, mask=mask, group_size=2
+    )
+    scale = 12 * math.sqrt(192.7 / 144 + 1e-8)
+    assert_rows(adv, mask, [[7.2 / scale, 2.2 / scale, 15.2 / scale], [-21.8 / scale, -2.8 / scale]])
+    # The beta placement does not matter: the raw log-ratios q = r / 0.05 give the same advantages.
+    torch.testing.assert_close(
+        prime_official_advantages(rewards / 0.05, OFFICIAL_OUTCOME, mask, 2), adv, **EXACT
+    )
+
+
+def test_prime_official_outcome_on_last_token_with_gamma_below_1():
+    # Outcome only (process_coef = 0), gamma = 0.5: o1 = 1 on resp1's last token, o2 = -1 on resp2's:
+    #   returns resp1 [0.25, 0.5, 1], resp2 [-0.5, -1]   (Eq. 5 would put 1 and -1 on every token)
+    #   mean 0.25/5 = 0.05; deviations [0.2, 0.45, 0.95, -0.55, -1.05];
+    #   squares 0.04 + 0.2025 + 0.9025 + 0.3025 + 1.1025 = 2.55 -> unbiased var 0.6375
+    rewards, mask = t(OFFICIAL_REWARDS)
+    adv = prime_official_advantages(rewards, OFFICIAL_OUTCOME, mask, 2, gamma=0.5, process_coef=0.0)
+    s = math.sqrt(0.6375 + 1e-8)
+    assert_rows(adv, mask, [[0.2 / s, 0.45 / s, 0.95 / s], [-0.55 / s, -1.05 / s]])
+    # No process rewards at all is the same thing.
+    torch.testing.assert_close(prime_official_advantages(None, OFFICIAL_OUTCOME, mask, 2, gamma=0.5), adv)
+
+
+def test_prime_official_hand_example_gamma_half():
+    # Steps 1-2 as in the gamma = 1 example: resp1 [5, -13, 23]/12, resp2 [-19, 5]/12. gamma = 0.5:
+    #   resp1: R2 = 23/12 = 46/24, R1 = -13/12 + 23/24 = -3/24, R0 = 5/12 - 3/48 = 17/48
+    #   resp2: R1 = 5/12, R0 = -19/12 + 5/24 = -33/24
+    # then whitened over the batch (checked with the naive whitening loop).
+    rewards, mask = t(OFFICIAL_REWARDS)
+    adv = prime_official_advantages(rewards, OFFICIAL_OUTCOME, mask, 2, gamma=0.5)
+    returns, _ = t([[17 / 48, -3 / 24, 46 / 24], [-33 / 24, 5 / 12]])
+    torch.testing.assert_close(adv, _naive_whiten(returns, mask), **EXACT)
+
+
+@settings(max_examples=50, deadline=None)
+@given(batches())
+def test_prime_official_matches_naive(b):
+    args = (b["token_rewards"], b["outcome"], b["mask"], b["group_size"], b["gamma"])
+    coefs = (b["process_coef"], b["outcome_coef"])
+    torch.testing.assert_close(
+        prime_official_advantages(*args, *coefs), naive_prime_official(*args, *coefs), **EXACT
+    )
+
+
+@settings(max_examples=50, deadline=None)
+@given(batches(), st.sampled_from([1e-3, 0.05, 1.0, 7.3, 1e4]))
+def test_prime_official_is_invariant_to_the_token_rewards_scale(b, scale):
+    # beta * q and q (any positive scale) give the same advantages: the normalisation divides it out.
+    args = (b["outcome"], b["mask"], b["group_size"], b["gamma"], b["process_coef"], b["outcome_coef"])
+    torch.testing.assert_close(
+        prime_official_advantages(scale * b["token_rewards"], *args),
+        prime_official_advantages(b["token_rewards"], *args),
+        rtol=1e-10,
+        atol=1e-10,
+    )
+
+
+@settings(max_examples=25, deadline=None)
+@given(batches())
+def test_prime_official_at_gamma_1_is_whitened_k_scaled_rloo_of_normalised_rewards(b):
+    # At gamma = 1 the last-token outcome sums to the same value on every token as Eq. 5's, so the
+    # official pipeline is normalisation -> prime_rloo_k_scaled -> whitening.
+    mask, K = b["mask"], b["group_size"]
+    normalised = normalize_by_max_return(b["token_rewards"], mask)
+    expected = prime_rloo_advantages(normalised, b["outcome"], mask, K, 1.0, 2.0, 0.5, True, k_scaled_tokens=True)
+    actual = prime_official_advantages(b["token_rewards"], b["outcome"], mask, K, 1.0, 2.0, 0.5)
+    torch.testing.assert_close(actual, expected, rtol=1e-9, atol=1e-9)
 
 # --- GRPO -------------------------------------------------------------------------------------
 def test_grpo_hand_example():

@@ -1,4 +1,4 @@
-"""PPO-clip policy loss with KL, entropy, truncated importance sampling and its metrics."""
+"""PPO-clip policy loss with dual-clip, KL, entropy, truncated importance sampling and its metrics."""
 
 import math
 
@@ -31,6 +31,7 @@ def naive_policy_loss(
     entropy_coef=0.0,
     rollout=None,
     tis_cap=None,
+    clip_ratio_c=None,
 ):
     total, clipped_tokens, tokens = 0.0, 0, 0
     for i in range(lp.shape[0]):
@@ -44,6 +45,8 @@ def naive_policy_loss(
             clipped = -a * min(max(ratio, 1 - clip_low), 1 + clip_high)
             pg = max(unclipped, clipped)
             clipped_tokens += clipped > unclipped
+            if clip_ratio_c is not None and a < 0:
+                pg = min(pg, -a * clip_ratio_c)
             if tis_cap is not None:
                 pg *= min(math.exp(old[i, t].item() - rollout[i, t].item()), tis_cap)
             if ref is not None and kl_coef:
@@ -84,6 +87,7 @@ def loss_batches(draw):
         kl_estimator=draw(st.sampled_from(["k1", "k3"])),
         entropy_coef=draw(st.sampled_from([0.0, 0.01])),
         tis_cap=draw(st.sampled_from([None, 1.5, 2.0])),
+        clip_ratio_c=draw(st.sampled_from([None, 1.3, 3.0])),
     )
     return tensors, mask, options
 
@@ -104,6 +108,7 @@ def _call(tensors, mask, options, normalizer):
         entropy_coef=options["entropy_coef"],
         rollout_logprobs=tensors["rollout"],
         tis_cap=options["tis_cap"],
+        clip_ratio_c=options["clip_ratio_c"],
     )
 
 
@@ -219,6 +224,78 @@ def test_truncated_importance_sampling_hand_example():
     assert "rollout/tis_clip_frac" not in metrics_no_tis
 
 
+def test_dual_clip_hand_example():
+    # clip_ratio_c = 3, eps = 0.2, normaliser 4:
+    #   rho = 4,   A = -1: PPO max(4, 1.2) = 4      -> capped at -A * 3 = 3   (dual-clip active)
+    #   rho = 2,   A = -1: PPO max(2, 1.2) = 2      -> 2, below the cap 3
+    #   rho = 4,   A = +1: PPO max(-4, -1.2) = -1.2 -> unchanged (A > 0)
+    #   rho = 0.5, A = -1: PPO max(0.5, 0.8) = 0.8  -> unchanged (below the cap)
+    #   loss = (3 + 2 - 1.2 + 0.8) / 4 = 1.15, dual-clip fraction 1/4
+    # Gradient d loss / d logprob: capped and clipped tokens 0, rho = 2 token -A * rho / 4 = 0.5
+    lp = torch.tensor([[LOG(4.0), LOG(2.0), LOG(4.0), LOG(0.5)]], dtype=F64, requires_grad=True)
+    adv = torch.tensor([[-1.0, -1.0, 1.0, -1.0]], dtype=F64)
+    loss, metrics = policy_loss(lp, torch.zeros(1, 4, dtype=F64), adv, torch.ones(1, 4), loss_normalizer=4,
+                                clip_ratio_c=3.0)
+    assert loss.item() == pytest.approx(1.15)
+    loss.backward()
+    torch.testing.assert_close(lp.grad, torch.tensor([[0.0, 0.5, 0.0, 0.0]], dtype=F64))
+    assert metric_means(metrics)["policy/dual_clip_frac"] == pytest.approx(0.25)
+    # Without dual-clip the first token costs 4: loss (4 + 2 - 1.2 + 0.8) / 4 = 1.4
+    plain, plain_metrics = policy_loss(lp, torch.zeros(1, 4, dtype=F64), adv, torch.ones(1, 4), loss_normalizer=4)
+    assert plain.item() == pytest.approx(1.4)
+    assert "policy/dual_clip_frac" not in plain_metrics
+
+
+@settings(max_examples=25, deadline=None)
+@given(loss_batches(), st.sampled_from([1.3, 3.0]))
+def test_dual_clip_leaves_positive_advantages_unchanged(batch, clip_ratio_c):
+    # With every advantage >= 0, dual-clip changes neither the loss, nor its gradient, nor a metric
+    # (other than its own fraction, which is 0).
+    tensors, mask, options = batch
+    tensors = dict(tensors, adv=tensors["adv"].abs(), lp=tensors["lp"].clone().requires_grad_(True))
+    normalizer = max(int(mask.sum()), 1)
+    loss, metrics = _call(tensors, mask, dict(options, clip_ratio_c=None), normalizer)
+    (grad,) = torch.autograd.grad(loss, tensors["lp"])
+    loss_c, metrics_c = _call(tensors, mask, dict(options, clip_ratio_c=clip_ratio_c), normalizer)
+    (grad_c,) = torch.autograd.grad(loss_c, tensors["lp"])
+    assert torch.equal(loss_c, loss) and torch.equal(grad_c, grad)
+    assert metric_means(metrics_c).pop("policy/dual_clip_frac") == 0
+    for name in metrics:
+        torch.testing.assert_close(metrics_c[name], metrics[name])
+
+
+@settings(max_examples=25, deadline=None)
+@given(loss_batches(), st.sampled_from([1.3, 3.0]))
+def test_dual_clip_caps_negative_advantages_at_c(batch, clip_ratio_c):
+    # Per token (PPO part only): with A < 0 the loss is min(PPO-clip loss, -A * c), so it never
+    # exceeds -A * c, and a token whose ratio exceeds c gets no gradient; A >= 0 tokens keep their
+    # PPO-clip loss and gradient.
+    tensors, mask, options = batch
+    lp = tensors["lp"].clone().requires_grad_(True)
+    adv, old = tensors["adv"], tensors["old"]
+    token_loss = []
+    for c in (None, clip_ratio_c):
+        per_token = []
+        for i, t in mask.nonzero().tolist():  # one-token calls: the loss is that token's PPO loss
+            loss, _ = policy_loss(lp[i : i + 1, t : t + 1], old[i : i + 1, t : t + 1], adv[i : i + 1, t : t + 1],
+                                  torch.ones(1, 1), loss_normalizer=1, clip_ratio_c=c)
+            per_token.append(loss)
+        token_loss.append(per_token)
+    for (i, t), plain, capped in zip(mask.nonzero().tolist(), *token_loss):
+        a, ratio = adv[i, t].item(), math.exp(lp[i, t].item() - old[i, t].item())
+        (grad_plain,) = torch.autograd.grad(plain, lp)
+        (grad_capped,) = torch.autograd.grad(capped, lp)
+        if a < 0:
+            assert capped.item() == pytest.approx(min(plain.item(), -a * clip_ratio_c), rel=1e-12)
+            assert capped.item() <= -a * clip_ratio_c * (1 + 1e-12)
+            if ratio > clip_ratio_c:
+                assert grad_capped[i, t] == 0 and grad_plain[i, t] != 0
+            else:
+                assert torch.equal(grad_capped, grad_plain)
+        else:
+            assert torch.equal(capped, plain) and torch.equal(grad_capped, grad_plain)
+
+
 # --- random inputs --------------------------------------------------------------------------------
 @settings(max_examples=50, deadline=None)
 @given(loss_batches())
@@ -241,6 +318,7 @@ def test_policy_loss_matches_naive(batch):
         options["entropy_coef"],
         tensors["rollout"],
         options["tis_cap"],
+        options["clip_ratio_c"],
     )
     assert loss.item() == pytest.approx(expected_loss, rel=1e-9, abs=1e-12)
     assert metric_means(metrics)["policy/clip_frac"] == pytest.approx(expected_clip_frac)
@@ -321,6 +399,9 @@ def test_argument_errors():
         policy_loss(x, x, x, x, loss_normalizer=1, entropy_coef=0.01)
     with pytest.raises(ValueError, match="shape"):
         policy_loss(x, x, torch.zeros(1, 3), x, loss_normalizer=1)
+    for bad in (1.0, 0.5):
+        with pytest.raises(ValueError, match="clip_ratio_c must be > 1"):
+            policy_loss(x, x, x, x, loss_normalizer=1, clip_ratio_c=bad)
     with pytest.raises(TypeError):
         policy_loss(x, x, x, x)  # the normaliser is deliberately required
 

@@ -68,7 +68,7 @@ def test_missing_config_file():
 @pytest.mark.parametrize(
     "overrides, message",
     [
-        (["algorithm.estimator=ppo"], r"algorithm.estimator.*'ppo'.*one of gae, grpo, prime_rloo"),
+        (["algorithm.estimator=ppo"], r"algorithm.estimator.*'ppo'.*one of gae, grpo, prime_official, prime_rloo"),
         (["algorithm.estimator=gae"], r"GAE needs a value model"),
         (["rollout.mode=remote"], r"rollout.remote_urls"),
         (["rollout.mode=remote", "rollout.remote_urls=[http://h:30000]"], r"rollout.engine.*'hf'.*use rollout.engine=sglang"),

@@ -31,7 +31,7 @@ from tests.trainer_fixtures import make_trainer_fixture, overrides, register_tes
 
 COMPARED = ("prm/loss", "prm/accuracy", "prm/grad_norm", "policy/loss", "policy/pg_loss", "policy/grad_norm",
             "policy/entropy", "process_reward/sequence_mean", "outcome/accuracy_sampled",
-            "rollout/logprob_diff_mean")
+            "rollout/abs_logprob_diff")
 
 
 def _context(fixture, root, *extra):
@@ -159,10 +159,12 @@ def _remote(rank, world_size, fixture, root, urls, sync_port, server_pids, model
     from megatron_prime.training import prime_step as ps
 
     metrics, _ = ps.prime_step(ctx, step=1)  # ... fails the round, is restarted and resynced
-    out["second_step_policy_loss"] = metrics["policy/loss"]
+    out["second_step"] = {k: metrics[k] for k in ("policy/loss", "policy/grad_norm", "policy/updates")}
+    before = export
     export = dict(iter_hf_tensors(ctx.policy.model, ctx.arch))
     if rank == 0:
         out["stale_after_restart"] = _servers_stale_vs(urls, export)
+        out["moved_by_second_step"] = sum(not torch.equal(before[n], export[n]) for n in export)
     ctx.fleet.shutdown()
     return out
 
@@ -324,5 +326,9 @@ def test_remote_servers_hold_the_updated_policy(runs):
 
 def test_remote_server_that_died_is_waited_for_and_resynced(runs):
     remote = runs["remote"]
-    assert remote["second_step_policy_loss"] == remote["second_step_policy_loss"]  # the step ran
-    assert remote["stale_after_restart"] == []
+    import math
+
+    second = remote["second_step"]  # the step ran and updated the policy ...
+    assert math.isfinite(second["policy/loss"]) and second["policy/grad_norm"] > 0 and second["policy/updates"] == 1
+    assert remote["moved_by_second_step"] > 0
+    assert remote["stale_after_restart"] == []  # ... and every server holds the new weights

@@ -73,5 +73,5 @@ def test_first_step_matches_tp1(layouts, tp, pp, sp):
     torch.testing.assert_close(other["advantages"], base["advantages"], rtol=1e-4, atol=1e-5)
     for key in ("prm/loss", "prm/accuracy", "prm/grad_norm", "policy/loss", "policy/pg_loss",
                 "policy/grad_norm", "policy/entropy", "process_reward/sequence_mean",
-                "outcome/accuracy_sampled", "rollout/logprob_diff_mean"):
+                "outcome/accuracy_sampled", "rollout/abs_logprob_diff"):
         assert other["metrics"][key] == pytest.approx(base["metrics"][key], rel=1e-4, abs=1e-5), key

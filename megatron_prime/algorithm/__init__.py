@@ -1,4 +1,4 @@
-"""The mathematics of PRIME (DESIGN.md §2) as pure, vectorised tensor functions.
+"""The mathematics of PRIME (Cui et al. 2025, arXiv 2502.01456) as pure, vectorised tensor functions.
 
 Imports only torch: no process groups, no I/O, no Megatron. Tensors are ``[batch, response_len]``
 with a 0/1 ``mask``; the K responses of one prompt are adjacent rows (``group_size=K``).
@@ -10,6 +10,8 @@ from megatron_prime.algorithm.advantages import (
     compute_advantages,
     gae_advantages,
     grpo_advantages,
+    normalize_by_max_return,
+    prime_official_advantages,
     prime_rloo_advantages,
     reinforce_advantages,
     reinforce_pp_advantages,
@@ -39,7 +41,9 @@ __all__ = [
     "masked_whiten",
     "metric",
     "metric_means",
+    "normalize_by_max_return",
     "policy_loss",
+    "prime_official_advantages",
     "prime_rloo_advantages",
     "prm_loss",
     "reinforce_advantages",

@@ -19,6 +19,11 @@ Shared conventions
   every valid token of the whole batch passed in. Under data parallelism call the estimators on
   the full rollout batch, not per rank, if whitening or REINFORCE++ must see the whole batch.
 
+PRIME comes in three variants (the README's table lists every difference and its setting):
+``prime_rloo`` is Eq. 5 exactly; ``prime_rloo_k_scaled`` swaps in the official code's K/(K-1)
+token scaling; ``prime_official`` is the official code's whole default advantage pipeline
+(process-reward normalisation, K/(K-1) scaling, outcome on the last token, whitening).
+
 The registry ``ADVANTAGE_ESTIMATORS`` maps config names to these functions behind one uniform
 keyword signature; the trainer calls ``compute_advantages(name, ...)``.
 """
@@ -38,7 +43,9 @@ from megatron_prime.algorithm.masked_ops import (
     leave_one_out_mean,
     masked_mean_var,
     masked_whiten,
+    reverse_returns,
     zero_invalid,
+    zero_invalid_,
 )
 
 
@@ -70,12 +77,32 @@ def _combine(
     whiten: bool = False,
 ) -> torch.Tensor:
     """process_coef * process_return + outcome_coef * outcome_term (``[B]``, on every token),
-    exactly 0 on padding, optionally whitened over the batch."""
-    advantages = (outcome_coef * outcome_term)[:, None]  # broadcast along tokens, not materialised
-    if process_return is not None:
-        advantages = advantages + (process_return if process_coef == 1.0 else process_coef * process_return)
-    advantages = zero_invalid(advantages, valid)  # also broadcasts [B, 1] to [B, T]
+    exactly 0 on padding, optionally whitened over the batch. ``process_return`` is a fresh
+    tensor (it is scaled, added to and masked in place)."""
+    outcome_column = (outcome_coef * outcome_term)[:, None]
+    if process_return is None:
+        advantages = zero_invalid(outcome_column, valid)  # broadcasts [B, 1] to [B, T]
+    else:
+        advantages = process_return if process_coef == 1.0 else process_return.mul_(process_coef)
+        advantages = zero_invalid_(advantages.add_(outcome_column), valid)
     return masked_whiten(advantages, valid) if whiten else advantages
+
+
+def _rloo_token_rewards(
+    rewards: torch.Tensor, valid: torch.Tensor, group_size: int, k_scaled: bool
+) -> torch.Tensor:
+    """Token rewards minus the leave-one-out mean of the other responses' per-token means
+    (Eq. 5's bracket), or the official code's K/(K-1) form when ``k_scaled``. ``rewards`` must
+    be zero on padding and are overwritten (the result, zero on padding, reuses them)."""
+    lengths = valid.sum(dim=-1, dtype=torch.int32).clamp(min=1)
+    # r_phi(y^j) / |y^j|, accumulated in float64 (see masked_mean_var for why)
+    mean_reward = (rewards.sum(dim=-1, dtype=torch.float64) / lengths).to(rewards.dtype)
+    baseline = leave_one_out_mean(mean_reward, group_size)
+    if k_scaled and group_size > 1:
+        # r - baseline + (r - mean) / (K - 1) = r * K/(K-1) - (baseline + mean / (K-1))
+        rewards.mul_(group_size / (group_size - 1))
+        baseline = baseline + mean_reward / (group_size - 1)
+    return zero_invalid_(rewards.sub_(baseline[:, None]), valid)
 
 
 def prime_rloo_advantages(
@@ -102,10 +129,19 @@ def prime_rloo_advantages(
     K = 1: the leave-one-out baselines are empty means, taken as 0 (REINFORCE). An empty response
     (no valid tokens) contributes a mean process reward of 0 to the others' baselines.
 
-    ``k_scaled_tokens=True`` is the official PRIME code's variant (not Eq. 5): each token reward
+    Departures from Eq. 5: none with the defaults; ``process_coef``/``outcome_coef`` weight the
+    two terms and ``whiten`` standardises the result (both are outside Eq. 5).
+    Departures from the official PRIME code (github PRIME-RL/PRIME, its default config): it
+    normalises the process rewards by the batch's largest |reverse cumsum| first, uses the K/(K-1)
+    token form below, places the outcome on the last token (discounted when gamma < 1) and always
+    whitens; ``prime_official_advantages`` reproduces all of that.
+
+    ``k_scaled_tokens=True`` is the official PRIME code's token form (not Eq. 5): each token reward
     becomes r_t * K/(K-1) - (sum over all K responses' per-token means)/(K-1)
     = r_t - baseline_i + (r_t - own mean)/(K-1). The extra term sums to zero over a response, so
-    A_0 is unchanged and only later tokens differ. Ignored for K = 1.
+    A_0 is unchanged and only later tokens differ (at gamma = 1). Ignored for K = 1. This is the
+    only official-code difference it adopts: no normalisation, outcome on every token, no whitening
+    unless ``whiten``.
     """
     _check_shapes(outcome, mask, token_rewards)
     check_groups(mask.shape[0], group_size)
@@ -117,15 +153,82 @@ def prime_rloo_advantages(
     process_return = None
     if _uses_process(token_rewards, process_coef):
         rewards = zero_invalid(token_rewards.to(dtype), valid)
-        lengths = valid.sum(dim=-1).clamp(min=1)
-        # r_phi(y^j) / |y^j|, accumulated in float64 (see masked_mean_var for why)
-        mean_reward = (rewards.sum(dim=-1, dtype=torch.float64) / lengths).to(dtype)
-        shaped = rewards - leave_one_out_mean(mean_reward, group_size)[:, None]
-        if k_scaled_tokens and group_size > 1:
-            shaped = shaped + (rewards - mean_reward[:, None]) / (group_size - 1)
-        process_return = discounted_reverse_cumsum(shaped, valid, gamma)
+        shaped = _rloo_token_rewards(rewards, valid, group_size, k_scaled_tokens)
+        process_return = reverse_returns(shaped, valid, gamma)
 
     return _combine(valid, outcome_term, outcome_coef, process_return, process_coef, whiten)
+
+
+def normalize_by_max_return(token_rewards: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The official PRIME code's process-reward normalisation (its default ``prime_norm=batch_norm``):
+
+        r_t <- r_t / max_{i, t} | sum_{s >= t} r_s^i |
+
+    i.e. every token reward divided by the largest absolute undiscounted return-to-go over the
+    whole batch passed in, so that no process return exceeds 1 in magnitude while the relative
+    sizes of all rewards are kept. Zero on padding. Exactly invariant to the rewards' scale
+    (beta cancels): the official code divides by (max + 1e-6) instead, which differs by a relative
+    1e-6 / max, and all-zero rewards stay zero here without an epsilon.
+    """
+    valid = as_bool_mask(mask)
+    rewards = zero_invalid(token_rewards, valid)
+    lowest, highest = torch.aminmax(rewards.flip(-1).cumsum_(-1))  # flipping back changes no extreme
+    largest_return = torch.maximum(-lowest, highest)
+    return rewards.div_(torch.where(largest_return > 0, largest_return, 1.0))
+
+
+def prime_official_advantages(
+    token_rewards: torch.Tensor | None,
+    outcome: torch.Tensor,
+    mask: torch.Tensor,
+    group_size: int,
+    gamma: float = 1.0,
+    process_coef: float = 1.0,
+    outcome_coef: float = 1.0,
+) -> torch.Tensor:
+    """The official PRIME code's default advantage pipeline (github PRIME-RL/PRIME, ``rloo``
+    estimator with ``prime_norm=batch_norm``, token granularity), on the implicit rewards:
+
+      1. r_t = normalize_by_max_return(r_phi): divide by the batch's largest |return-to-go|.
+      2. RLOO per reward source, K/(K-1) form (as ``k_scaled_tokens``):
+           process:  r_t * K/(K-1) - (sum over the K responses of their per-token means) / (K-1)
+           outcome:  r_o^i - 1/(K-1) sum_{j!=i} r_o^j, placed on the *last* valid token only.
+      3. G_t = sum_{s >= t} gamma^(s-t) [process_coef * process_s + outcome_coef * outcome_s]
+         (one gamma for both sources, as the official default).
+      4. A = (G - mean) / sqrt(var + 1e-8) over every valid token of the batch (always).
+
+    Departures from Eq. 5: the normalisation (1); the K/(K-1) token form (2), which keeps A_0 and
+    changes later tokens; the outcome term discounted from the last token, gamma^(|y|-1-t) times
+    Eq. 5's (identical at gamma = 1); whitening (4).
+    Departures from the official code: it takes the raw log-ratio q, we take r_phi = beta * q like
+    every estimator (step 1 removes the scale exactly; the official max + 1e-6 gives a relative
+    1e-6 / max difference); its normalisation max runs over each data-parallel worker's share of
+    the batch, ours over the batch passed in (the trainer passes the whole rollout batch); its
+    advantages ignore ``rm_coef``/``reward_coef`` (= our defaults 1 and 1; veRL's PRIME recipe
+    multiplies both by 5, which whitening cancels); K = 1 and empty responses, which divide by
+    zero there, get empty baselines (0) and zero advantages here; gamma counts valid tokens, so
+    masked positions inside a response are skipped.
+    """
+    _check_shapes(outcome, mask, token_rewards)
+    check_groups(mask.shape[0], group_size)
+    valid = as_bool_mask(mask)
+    dtype = _result_dtype(outcome, token_rewards)
+
+    outcome_rloo = outcome.to(dtype) - leave_one_out_mean(outcome.to(dtype), group_size)
+    if _uses_process(token_rewards, process_coef):
+        process = normalize_by_max_return(token_rewards.to(dtype), valid)
+        rewards = _rloo_token_rewards(process, valid, group_size, k_scaled=True)
+        if process_coef != 1.0:
+            rewards.mul_(process_coef)
+    else:
+        rewards = torch.zeros(valid.shape, dtype=dtype, device=valid.device)
+    # The outcome on each response's last valid token (none for an empty response).
+    last = valid.shape[-1] - 1 - valid.flip(-1).to(torch.uint8).argmax(dim=-1)
+    has_tokens = valid.any(dim=-1)
+    rows = torch.arange(valid.shape[0], device=valid.device)
+    rewards.index_put_((rows, last), torch.where(has_tokens, outcome_coef * outcome_rloo, 0.0), accumulate=True)
+    # The scans are linear, so one scan of the summed rewards is the sum of the two returns.
+    return masked_whiten(reverse_returns(rewards, valid, gamma), valid)
 
 
 def rloo_advantages(
@@ -138,6 +241,8 @@ def rloo_advantages(
     """Outcome-only RLOO, the paper's baseline: A_t^i = r_o(y^i) - 1/(K-1) sum_{j!=i} r_o(y^j) on
     every token. Identical to ``prime_rloo_advantages`` with ``process_coef=0`` (or no process
     rewards), so the baseline run is one switch away. K = 1 gives A = r_o (empty baseline = 0).
+    The official code's pipeline without process rewards (outcome on the last token, whitened) is
+    ``prime_official_advantages`` with ``process_coef=0``; at gamma = 1 it equals this whitened.
     """
     return prime_rloo_advantages(None, outcome, mask, group_size, outcome_coef=outcome_coef, whiten=whiten)
 
@@ -321,6 +426,11 @@ def _prime_rloo_k_scaled(
     )
 
 
+def _prime_official(*, token_rewards, outcome, mask, group_size, gamma, process_coef, outcome_coef, **_):
+    # Always whitened, as the official code: `whiten` would only repeat that.
+    return prime_official_advantages(token_rewards, outcome, mask, group_size, gamma, process_coef, outcome_coef)
+
+
 def _rloo(*, outcome, mask, group_size, outcome_coef, whiten, **_):
     return rloo_advantages(outcome, mask, group_size, outcome_coef, whiten)
 
@@ -352,6 +462,7 @@ def _gae(*, token_rewards, outcome, mask, values, gamma, lam, process_coef, outc
 ADVANTAGE_ESTIMATORS: dict[str, AdvantageEstimator] = {
     "prime_rloo": _prime_rloo,  # Eq. 5, the paper's method
     "prime_rloo_k_scaled": _prime_rloo_k_scaled,  # official code's K/(K-1) token scaling
+    "prime_official": _prime_official,  # official code's default pipeline; ignores whiten
     "rloo": _rloo,  # outcome-only RLOO, the paper's baseline (ignores token_rewards)
     "grpo": _grpo,
     "reinforce": _reinforce,  # ignores group_size

@@ -28,6 +28,40 @@ def zero_invalid(values: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     return torch.where(valid, values, torch.zeros((), dtype=values.dtype, device=values.device))
 
 
+def zero_invalid_(values: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """``zero_invalid`` into ``values``' own storage, for a fresh tensor the caller owns (saves an
+    allocation; out-of-place when autograd records ``values``, as ``out=`` is not differentiable)."""
+    zero = torch.zeros((), dtype=values.dtype, device=values.device)
+    if values.requires_grad and torch.is_grad_enabled():
+        return torch.where(valid, values, zero)
+    return torch.where(valid, values, zero, out=values)
+
+
+class _PrecomputedGradient(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, value, num_inputs, *inputs_and_gradients):
+        ctx.save_for_backward(*inputs_and_gradients[num_inputs:])
+        return value.clone()
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        gradients = [None if g is None else g * grad_output for g in ctx.saved_tensors]
+        return None, None, *gradients, *([None] * len(gradients))
+
+
+def attach_gradient(
+    value: torch.Tensor, inputs: tuple[torch.Tensor, ...], gradients: tuple[torch.Tensor | None, ...]
+) -> torch.Tensor:
+    """``value`` (computed without autograd) as a differentiable function of ``inputs`` whose
+    derivative w.r.t. ``inputs[i]`` is ``gradients[i]`` (``None``: no gradient).
+
+    A loss whose per-token derivative is computed in the same pass as the loss itself needs no
+    autograd graph of its elementwise steps: nothing is saved but the gradients, and the backward
+    is one multiplication. Not twice differentiable.
+    """
+    return _PrecomputedGradient.apply(value, len(inputs), *inputs, *gradients)
+
+
 def check_groups(batch_size: int, group_size: int) -> int:
     """Number of groups; raises if the batch does not split into whole groups of ``group_size``."""
     if group_size < 1:
@@ -79,8 +113,15 @@ def masked_whiten(values: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -
     """(x - mean) / sqrt(var + eps) with the mean and unbiased variance over every valid token of
     the whole tensor (not per row); zero on padding. Constant inputs map to zeros, never NaN."""
     valid = as_bool_mask(mask)
-    mean, var = masked_mean_var(values, valid)
-    return zero_invalid((values - mean) * torch.rsqrt(var + eps), valid)
+    # masked_mean_var's arithmetic (float64 sums, the mean rounded to values' dtype before taking
+    # deviations), with the deviations computed once and reused for the variance and the result.
+    count = torch.count_nonzero(valid)
+    deviations = zero_invalid(values, valid)
+    mean = (deviations.sum(dtype=torch.float64) / count.clamp(min=1)).to(values.dtype)
+    deviations = zero_invalid_(deviations.sub_(mean), valid)
+    flat = deviations.view(-1).to(torch.float64) if values.dtype != torch.float64 else deviations.view(-1)
+    var = (torch.dot(flat, flat) / (count - 1).clamp(min=1)).to(values.dtype)
+    return deviations.mul_(torch.rsqrt(var + eps))
 
 
 def is_right_padded(valid: torch.Tensor) -> bool:
@@ -108,7 +149,7 @@ def _scan_right_padded(x: torch.Tensor, gamma: float) -> torch.Tensor:
     non-negative powers of gamma appear, so nothing overflows for long responses.
     """
     if gamma == 1.0:
-        return x.flip(-1).cumsum(-1).flip(-1)
+        return x.flip(-1).cumsum_(-1).flip(-1)
     rows, length = x.shape
     block = min(_SCAN_BLOCK, length)
     num_blocks = -(-length // block)
@@ -142,10 +183,15 @@ def discounted_reverse_cumsum(values: torch.Tensor, mask: torch.Tensor, gamma: f
     if not 0.0 <= gamma <= 1.0:
         raise ValueError(f"gamma must be in [0, 1], got {gamma}")
     valid = as_bool_mask(mask)
-    x = zero_invalid(values, valid)
+    return zero_invalid_(reverse_returns(zero_invalid(values, valid), valid, gamma), valid)
+
+
+def reverse_returns(x: torch.Tensor, valid: torch.Tensor, gamma: float) -> torch.Tensor:
+    """``discounted_reverse_cumsum`` for ``x`` already zero on padding, without zeroing padding
+    in the result (a fresh tensor): for callers that add more terms and mask once at the end."""
     # With gamma = 1 the discount does not depend on token indices, so holes need no compaction.
     if gamma == 1.0 or is_right_padded(valid):
-        return zero_invalid(_scan_right_padded(x, gamma), valid)
+        return _scan_right_padded(x, gamma)
     order = compaction_order(valid)
     scanned = _scan_right_padded(x.gather(-1, order), gamma)
-    return zero_invalid(torch.empty_like(scanned).scatter_(-1, order, scanned), valid)
+    return torch.empty_like(scanned).scatter_(-1, order, scanned)

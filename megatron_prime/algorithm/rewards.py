@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from megatron_prime.algorithm.masked_ops import as_bool_mask, zero_invalid
+from megatron_prime.algorithm.masked_ops import as_bool_mask, attach_gradient, zero_invalid
 from megatron_prime.algorithm.metrics import metric
 
 
@@ -18,7 +18,7 @@ def implicit_process_rewards(
     All tensors are ``[batch, response_len]``; the result has ``prm_logprobs``' dtype.
     """
     valid = as_bool_mask(mask)
-    return zero_invalid(beta * (prm_logprobs - ref_logprobs), valid)
+    return zero_invalid((prm_logprobs - ref_logprobs).mul_(beta), valid)
 
 
 def prm_loss(
@@ -52,13 +52,19 @@ def prm_loss(
         raise ValueError(
             f"outcome must be [batch]={tuple(prm_logprobs.shape[:1])}, got {tuple(outcome.shape)}"
         )
-    sequence_reward = implicit_process_rewards(prm_logprobs, ref_logprobs, valid, beta).sum(dim=-1)
-    label = outcome.to(sequence_reward.dtype)
-    cross_entropy = -(label * F.logsigmoid(sequence_reward) + (1.0 - label) * F.logsigmoid(-sequence_reward))
+    with torch.no_grad():
+        # s_i depends on the PRM's log-probs only through a masked row sum, so d L_CE / d logprob_t
+        # = beta * (sigma(s_i) - r_o) on valid tokens: computed here, no graph of the [B, T] ops.
+        rewards = implicit_process_rewards(prm_logprobs.detach(), ref_logprobs.detach(), valid, beta)
+        sequence_reward = rewards.sum(dim=-1)
+        label = outcome.to(sequence_reward.dtype)
+        cross_entropy = -(label * F.logsigmoid(sequence_reward) + (1.0 - label) * F.logsigmoid(-sequence_reward))
+        d_reward = torch.sigmoid(sequence_reward).sub_(label).mul_(beta)
+        d_logprobs = zero_invalid(d_reward[:, None], valid)  # broadcasts [B, 1] to [B, T]
 
     num_responses = sequence_reward.shape[0]
     normalizer = num_responses if loss_normalizer is None else loss_normalizer
-    loss = cross_entropy.sum() / normalizer
+    loss = attach_gradient(cross_entropy.sum(), (prm_logprobs,), (d_logprobs,)) / normalizer
 
     with torch.no_grad():
         agrees = (sequence_reward > 0) == (label > 0.5)

@@ -1,27 +1,31 @@
 """Megatron passes over a rollout batch: per-token log-probs (forward only) and loss + backward
 (training), all through ``get_forward_backward_func`` so pipeline parallelism works.
 
-Log-probs are computed vocab-parallel from the TP-sharded logits (no full-vocabulary gather),
-only at response positions, at the sampling temperature. Padded vocabulary columns are masked
-out so the softmax is over the real vocabulary, as in the Hugging Face model.
+The last stage's model returns its final hidden states (GPTModel's ``post_process`` contract for
+a stage without output layer) and the pass applies the output layer itself, only at the response
+tokens and in chunks of tokens (``vocab_parallel.output_layer_logprobs``): neither the logits of
+the whole sequence nor those of all response tokens ever exist, on any TP rank. Log-probs are
+vocab-parallel (no full-vocabulary gather), at the given temperature, over the real vocabulary
+(the padded rows of the output layer are left out, as in the Hugging Face model).
 """
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
-from megatron.core import parallel_state
+from megatron.core import parallel_state, tensor_parallel
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megatron_prime.algorithm import accumulate_metrics
 from megatron_prime.bridge.transfer import unwrap
 from megatron_prime.models.forward import attention_mask_4d, broadcast_from_last_stage, position_ids_for
 from megatron_prime.training.batch import RolloutBatch, micro_batch_rows
-from megatron_prime.training.vocab_parallel import vocab_parallel_entropy, vocab_parallel_logprobs
+from megatron_prime.training.vocab_parallel import output_layer_logprobs
 
 # loss_fn(micro-batch rows of the batch, logprobs [b, R], entropy [b, R] | None)
 #   -> (loss summed over its items, number of items (tokens or responses), metrics (sum, count))
@@ -30,42 +34,78 @@ LossFn = Callable[[RolloutBatch, torch.Tensor, torch.Tensor | None], tuple[torch
 
 @dataclass
 class PassResult:
-    logprobs: torch.Tensor  # [n, R] for the rows passed in (detached), on every rank of the replica
-    entropy: torch.Tensor | None
+    logprobs: torch.Tensor  # [n, R] for the rows passed in (detached, 0 on padding), on every rank of the replica
+    entropy: torch.Tensor | None  # [n, R] likewise, with ``with_entropy``
     metrics: dict  # summed (sum, count) pairs of this rank's micro-batches (last stage; else empty)
 
 
 def _micro_batch(batch: RolloutBatch, rows: torch.Tensor, device, length_multiple: int) -> dict:
     """Rows cut to their longest sequence, right-padded to a multiple of ``length_multiple``
-    (sequence parallelism splits the sequence over TP ranks); pads are masked keys."""
+    (sequence parallelism splits the sequence over TP ranks); pads are masked keys. ``tokens``
+    are the (row, response column) pairs of the real response tokens."""
     sub = batch.rows(rows)
     length = int(sub.attention_mask.sum(dim=1).max())
     width = -(-length // length_multiple) * length_multiple
     ids = F.pad(sub.input_ids[:, :length], (0, width - length))
+    row, column = sub.response_mask.bool().nonzero(as_tuple=True)
+    position = sub.response_index[row, column]  # the logits at position t predict token t + 1
     return {
         "batch": sub,
         "input_ids": ids.to(device),
         "position_ids": position_ids_for(ids).to(device),
         "attention_mask": attention_mask_4d(F.pad(sub.attention_mask[:, :length], (0, width - length))).to(device),
-        "response_index": sub.response_index.clamp(max=length - 1).to(device),
-        "targets": torch.gather(ids, 1, (sub.response_index + 1).clamp(max=length - 1)).to(device),
+        "tokens": (row.to(device), column.to(device)),
+        "positions": position.to(device),
+        "targets": ids[row, position + 1].to(device),
     }
 
 
-def response_logits(logits: torch.Tensor, response_index: torch.Tensor, temperature: float,
-                    true_vocab: int) -> torch.Tensor:
-    """Logits at response positions ``[b, R, vocab/tp]``, divided by the temperature, with the
-    padded vocabulary columns of this TP shard set to the most negative finite value."""
-    b, r = response_index.shape
-    picked = torch.gather(logits, 1, response_index[..., None].expand(b, r, logits.shape[-1]))
-    if temperature != 1.0:
-        picked = picked / temperature
-    shard = logits.shape[-1]
+def output_weight(inner) -> torch.Tensor:
+    """The output layer's ``[vocab / tp, h]`` weight shard (the embedding when they are tied)."""
+    if inner.share_embeddings_and_output_weights:
+        return inner.shared_embedding_or_output_weight()
+    return inner.output_layer.weight
+
+
+@contextmanager
+def hidden_states_out(inner):
+    """GPTModel returns its final hidden states ``[s, b, h]`` instead of logits while
+    ``post_process`` is off (what it does on a pipeline stage without the output layer)."""
+    post_process = inner.post_process
+    inner.post_process = False
+    try:
+        yield
+    finally:
+        inner.post_process = post_process
+
+
+def response_logprobs(hidden, mb: dict, weight, *, temperature: float, true_vocab: int,
+                      sequence_parallel: bool, with_entropy: bool, entropy_grad: bool):
+    """Log-probs ``[b, R]`` (and entropy) of the micro-batch's response tokens from the last
+    stage's hidden states, through the output layer applied in chunks; 0 on padding."""
+    tp_group = parallel_state.get_tensor_model_parallel_group()
+    # The output layer is column-parallel: its input is gathered (sequence parallel) or copied
+    # into the TP region, so that the input gradient of each vocabulary shard is summed.
+    if sequence_parallel:
+        hidden = tensor_parallel.gather_from_sequence_parallel_region(hidden, tensor_parallel_output_grad=True)
+    else:
+        hidden = tensor_parallel.copy_to_tensor_model_parallel_region(hidden)
+    row, column = mb["tokens"]
+    shard = weight.shape[0]
     vocab_start = parallel_state.get_tensor_model_parallel_rank() * shard
-    first_padded = max(0, min(shard, true_vocab - vocab_start))
-    if first_padded < shard:
-        picked[..., first_padded:] = torch.finfo(picked.dtype).min
-    return picked
+    logprobs, entropy = output_layer_logprobs(
+        hidden[mb["positions"], row], weight, mb["targets"], tp_group=tp_group, vocab_start=vocab_start,
+        real_vocab_rows=max(0, min(shard, true_vocab - vocab_start)), temperature=temperature,
+        with_entropy=with_entropy,
+    )
+    shape = mb["batch"].response_mask.shape
+
+    def response_frame(values):
+        return torch.zeros(shape, dtype=values.dtype, device=values.device).index_put((row, column), values)
+
+    if entropy is not None:
+        entropy = response_frame(entropy if entropy_grad else entropy.detach())
+    return response_frame(logprobs), entropy
 
 
 def run_pass(
@@ -84,19 +124,18 @@ def run_pass(
     inner = unwrap(model)
     device = next(inner.parameters()).device
     true_vocab = getattr(inner, "true_vocab_size", inner.vocab_size)
-    tp_group = parallel_state.get_tensor_model_parallel_group()
+    weight = output_weight(inner) if inner.post_process else None  # the last stage's
     lengths = batch.attention_mask.sum(dim=1)
     row_groups = micro_batch_rows(lengths, token_budget)
     multiple = parallel_state.get_tensor_model_parallel_world_size() if inner.config.sequence_parallel else 1
     micro_batches = [_micro_batch(batch, rows, device, multiple) for rows in row_groups]
 
-    def loss_func(mb, logits, non_loss_data=False):
-        picked = response_logits(logits, mb["response_index"], temperature, true_vocab)
-        logprobs = vocab_parallel_logprobs(picked, mb["targets"], tp_group)
-        entropy = None
-        if with_entropy:
-            with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
-                entropy = vocab_parallel_entropy(picked if entropy_grad else picked.detach(), tp_group)
+    def loss_func(mb, hidden, non_loss_data=False):
+        logprobs, entropy = response_logprobs(
+            hidden, mb, weight, temperature=temperature, true_vocab=true_vocab,
+            sequence_parallel=inner.config.sequence_parallel, with_entropy=with_entropy,
+            entropy_grad=entropy_grad,
+        )
         out = {"logprobs": logprobs.detach(), "entropy": None if entropy is None else entropy.detach()}
         if forward_only:
             return out
@@ -114,7 +153,7 @@ def run_pass(
     else:
         model.train()
     context = torch.no_grad() if forward_only else torch.enable_grad()
-    with context:
+    with context, hidden_states_out(inner):
         outputs = get_forward_backward_func()(
             forward_step_func=forward_step,
             data_iterator=iter(micro_batches),

@@ -240,7 +240,7 @@ def update_policy(ctx: PrimeContext, local: RolloutBatch, step: int, pass_args: 
     def loss_fn(mb: RolloutBatch, logprobs, entropy):
         loss, m = policy_loss(
             logprobs, mb.extras["old_logprobs"], mb.extras["advantages"], mb.response_mask,
-            a.clip_low, a.clip_high, loss_normalizer=1.0,
+            a.clip_low, a.clip_high, loss_normalizer=1.0, clip_ratio_c=a.clip_ratio_c,
             ref_logprobs=mb.extras.get("ref_kl_logprobs", mb.extras.get("ref_logprobs")) if a.kl_coef else None,
             kl_coef=a.kl_coef, kl_estimator=a.kl_estimator,
             entropy=entropy, entropy_coef=a.entropy_coef,
@@ -312,6 +312,6 @@ def _step_metrics(batch: RolloutBatch, stats, token_rewards, advantages, old_log
         m.update(_masked_stats("process_reward/token", token_rewards, mask))
         m["process_reward/sequence_mean"] = token_rewards.sum(dim=1).mean().item()
     diff = (batch.rollout_logprobs - old_logprobs).abs()[mask.bool()]
-    m["rollout/logprob_diff_mean"] = diff.mean().item() if diff.numel() else 0.0
+    # the mean is the policy loss's rollout/abs_logprob_diff
     m["rollout/logprob_diff_max"] = diff.max().item() if diff.numel() else 0.0
     return m
