@@ -120,9 +120,15 @@ def prompt_file_benchmark(spec: str) -> Benchmark:
     return Benchmark(name, name, path, rows)
 
 
-def load_benchmarks(benchmarks: list[str], data_dir: str | None, prompt_files: list[str]) -> list[Benchmark]:
-    """Every requested benchmark, the paper's first in the paper's order; failures carry their line."""
+def load_benchmarks(benchmarks: list[str], data_dir: str | None, prompt_files: list[str],
+                    limit: int = 0) -> list[Benchmark]:
+    """Every requested benchmark (its first ``limit`` rows, if given), the paper's first in the
+    paper's order; failures carry their line."""
     order = {key: i for i, (key, _) in enumerate(PAPER_COLUMNS)}
     sets = [eval_set_benchmark(spec, data_dir) for spec in benchmarks if spec.strip()]
     sets.sort(key=lambda b: order.get(b.name, len(order)))
-    return sets + [prompt_file_benchmark(spec) for spec in prompt_files]
+    loaded = sets + [prompt_file_benchmark(spec) for spec in prompt_files]
+    if limit:
+        for b in loaded:
+            b.rows = b.rows[:limit] if b.rows else b.rows
+    return loaded

@@ -62,6 +62,7 @@ def eval_parser() -> argparse.ArgumentParser:
     p.add_argument("--engine", choices=["hf", "sglang", "vllm"], default="hf")
     p.add_argument("--tp", type=int, default=1, help="GPUs per sglang/vllm engine")
     p.add_argument("--chunk", type=int, default=64, help="prompts per engine between progress lines and saves")
+    p.add_argument("--limit", type=int, default=0, help="the first LIMIT prompts of each benchmark (0: all)")
     p.add_argument("--label", help="the row's name (default: the checkpoint's directory name)")
     p.add_argument("--out", help="results file (default outputs/eval/LABEL.json; the table goes beside it as .md)")
     p.add_argument("--compare", nargs="*", default=[], metavar="RESULT.json|paper|paper:sft|paper:prime",
@@ -94,7 +95,7 @@ def evaluate(argv) -> int:
             max_new_tokens=args.max_new_tokens, max_prompt_len=args.max_prompt_len, seed=args.seed)
         label = args.label or os.path.basename(os.path.normpath(args.model))
         out = args.out or os.path.join("outputs", "eval", f"{label}.json")
-        benchmarks = broadcast_object(on_rank0(lambda: load_benchmarks(specs, args.data_dir, args.data)))
+        benchmarks = broadcast_object(on_rank0(lambda: load_benchmarks(specs, args.data_dir, args.data, args.limit)))
         problems = [b.problem for b in benchmarks if b.problem]
         if _rank0():
             for line in problems:

@@ -26,10 +26,12 @@ def hf_checkpoint(model_dir: str, cache_dir: str) -> str:
     if not os.path.isfile(os.path.join(model_dir, MCORE_META)):
         raise ReportError(f"{model_dir}: neither a Hugging Face checkpoint (config.json) nor a Megatron "
                           f"checkpoint ({MCORE_META})")
+    from megatron_prime.platform import distributed
+
     out = os.path.join(cache_dir, os.path.basename(os.path.normpath(model_dir)) + "-hf")
-    if not is_hf_checkpoint(out):
+    # Rank 0 decides, so that no rank skips the conversion's collectives.
+    if distributed.broadcast_object(not is_hf_checkpoint(out)):
         from megatron_prime.bridge.convert import mcore_to_hf
-        from megatron_prime.platform import distributed
 
         distributed.setup()
         mcore_to_hf(model_dir, out)
