@@ -1,4 +1,4 @@
-"""``megatron-prime`` command line: train | sft | eval | demo | plan | convert | data.
+"""``megatron-prime`` command line: train | sft | eval | score | inspect | demo | plan | convert | data.
 
 Each subcommand imports its module lazily so ``--help`` and ``data check`` stay fast.
 """
@@ -48,10 +48,21 @@ def _training_command(name: str):
     return run
 
 
+def _reports_command(name: str):
+    def run(argv: list[str]) -> int:
+        from megatron_prime.reports import commands
+
+        return getattr(commands, name)(argv)
+
+    return run
+
+
 COMMANDS = {
     "train": (_training_command("train"), "PRIME RL training: megatron-prime train CONFIG [key=value ...]"),
     "sft": (_training_command("sft"), "supervised fine-tuning: megatron-prime sft CONFIG [key=value ...]"),
-    "eval": (_training_command("evaluate"), "greedy accuracy of a checkpoint on eval sets"),
+    "eval": (_reports_command("evaluate"), "benchmark table in the paper's layout (greedy, avg@K, pass@k)"),
+    "score": (_reports_command("score"), "best-of-N with the trained implicit PRM vs majority vote, random, oracle"),
+    "inspect": (_reports_command("inspect"), "HTML page of a run: token-level process rewards and scalars"),
     "demo": (_training_command("demo"), "the tiny CPU demo: toy task, SFT, PRIME, before/after accuracy"),
     "plan": (_plan, "memory and layout plan: megatron-prime plan CONFIG --gpus N --gpu-mem 80"),
     "convert": (_convert, "checkpoint conversion: hf-to-mcore | mcore-to-hf | verify"),

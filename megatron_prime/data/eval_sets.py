@@ -36,15 +36,39 @@ CODE_INSTRUCTION = (
 
 
 def _records(path: Path) -> list[dict]:
-    if path.suffix.lower() == ".parquet":
+    """The file's records; a file that cannot be read as records is one DatasetError naming it."""
+    if not path.is_file():
+        raise DatasetError([f"{path}: no such file"])
+    suffix = path.suffix.lower()
+    if suffix == ".parquet":
+        import pyarrow as pa
         import pyarrow.parquet as pq
 
-        return pq.read_table(path).to_pylist()
-    if path.suffix.lower() == ".json":
-        data = json.loads(path.read_text(encoding="utf-8"))
-        return data if isinstance(data, list) else [data]
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+        try:
+            return pq.read_table(path).to_pylist()
+        except (pa.ArrowException, OSError) as e:
+            raise DatasetError([f"{path}: not a readable parquet file ({e})"]) from None
+    try:
+        if suffix == ".json":
+            data = json.loads(path.read_text(encoding="utf-8"))
+            records = data if isinstance(data, list) else [data]
+        else:
+            records = []
+            with open(path, encoding="utf-8") as f:
+                for number, line in enumerate(f, 1):
+                    if line.strip():
+                        try:
+                            records.append(json.loads(line))
+                        except json.JSONDecodeError as e:
+                            raise DatasetError([f"{path} line {number}: not valid JSON ({e.msg})"]) from None
+    except UnicodeDecodeError:
+        raise DatasetError([f"{path}: not UTF-8 text (expected JSON lines, a JSON list or parquet)"]) from None
+    except json.JSONDecodeError as e:
+        raise DatasetError([f"{path}: not valid JSON ({e.msg}, line {e.lineno})"]) from None
+    bad = next((i for i, r in enumerate(records) if not isinstance(r, dict)), None)
+    if bad is not None:
+        raise DatasetError([f"{path} record {bad + 1}: expected a JSON object, got {type(records[bad]).__name__}"])
+    return records
 
 
 def _field(record: dict, *names: str) -> Any:
@@ -171,20 +195,40 @@ _CODE_SETS: dict[str, Callable] = {"leetcode": _leetcode, "livecodebench": _live
 
 EVAL_SETS = sorted([*_MATH_SETS, *_CODE_SETS])
 
+# What each set's records must hold, for error messages.
+EVAL_SET_FORMATS = {
+    "math500": "HuggingFaceH4/MATH-500 rows with 'problem' and 'answer'",
+    "aime2024": "AIME 2024 rows with 'Problem'/'problem' and 'Answer'/'answer'",
+    "amc": "AI-MO AMC rows with 'problem' and 'answer'",
+    "minerva": "Minerva Math rows with 'problem' and 'answer' or a 'solution' ending in \\boxed{}",
+    "olympiadbench": "OlympiadBench rows with 'question' and 'final_answer'",
+    "leetcode": "LeetCode rows with a problem text and 'tests' {inputs, outputs} + 'fn_name', or a HumanEval 'test' + 'entry_point'",
+    "livecodebench": "livecodebench/code_generation_lite rows with 'question_content' and 'public_test_cases'/'private_test_cases'",
+}
+
+_ALIASES = {"aime": "aime2024", "aime24": "aime2024", "lcb": "livecodebench", "olympiad": "olympiadbench"}
+
+
+def eval_set_key(name: str) -> str:
+    """The set's canonical name (``aime24`` -> ``aime2024``); ValueError for an unknown name."""
+    key = name.lower().replace("-", "").replace("_", "")
+    key = _ALIASES.get(key, key)
+    if key not in _MATH_SETS and key not in _CODE_SETS:
+        raise ValueError(f"unknown evaluation set {name!r}; known: {', '.join(EVAL_SETS)} "
+                         f"(aliases: {', '.join(sorted(_ALIASES))})")
+    return key
+
 
 def load_eval_set(name: str, path: str | Path) -> list[PromptRow]:
     """Rows of evaluation set ``name`` (one of EVAL_SETS) read from ``path``."""
-    key = name.lower().replace("-", "").replace("_", "")
-    key = {"aime": "aime2024", "aime24": "aime2024", "lcb": "livecodebench"}.get(key, key)
-    if key not in _MATH_SETS and key not in _CODE_SETS:
-        raise ValueError(f"unknown evaluation set {name!r}; known: {EVAL_SETS}")
+    key = eval_set_key(name)
     path = Path(path)
     rows, problems = [], []
     for i, record in enumerate(_records(path)):
         extract = _MATH_SETS.get(key) or _CODE_SETS[key]
         problem, truth = extract(i, record)
         if not problem or not truth:
-            problems.append(f"{path} record {i + 1}: expected a {name} problem with an answer/tests, "
+            problems.append(f"{path} record {i + 1}: expected {EVAL_SET_FORMATS[key]}, "
                             f"got fields {sorted(record)}")
             continue
         if key in _MATH_SETS:

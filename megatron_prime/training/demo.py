@@ -77,6 +77,7 @@ def run_demo(out: str = "outputs/demo", seed: int = 1, config_path: str | None =
         ("PRIME time", f"{total - t_sft:.0f} s"),
         ("TensorBoard logs", f"tensorboard --logdir {cfg.logging.dir}"),
         ("rollout samples", os.path.join(cfg.logging.dir, "samples.jsonl")),
+        ("process rewards, token by token", f"megatron-prime inspect {cfg.logging.dir} --open"),
         ("final policy (HF)", result.get("export_policy", "-")),
         ("final implicit PRM (HF)", result.get("export_prm", "-")),
     ]

@@ -1,4 +1,4 @@
-"""Argument parsing for ``megatron-prime train | sft | eval | demo``."""
+"""Argument parsing for ``megatron-prime train | sft | demo``."""
 
 from __future__ import annotations
 
@@ -63,29 +63,5 @@ def demo(argv) -> int:
         from megatron_prime.training.demo import run_demo
 
         run_demo(args.out, args.seed, args.config, args.overrides)
-
-    return _guard(run)
-
-
-def evaluate(argv) -> int:
-    p = argparse.ArgumentParser(prog="megatron-prime eval",
-                                description="greedy accuracy of an HF checkpoint on prompt files")
-    p.add_argument("--model", required=True, help="Hugging Face checkpoint dir")
-    p.add_argument("--data", nargs="+", required=True, help="prompt files (jsonl/parquet)")
-    p.add_argument("--max-new-tokens", type=int, default=1024)
-    p.add_argument("--max-prompt-len", type=int, default=4096)
-    args = p.parse_args(argv)
-
-    def run():
-        from megatron_prime.data import load_prompt_dataset, render_prompt
-        from megatron_prime.rollout import build_engine
-        from megatron_prime.training.evaluate import greedy_accuracy
-
-        engine = build_engine("hf", model_dir_or_model=args.model)
-        for path in args.data:
-            rows = load_prompt_dataset(path)
-            acc = greedy_accuracy(engine, rows, engine.tokenizer, render_prompt,
-                                  max_prompt_len=args.max_prompt_len, max_new_tokens=args.max_new_tokens)
-            print(f"{path}: greedy accuracy {acc:.4f} over {len(rows)} prompts")
 
     return _guard(run)

@@ -215,7 +215,7 @@ def train(cfg: Config) -> dict:
         if logger:
             logger.log(step + 1, metrics)
             if cfg.logging.sample_every and step % cfg.logging.sample_every == 0:
-                logger.log_samples(step, _samples(groups))
+                logger.log_samples(step, _samples(groups, ctx.tokenizer))
         summary["last_metrics"] = metrics
         saved = (step + 1) % cfg.checkpoint.interval == 0 or last
         if saved:
@@ -245,15 +245,40 @@ def train(cfg: Config) -> dict:
     return summary
 
 
-def _samples(groups) -> list[dict]:
+def _samples(groups, tokenizer) -> list[dict]:
+    """One record per response for ``samples.jsonl`` (read by ``megatron-prime inspect``): the
+    response's tokens as strings beside its per-token process rewards and advantages, the sequence
+    reward (the sum of the process rewards, beta * sum_t q_t) and the response's advantage (at its
+    first token: for the RLOO-style estimators, the whole response's return minus the baseline)."""
     out = []
-    for group in groups:
+    for g, group in enumerate(groups):
         rewards = group.process_rewards
+        advantages = group.advantages
         for i, text in enumerate(group.texts):
+            ids = group.responses[i]
             out.append({
+                "group": g,
+                "data_index": group.data_index,
                 "prompt": group.prompt_text,
                 "response": text,
+                "tokens": _token_strings(tokenizer, group.prompt_ids[-1], ids),
                 "outcome": group.outcomes[i],
+                "truncated": group.truncated[i],
                 "process_rewards": None if rewards is None else rewards[i],
+                "sequence_reward": None if rewards is None else sum(rewards[i]),
+                "advantages": None if advantages is None else advantages[i],
+                "advantage": advantages[i][0] if advantages and advantages[i] else None,
             })
     return out
+
+
+def _token_strings(tokenizer, previous: int, ids: list[int]) -> list[str]:
+    """Each token's text as it reads in place: decode(previous, token) minus decode(previous), so
+    SentencePiece tokenizers keep a token's leading space (decoding a token alone drops it). A
+    token that is part of a multi-byte character decodes as it does alone."""
+    before = [previous, *ids[:-1]]
+    singles = tokenizer.batch_decode([[t] for t in before])
+    pairs = tokenizer.batch_decode([[a, b] for a, b in zip(before, ids)])
+    alone = tokenizer.batch_decode([[t] for t in ids])
+    return [pair[len(single):] if pair.startswith(single) else own
+            for single, pair, own in zip(singles, pairs, alone)]
