@@ -39,7 +39,7 @@ class PromptRow:
     data_source: str
     index: int
     extra_info: dict = field(default_factory=dict)
-    where: str = ""  # "FILE line N" / "FILE row N", for reports
+    where: str = field(default="", compare=False)  # "FILE line N" / "FILE row N", for reports
 
 
 class DatasetError(ValueError):
@@ -237,7 +237,7 @@ def _raw_rows(path: Path) -> Iterator[tuple[str, int, Any, str | None]]:
 class SFTRow:
     prompt: list[dict[str, str]] | str
     response: str
-    where: str = ""  # "FILE line N" / "FILE row N", for reports
+    where: str = field(default="", compare=False)  # "FILE line N" / "FILE row N", for reports
 
 
 def _parse_sft_row(where: str, row: Any, number: int) -> tuple[SFTRow | None, list[str]]:
