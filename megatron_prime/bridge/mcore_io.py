@@ -21,8 +21,8 @@ import torch.distributed as dist
 from megatron.core import dist_checkpointing
 
 from megatron_prime.bridge.hf_io import CheckpointError, copy_hf_metadata
-from megatron_prime.bridge.transfer import unwrap
 from megatron_prime.models.hf_config import HFArch, read_hf_config
+from megatron_prime.models.wrappers import unwrap
 from megatron_prime.platform.distributed import broadcast_object, is_rank0
 
 META_FILE = "megatron_prime.json"

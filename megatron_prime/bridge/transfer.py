@@ -32,15 +32,9 @@ from megatron_prime.bridge.mapping import (
 from megatron_prime.bridge.hf_io import CheckpointError
 from megatron_prime.models.gpt import padded_vocab_size
 from megatron_prime.models.hf_config import HFArch
+from megatron_prime.models.wrappers import unwrap
 
 Bucket = list[tuple[str, torch.Tensor]]
-
-
-def unwrap(model):
-    """The GPTModel inside DDP / Float16Module wrappers."""
-    while hasattr(model, "module"):
-        model = model.module
-    return model
 
 
 def local_to_global_names(model) -> dict[str, str]:

@@ -26,7 +26,7 @@ from megatron.core import dist_checkpointing, parallel_state
 
 from megatron_prime.bridge.hf_io import CheckpointError
 from megatron_prime.bridge.mcore_io import DistributedAtomicDir, read_meta, write_model_metadata
-from megatron_prime.bridge.transfer import unwrap
+from megatron_prime.models.wrappers import unwrap
 from megatron_prime.platform.distributed import is_rank0
 from megatron_prime.training.models import TrainableModel
 

@@ -12,9 +12,9 @@ import torch
 from megatron_prime.algorithm import metric, metric_means
 from megatron_prime.bridge.convert import write_hf
 from megatron_prime.bridge.mcore_io import save_model
-from megatron_prime.bridge.transfer import unwrap
 from megatron_prime.config import Config, OptimizerConfig, validate
 from megatron_prime.models.hf_config import read_hf_config
+from megatron_prime.models.wrappers import unwrap
 from megatron_prime.platform import distributed
 from megatron_prime.training.batch import build_rollout_batch
 from megatron_prime.platform.distributed import is_rank0

@@ -87,7 +87,8 @@ def run(args: argparse.Namespace) -> None:
     torch.set_num_threads(1)  # two ranks on a 2-core box
     quiet()
     from megatron_prime.bridge.convert import build_from_hf
-    from megatron_prime.bridge.transfer import export_hf_weights, iter_hf_tensors, unwrap
+    from megatron_prime.bridge.transfer import export_hf_weights, iter_hf_tensors
+    from megatron_prime.models.wrappers import unwrap
     from megatron_prime.platform import distributed
 
     distributed.setup(tp=TP)
