@@ -1,12 +1,10 @@
-"""Reading and writing Hugging Face checkpoints: sliced safetensors reads, atomic directory writes."""
+"""Reading and writing Hugging Face checkpoints: sliced safetensors reads, sharded safetensors writes."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
-import tempfile
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -109,29 +107,6 @@ class DictSource:
     def read(self, name, dim=None, start=0, stop=None):
         t = self.tensors[name]
         return t if dim is None else t.narrow(dim, start, (stop or t.shape[dim]) - start)
-
-
-@contextlib.contextmanager
-def atomic_directory(final_dir: str):
-    """Yield a temporary sibling directory; on success it replaces ``final_dir`` in one rename.
-
-    On any error the temporary directory is removed and ``final_dir`` is left as it was.
-    """
-    parent = os.path.dirname(os.path.abspath(final_dir)) or "."
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(final_dir)}.tmp-", dir=parent)
-    try:
-        yield tmp
-        if os.path.exists(final_dir):
-            old = tempfile.mkdtemp(prefix=f".{os.path.basename(final_dir)}.old-", dir=parent)
-            os.rename(final_dir, os.path.join(old, "x"))
-            os.rename(tmp, final_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, final_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 class ShardedSafetensorsWriter:

@@ -14,53 +14,16 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 
-import torch.distributed as dist
 from megatron.core import dist_checkpointing
 
+from megatron_prime.bridge.atomic_dir import DistributedAtomicDir
 from megatron_prime.bridge.hf_io import CheckpointError, copy_hf_metadata
 from megatron_prime.models.hf_config import HFArch, read_hf_config
 from megatron_prime.models.wrappers import unwrap
-from megatron_prime.platform.distributed import broadcast_object, is_rank0
+from megatron_prime.platform.distributed import is_rank0
 
 META_FILE = "megatron_prime.json"
-
-
-class DistributedAtomicDir:
-    """``with DistributedAtomicDir(final) as tmp:`` — all ranks write into ``tmp``; on success
-    rank 0 renames it to ``final`` after a barrier. On error the temporary dir is removed."""
-
-    def __init__(self, final_dir: str):
-        self.final_dir = os.path.abspath(final_dir)
-
-    def __enter__(self) -> str:
-        tmp = None
-        if is_rank0():
-            parent = os.path.dirname(self.final_dir)
-            os.makedirs(parent, exist_ok=True)
-            tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(self.final_dir)}.tmp-", dir=parent)
-        self.tmp = broadcast_object(tmp)
-        return self.tmp
-
-    def __exit__(self, exc_type, exc, tb):
-        if exc_type is None and dist.is_initialized():
-            dist.barrier()
-        if not is_rank0():
-            return False
-        if exc_type is not None:
-            shutil.rmtree(self.tmp, ignore_errors=True)
-            return False
-        if os.path.exists(self.final_dir):
-            trash = self.final_dir + ".old"
-            shutil.rmtree(trash, ignore_errors=True)
-            os.rename(self.final_dir, trash)
-            os.rename(self.tmp, self.final_dir)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.rename(self.tmp, self.final_dir)
-        return False
 
 
 def save_model(model, out_dir: str, hf_meta_dir: str, extra_meta: dict | None = None) -> None:
@@ -70,8 +33,6 @@ def save_model(model, out_dir: str, hf_meta_dir: str, extra_meta: dict | None = 
         dist_checkpointing.save(sharded, tmp)
         if is_rank0():
             write_model_metadata(tmp, hf_meta_dir, extra_meta or {})
-    if dist.is_initialized():
-        dist.barrier()
 
 
 def write_model_metadata(ckpt_dir: str, hf_meta_dir: str, meta: dict) -> None:

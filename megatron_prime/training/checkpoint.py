@@ -25,7 +25,8 @@ import torch.distributed as dist
 from megatron.core import dist_checkpointing, parallel_state
 
 from megatron_prime.bridge.hf_io import CheckpointError
-from megatron_prime.bridge.mcore_io import DistributedAtomicDir, read_meta, write_model_metadata
+from megatron_prime.bridge.atomic_dir import DistributedAtomicDir
+from megatron_prime.bridge.mcore_io import read_meta, write_model_metadata
 from megatron_prime.models.wrappers import unwrap
 from megatron_prime.platform.distributed import is_rank0
 from megatron_prime.training.models import TrainableModel
