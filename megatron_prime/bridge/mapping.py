@@ -10,8 +10,8 @@ Megatron fuses and shards differently from HF:
   ones (``linear_proj``, ``linear_fc2``) along dim 1; norms are replicated.
 * the embedding and output layer are padded with zero rows to the padded vocabulary.
 
-Everything here is pure tensor layout: the reading of slices (``SliceSource``) and the
-collectives live in ``importer.py`` / ``exporter.py``.
+Everything here is pure tensor layout: the sources of slices (``SliceSource``) live in
+``hf_io.py``, the collectives in ``transfer.py``.
 """
 
 from __future__ import annotations
@@ -148,39 +148,59 @@ def expected_hf_shape(arch: HFArch, hf_name: str) -> tuple[int, ...]:
 # HF -> one Megatron TP shard
 
 
-def read_shard(
-    arch: HFArch, spec: ParamSpec, source: SliceSource, tp_rank: int, tp_size: int, padded_vocab: int
-) -> torch.Tensor:
-    """Build TP rank ``tp_rank``'s shard of a Megatron parameter, reading only what it owns."""
+def load_shard(
+    arch: HFArch, spec: ParamSpec, source: SliceSource, tp_rank: int, tp_size: int, padded_vocab: int,
+    out: torch.Tensor,
+) -> None:
+    """Copy TP rank ``tp_rank``'s shard of a Megatron parameter into ``out`` (the parameter),
+    reading only what it owns; each HF piece is copied straight to its place in ``out``.
+
+    Raises ``ValueError`` naming the HF tensor whose slice does not fit where it belongs."""
     if spec.kind == "qkv":
         groups = arch.num_kv_heads // tp_size
-        heads_per_group = arch.num_heads // arch.num_kv_heads
+        q_rows = arch.num_heads // arch.num_kv_heads * arch.head_dim
         hd = arch.head_dim
         g0 = tp_rank * groups
-        q_name, k_name, v_name = spec.hf_names
-        q = source.read(q_name, 0, g0 * heads_per_group * hd, (g0 + groups) * heads_per_group * hd)
-        k = source.read(k_name, 0, g0 * hd, (g0 + groups) * hd)
-        v = source.read(v_name, 0, g0 * hd, (g0 + groups) * hd)
-        rest = q.shape[1:]
-        q = q.reshape(groups, heads_per_group * hd, *rest)
-        k = k.reshape(groups, hd, *rest)
-        v = v.reshape(groups, hd, *rest)
-        return torch.cat([q, k, v], dim=1).reshape(-1, *rest)
+        if out.shape[0] != groups * (q_rows + 2 * hd):
+            raise ValueError(f"Megatron shard has {out.shape[0]} rows, expected {groups * (q_rows + 2 * hd)}")
+        q_out, k_out, v_out = out.view(groups, q_rows + 2 * hd, *out.shape[1:]).split([q_rows, hd, hd], dim=1)
+        for name, dst, rows in zip(spec.hf_names, (q_out, k_out, v_out), (q_rows, hd, hd)):
+            src = source.read(name, 0, g0 * rows, (g0 + groups) * rows)
+            _put(dst, src.view(groups, rows, *src.shape[1:]) if src.shape[0] == groups * rows else src, name)
+        return
     if spec.kind == "fc1":
         rows = arch.ffn_hidden_size // tp_size
         lo, hi = tp_rank * rows, (tp_rank + 1) * rows
-        return torch.cat([source.read(n, 0, lo, hi) for n in spec.hf_names], dim=0)
+        gate, up = spec.hf_names
+        _put(out[:rows], source.read(gate, 0, lo, hi), gate)
+        _put(out[rows:], source.read(up, 0, lo, hi), up)
+        return
     (name,) = spec.hf_names
     if spec.tp_dim is None:
-        return source.read(name)
+        _put(out, source.read(name), name)
+        return
     if spec.vocab_padded:
         rows = padded_vocab // tp_size
         lo, hi = tp_rank * rows, (tp_rank + 1) * rows
+        if out.shape[0] != rows:
+            raise ValueError(f"Megatron shard has {out.shape[0]} rows, expected {rows} (padded vocabulary)")
         real = source.read(name, 0, min(lo, arch.vocab_size), min(hi, arch.vocab_size))
-        pad = real.new_zeros((rows - real.shape[0], *real.shape[1:]))
-        return torch.cat([real, pad], dim=0)
+        _put(out[: real.shape[0]], real, name)
+        out[real.shape[0]:].zero_()
+        return
     width = source.shape(name)[spec.tp_dim] // tp_size
-    return source.read(name, spec.tp_dim, tp_rank * width, (tp_rank + 1) * width)
+    _put(out, source.read(name, spec.tp_dim, tp_rank * width, (tp_rank + 1) * width), name)
+
+
+def _put(dst: torch.Tensor, src: torch.Tensor, name: str) -> None:
+    if tuple(src.shape) != tuple(dst.shape):
+        raise ValueError(f"the slice of '{name}' has shape {list(src.shape)}, its place in the shard {list(dst.shape)}")
+    dst.copy_(src)
+
+
+def _cat(pieces: list[torch.Tensor], dim: int) -> torch.Tensor:
+    """``torch.cat``, without copying a single piece."""
+    return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=dim)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -188,7 +208,8 @@ def read_shard(
 
 
 def shards_to_hf(arch: HFArch, spec: ParamSpec, shards: list[torch.Tensor]) -> list[tuple[str, torch.Tensor]]:
-    """Full HF tensors from all TP shards of one Megatron parameter (inverse of ``read_shard``)."""
+    """Full HF tensors from all TP shards of one Megatron parameter (inverse of ``load_shard``).
+    Views of the shards where no copy is needed (one shard; the halves of fc1)."""
     tp_size = len(shards)
     if spec.kind == "qkv":
         groups = arch.num_kv_heads // tp_size
@@ -200,13 +221,14 @@ def shards_to_hf(arch: HFArch, spec: ParamSpec, shards: list[torch.Tensor]) -> l
             g = shard.reshape(groups, hpg_hd + 2 * hd, *rest)
             q, k, v = g.split([hpg_hd, hd, hd], dim=1)
             for n, t in zip(spec.hf_names, (q, k, v)):
-                pieces[n].append(t.reshape(-1, *rest))
-        return [(n, torch.cat(p, dim=0)) for n, p in pieces.items()]
+                pieces[n].append(t)
+        # Concatenated by group (one copy), then the groups' rows are merged (a view).
+        return [(n, _cat(p, 0).reshape(-1, *p[0].shape[2:])) for n, p in pieces.items()]
     if spec.kind == "fc1":
         gates, ups = zip(*(s.chunk(2, dim=0) for s in shards))
-        return [(spec.hf_names[0], torch.cat(gates, 0)), (spec.hf_names[1], torch.cat(ups, 0))]
+        return [(spec.hf_names[0], _cat(gates, 0)), (spec.hf_names[1], _cat(ups, 0))]
     (name,) = spec.hf_names
-    full = shards[0] if spec.tp_dim is None else torch.cat(shards, dim=spec.tp_dim)
+    full = shards[0] if spec.tp_dim is None else _cat(shards, spec.tp_dim)
     if spec.vocab_padded:
         full = full[: arch.vocab_size]
     return [(name, full)]

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 
+import torch
 from megatron.core import dist_checkpointing
 
 from megatron_prime.bridge.atomic_dir import DistributedAtomicDir
@@ -67,4 +68,16 @@ def load_model(model, mcore_dir: str) -> None:
         state = dist_checkpointing.load(inner.sharded_state_dict(), mcore_dir)
     except Exception as e:  # dist_checkpointing raises many types; name the dir
         raise CheckpointError(f"{mcore_dir}: cannot load Megatron checkpoint: {e}") from e
-    inner.load_state_dict(state)
+    # dist_checkpointing reads most tensors straight into the parameters: copy only the others
+    # (e.g. fc1, which it reassembles from its gate and up halves).
+    own = inner.state_dict(keep_vars=True)
+    in_place = {k for k, v in state.items() if k in own and _same_memory(v, own[k])}
+    missing, unexpected = inner.load_state_dict({k: v for k, v in state.items() if k not in in_place}, strict=False)
+    missing = [k for k in missing if k not in in_place]
+    if missing or unexpected:
+        raise CheckpointError(f"{mcore_dir}: state does not fit the model: missing {missing}, unexpected {unexpected}")
+
+
+def _same_memory(a, b) -> bool:
+    return (torch.is_tensor(a) and torch.is_tensor(b) and a.data_ptr() == b.data_ptr()
+            and a.shape == b.shape and a.stride() == b.stride() and a.dtype == b.dtype)

@@ -24,9 +24,9 @@ from megatron.core import parallel_state
 from megatron_prime.bridge.mapping import (
     SliceSource,
     expected_hf_shape,
+    load_shard,
     megatron_param_names,
     param_spec,
-    read_shard,
     shards_to_hf,
 )
 from megatron_prime.bridge.hf_io import CheckpointError
@@ -52,23 +52,25 @@ def local_to_global_names(model) -> dict[str, str]:
 
 
 def load_hf_weights(model, arch: HFArch, source: SliceSource, vocab_pad_multiple: int = 128) -> None:
-    """Copy HF weights into this rank's shards of ``model`` (any TP/PP layout)."""
+    """Copy HF weights into this rank's shards of ``model`` (any TP/PP layout), each slice
+    straight into its place in the parameter."""
     tp_rank = parallel_state.get_tensor_model_parallel_rank()
     tp_size = parallel_state.get_tensor_model_parallel_world_size()
     padded = padded_vocab_size(arch.vocab_size, tp_size, vocab_pad_multiple)
     names = local_to_global_names(model)
     params = dict(unwrap(model).named_parameters())
     for local_name, global_name in names.items():
-        param = params[local_name]
         spec = param_spec(arch, global_name)
-        shard = read_shard(arch, spec, source, tp_rank, tp_size, padded)
-        if tuple(shard.shape) != tuple(param.shape):
+        try:
+            with torch.no_grad():
+                load_shard(arch, spec, source, tp_rank, tp_size, padded, params[local_name])
+        except CheckpointError:
+            raise
+        except ValueError as e:
             raise CheckpointError(
-                f"tensor(s) {', '.join(spec.hf_names)}: shard for Megatron '{global_name}' has shape "
-                f"{list(shard.shape)}, expected {list(param.shape)} (config and weights disagree)"
-            )
-        with torch.no_grad():
-            param.copy_(shard)
+                f"tensor(s) {', '.join(spec.hf_names)} -> Megatron '{global_name}': {e} "
+                f"(config and weights disagree)"
+            ) from None
 
 
 def _owner_stage(arch: HFArch, global_name: str, pp_size: int) -> int:
