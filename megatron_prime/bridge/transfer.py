@@ -1,16 +1,19 @@
 """Move weights between HF tensors and a Megatron model sharded over TP/PP ranks.
 
-* ``load_hf_weights``: each rank reads only the slices of the HF tensors it owns.
+* ``load_hf_weights``: each rank reads only the slices of the HF tensors it owns, straight into
+  its parameters.
 * ``export_hf_weights``: a generator of byte-bounded buckets of full, HF-named tensors. TP shards
   are gathered to the stage's TP rank 0, later pipeline stages send to stage 0, and only the
   (tp 0, pp 0) rank of each data-parallel replica materialises full tensors and yields them.
   Every rank of the replica must iterate the generator to the end (it drives the collectives);
   the others get no buckets. With ``to_all_ranks`` every rank gets every tensor (colocated
-  engines fed by each rank), via all-gather over TP and broadcast over PP. Peak extra memory on a
-  receiving rank: one bucket plus the largest tensor. Row-split tensors (the embedding and output
-  layer, usually the largest) are gathered straight into the full tensor (point-to-point to the
-  leader; all-gather-into-tensor for every rank, which gloo, unlike NCCL, stages in a second
-  buffer); the others are assembled from their gathered shards, briefly twice their size.
+  engines fed by each rank): every TP rank sends its pieces to every other, and the owning
+  pipeline stage broadcasts to the others. Peak extra memory on a receiving rank: one bucket
+  plus the largest tensor. The TP pieces travel point-to-point straight into their place in the
+  full HF tensors (a gather collective on gloo would stage its output in a second buffer, and
+  shards gathered whole would still need reordering into the HF layout). Tensors that need no
+  gathering or reordering (replicated ones; at TP=1 all but q/k/v) are yielded as views of the
+  parameters: they stay valid until the model is next changed.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from megatron_prime.bridge.mapping import (
     load_shard,
     megatron_param_names,
     param_spec,
-    shards_to_hf,
+    shard_pieces,
 )
 from megatron_prime.bridge.hf_io import CheckpointError
 from megatron_prime.models.gpt import padded_vocab_size
@@ -82,38 +85,58 @@ def _owner_stage(arch: HFArch, global_name: str, pp_size: int) -> int:
     return pp_size - 1
 
 
-def _gather_tp(tensor: torch.Tensor, tp_dim: int | None, to_all: bool):
-    """``(shards, stacked)``: all TP shards on TP rank 0 (on every TP rank with ``to_all``; None
-    elsewhere), and for shards split along dim 0 the one tensor they were gathered into (the full
-    parameter, no copy), else None. Replicated tensors are not gathered."""
+def _gather_hf(arch: HFArch, spec, shard: torch.Tensor, to_all: bool) -> list[tuple[str, torch.Tensor]]:
+    """The full HF tensors of one Megatron parameter, on TP rank 0 (on every TP rank with
+    ``to_all``; ``[]`` on the others). Every TP rank's pieces (``mapping.shard_pieces``) go
+    straight to their place in the full tensors: copied on the rank itself, sent point-to-point
+    to the others and received in place (through a staging buffer only where the place is not
+    contiguous: the column blocks of row-parallel weights). A full tensor that is one whole piece
+    of this rank's shard is that view, no copy (replicated tensors; at TP=1 most tensors)."""
     tp_size = parallel_state.get_tensor_model_parallel_world_size()
-    if tp_dim is None or tp_size == 1:
-        return [tensor], (tensor if tp_dim == 0 else None)
+    tp_rank = parallel_state.get_tensor_model_parallel_rank()
+    receives = to_all or tp_rank == 0
+    if spec.tp_dim is None or tp_size == 1:
+        tp_size, tp_rank = 1, 0  # nothing to gather
+    padded = shard.shape[0] * tp_size if spec.vocab_padded else 0
+    pieces = [shard_pieces(arch, spec, r, tp_size, padded) for r in range(tp_size)]
+    full: dict[str, torch.Tensor] = {}
+    for name in (spec.hf_names if receives else ()):
+        mine = [p for p in pieces[tp_rank] if p.hf_name == name]
+        whole = expected_hf_shape(arch, name)
+        if tp_size == 1 and len(mine) == 1 and mine[0].hf_start == 0 and mine[0].hf_count == whole[mine[0].hf_dim]:
+            full[name] = mine[0].of_shard(shard)
+        else:
+            full[name] = torch.empty(whole, dtype=shard.dtype, device=shard.device)
+            for p in mine:
+                p.of_hf(full[name]).copy_(p.of_shard(shard))
+    if tp_size > 1:
+        _exchange_pieces(shard, pieces, full, tp_rank, to_all)
+    return [(name, full[name]) for name in spec.hf_names] if receives else []
+
+
+def _exchange_pieces(shard: torch.Tensor, pieces: list[list], full: dict, tp_rank: int, to_all: bool) -> None:
+    """Send this rank's pieces to the TP ranks that receive, and receive the other ranks' pieces
+    into ``full`` (in the same order on both sides, which is how point-to-point messages match)."""
     group = parallel_state.get_tensor_model_parallel_group()
-    receives = to_all or parallel_state.get_tensor_model_parallel_rank() == 0
-    stacked = None
-    if receives:
-        stacked = torch.empty((tp_size * tensor.shape[0], *tensor.shape[1:]), dtype=tensor.dtype, device=tensor.device)
-    shards = list(stacked.chunk(tp_size)) if receives else None  # contiguous views: gathered in place
-    if to_all:
-        dist.all_gather_into_tensor(stacked, tensor.contiguous(), group=group)
-    else:
-        _gather_in_place(tensor.contiguous(), shards, group)
-    if tp_dim != 0:
-        stacked = None  # shards along another dim: shards_to_hf concatenates them
-    return shards, stacked
-
-
-def _gather_in_place(tensor: torch.Tensor, shards: list[torch.Tensor] | None, group) -> None:
-    """Gather to TP rank 0 by point-to-point transfers straight into ``shards`` (views of one
-    tensor): unlike a gather collective on gloo, nothing is staged in a second full-size buffer."""
     ranks = dist.get_process_group_ranks(group)
-    if shards is None:
-        dist.send(tensor, dst=ranks[0], group=group)
-        return
-    shards[0].copy_(tensor)
-    for request in [dist.irecv(shard, src=peer, group=group) for shard, peer in zip(shards[1:], ranks[1:])]:
+    receivers = range(len(ranks)) if to_all else [0]
+    ops, staged = [], []
+    for peer in range(len(ranks)):
+        if peer == tp_rank:
+            continue
+        if peer in receivers:
+            ops += [dist.P2POp(dist.isend, p.of_shard(shard), ranks[peer], group) for p in pieces[tp_rank]]
+        if tp_rank in receivers:
+            for p in pieces[peer]:
+                place = p.of_hf(full[p.hf_name])
+                buffer = place if place.is_contiguous() else torch.empty_like(p.of_shard(shard))
+                if buffer is not place:
+                    staged.append((place, buffer))
+                ops.append(dist.P2POp(dist.irecv, buffer, ranks[peer], group))
+    for request in dist.batch_isend_irecv(ops) if ops else []:
         request.wait()
+    for place, buffer in staged:
+        place.copy_(buffer)
 
 
 def export_hf_weights(model, arch: HFArch, bucket_bytes: int = 512 * 2**20,
@@ -142,13 +165,7 @@ def export_hf_weights(model, arch: HFArch, bucket_bytes: int = 512 * 2**20,
         tensors: list[tuple[str, torch.Tensor]] = []
         with torch.no_grad():
             if pp_rank == owner:
-                shards, stacked = _gather_tp(params[global_name].detach(), spec.tp_dim, to_all_ranks)
-                if shards is not None and spec.kind == "plain" and stacked is not None:
-                    # Gathered straight into the full tensor: peak one copy of it, not two.
-                    tensors = [(spec.hf_names[0], stacked[: arch.vocab_size] if spec.vocab_padded else stacked)]
-                elif shards is not None:
-                    tensors = [(n, t.contiguous()) for n, t in shards_to_hf(arch, spec, shards)]
-                del shards, stacked
+                tensors = _gather_hf(arch, spec, params[global_name].detach(), to_all_ranks)
             elif receives:
                 tensors = [(n, torch.empty(expected_hf_shape(arch, n), dtype=dtype, device=device))
                            for n in spec.hf_names]
