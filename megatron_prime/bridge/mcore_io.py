@@ -12,6 +12,7 @@ either the previous checkpoint or none, never a half-written one.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 
@@ -30,10 +31,22 @@ META_FILE = "megatron_prime.json"
 def save_model(model, out_dir: str, hf_meta_dir: str, extra_meta: dict | None = None) -> None:
     """Write ``model`` (all ranks call this) as a torch_dist checkpoint plus its HF metadata."""
     sharded = unwrap(model).sharded_state_dict()
-    with DistributedAtomicDir(out_dir) as tmp:
+    with DistributedAtomicDir(out_dir) as tmp, without_crc32():
         dist_checkpointing.save(sharded, tmp)
         if is_rank0():
             write_model_metadata(tmp, hf_meta_dir, extra_meta or {})
+
+
+@contextlib.contextmanager
+def without_crc32():
+    """``torch.save`` (which torch_dist checkpoints use for every tensor) without its per-record
+    CRC32: computing it is a pass over every byte, and ``torch.load`` never checks it."""
+    previous = torch.serialization.get_crc32_options()
+    torch.serialization.set_crc32_options(False)
+    try:
+        yield
+    finally:
+        torch.serialization.set_crc32_options(previous)
 
 
 def write_model_metadata(ckpt_dir: str, hf_meta_dir: str, meta: dict) -> None:
