@@ -100,6 +100,7 @@ def _gather_hf(arch: HFArch, spec, shard: torch.Tensor, to_all: bool) -> list[tu
     padded = shard.shape[0] * tp_size if spec.vocab_padded else 0
     pieces = [shard_pieces(arch, spec, r, tp_size, padded) for r in range(tp_size)]
     full: dict[str, torch.Tensor] = {}
+    own: list = []  # (piece, destination) copied on this rank
     for name in (spec.hf_names if receives else ()):
         mine = [p for p in pieces[tp_rank] if p.hf_name == name]
         whole = expected_hf_shape(arch, name)
@@ -107,16 +108,22 @@ def _gather_hf(arch: HFArch, spec, shard: torch.Tensor, to_all: bool) -> list[tu
             full[name] = mine[0].of_shard(shard)
         else:
             full[name] = torch.empty(whole, dtype=shard.dtype, device=shard.device)
-            for p in mine:
-                p.of_hf(full[name]).copy_(p.of_shard(shard))
-    if tp_size > 1:
-        _exchange_pieces(shard, pieces, full, tp_rank, to_all)
+            own += [(p, full[name]) for p in mine]
+    requests, staged = _post_exchange(shard, pieces, full, tp_rank, to_all) if tp_size > 1 else ([], [])
+    for p, dst in own:  # while the other ranks' pieces arrive
+        p.of_hf(dst).copy_(p.of_shard(shard))
+    for request in requests:
+        request.wait()
+    for place, buffer in staged:
+        place.copy_(buffer)
     return [(name, full[name]) for name in spec.hf_names] if receives else []
 
 
-def _exchange_pieces(shard: torch.Tensor, pieces: list[list], full: dict, tp_rank: int, to_all: bool) -> None:
-    """Send this rank's pieces to the TP ranks that receive, and receive the other ranks' pieces
-    into ``full`` (in the same order on both sides, which is how point-to-point messages match)."""
+def _post_exchange(shard: torch.Tensor, pieces: list[list], full: dict, tp_rank: int, to_all: bool):
+    """Start sending this rank's pieces to the TP ranks that receive, and receiving the other
+    ranks' pieces into ``full`` (posted in the same order on both sides, which is how
+    point-to-point messages match). Returns the requests and the (place, staging buffer) pairs
+    to copy once they are done."""
     group = parallel_state.get_tensor_model_parallel_group()
     ranks = dist.get_process_group_ranks(group)
     receivers = range(len(ranks)) if to_all else [0]
@@ -133,10 +140,7 @@ def _exchange_pieces(shard: torch.Tensor, pieces: list[list], full: dict, tp_ran
                 if buffer is not place:
                     staged.append((place, buffer))
                 ops.append(dist.P2POp(dist.irecv, buffer, ranks[peer], group))
-    for request in dist.batch_isend_irecv(ops) if ops else []:
-        request.wait()
-    for place, buffer in staged:
-        place.copy_(buffer)
+    return (dist.batch_isend_irecv(ops) if ops else []), staged
 
 
 def export_hf_weights(model, arch: HFArch, bucket_bytes: int = 512 * 2**20,
