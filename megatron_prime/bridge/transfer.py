@@ -18,6 +18,8 @@
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
 from typing import Iterator
 
 import torch
@@ -85,9 +87,31 @@ def _owner_stage(arch: HFArch, global_name: str, pp_size: int) -> int:
     return pp_size - 1
 
 
-def _gather_hf(arch: HFArch, spec, shard: torch.Tensor, to_all: bool) -> list[tuple[str, torch.Tensor]]:
+@dataclass
+class _Gather:
+    """The TP gather of one parameter's full HF tensors, in two steps so that the transfers of a
+    whole bucket of parameters travel together: post ``ops`` (with the other parameters'), then
+    ``finish`` once they are done. ``own`` are this rank's pieces, copied while the others
+    arrive; ``staged`` the (place, buffer) pairs of pieces received through a staging buffer."""
+
+    tensors: list[tuple[str, torch.Tensor]]
+    ops: list
+    own: list
+    staged: list
+
+    def copy_own(self) -> None:
+        for piece, shard, full in self.own:
+            piece.of_hf(full).copy_(piece.of_shard(shard))
+
+    def finish(self) -> list[tuple[str, torch.Tensor]]:
+        for place, buffer in self.staged:
+            place.copy_(buffer)
+        return self.tensors
+
+
+def _start_gather(arch: HFArch, spec, shard: torch.Tensor, to_all: bool) -> _Gather:
     """The full HF tensors of one Megatron parameter, on TP rank 0 (on every TP rank with
-    ``to_all``; ``[]`` on the others). Every TP rank's pieces (``mapping.shard_pieces``) go
+    ``to_all``; none on the others). Every TP rank's pieces (``mapping.shard_pieces``) go
     straight to their place in the full tensors: copied on the rank itself, sent point-to-point
     to the others and received in place (through a staging buffer only where the place is not
     contiguous: the column blocks of row-parallel weights). A full tensor that is one whole piece
@@ -100,7 +124,7 @@ def _gather_hf(arch: HFArch, spec, shard: torch.Tensor, to_all: bool) -> list[tu
     padded = shard.shape[0] * tp_size if spec.vocab_padded else 0
     pieces = [shard_pieces(arch, spec, r, tp_size, padded) for r in range(tp_size)]
     full: dict[str, torch.Tensor] = {}
-    own: list = []  # (piece, destination) copied on this rank
+    own = []
     for name in (spec.hf_names if receives else ()):
         mine = [p for p in pieces[tp_rank] if p.hf_name == name]
         whole = expected_hf_shape(arch, name)
@@ -108,22 +132,15 @@ def _gather_hf(arch: HFArch, spec, shard: torch.Tensor, to_all: bool) -> list[tu
             full[name] = mine[0].of_shard(shard)
         else:
             full[name] = torch.empty(whole, dtype=shard.dtype, device=shard.device)
-            own += [(p, full[name]) for p in mine]
-    requests, staged = _post_exchange(shard, pieces, full, tp_rank, to_all) if tp_size > 1 else ([], [])
-    for p, dst in own:  # while the other ranks' pieces arrive
-        p.of_hf(dst).copy_(p.of_shard(shard))
-    for request in requests:
-        request.wait()
-    for place, buffer in staged:
-        place.copy_(buffer)
-    return [(name, full[name]) for name in spec.hf_names] if receives else []
+            own += [(p, shard, full[name]) for p in mine]
+    ops, staged = _exchange_ops(shard, pieces, full, tp_rank, to_all) if tp_size > 1 else ([], [])
+    return _Gather([(n, full[n]) for n in spec.hf_names] if receives else [], ops, own, staged)
 
 
-def _post_exchange(shard: torch.Tensor, pieces: list[list], full: dict, tp_rank: int, to_all: bool):
-    """Start sending this rank's pieces to the TP ranks that receive, and receiving the other
-    ranks' pieces into ``full`` (posted in the same order on both sides, which is how
-    point-to-point messages match). Returns the requests and the (place, staging buffer) pairs
-    to copy once they are done."""
+def _exchange_ops(shard: torch.Tensor, pieces: list[list], full: dict, tp_rank: int, to_all: bool):
+    """The point-to-point ops that send this rank's pieces to the TP ranks that receive, and
+    receive the other ranks' pieces into ``full`` (in the same order on both sides, which is how
+    point-to-point messages match), and the (place, staging buffer) pairs to copy afterwards."""
     group = parallel_state.get_tensor_model_parallel_group()
     ranks = dist.get_process_group_ranks(group)
     receivers = range(len(ranks)) if to_all else [0]
@@ -140,19 +157,39 @@ def _post_exchange(shard: torch.Tensor, pieces: list[list], full: dict, tp_rank:
                 if buffer is not place:
                     staged.append((place, buffer))
                 ops.append(dist.P2POp(dist.irecv, buffer, ranks[peer], group))
-    return (dist.batch_isend_irecv(ops) if ops else []), staged
+    return ops, staged
+
+
+def _param_buckets(arch: HFArch, bucket_bytes: int, itemsize: int, tp_size: int) -> list[list[str]]:
+    """Consecutive Megatron parameters whose HF tensors (and staging buffers) fit together in
+    ``bucket_bytes``, a parameter alone where it is larger; the same on every rank."""
+    buckets, current, size = [], [], 0
+    for name in megatron_param_names(arch):
+        spec = param_spec(arch, name)
+        nbytes = sum(math.prod(expected_hf_shape(arch, n)) for n in spec.hf_names) * itemsize
+        if spec.tp_dim == 1:
+            nbytes += nbytes * (tp_size - 1) // tp_size  # the other ranks' column blocks, staged
+        if current and size + nbytes > bucket_bytes:
+            buckets.append(current)
+            current, size = [], 0
+        current.append(name)
+        size += nbytes
+    return buckets + [current] if current else buckets
 
 
 def export_hf_weights(model, arch: HFArch, bucket_bytes: int = 512 * 2**20,
                       to_all_ranks: bool = False) -> Iterator[Bucket]:
     """Yield buckets of ``(hf_name, full tensor)`` on each replica's (tp 0, pp 0) rank, or on every
-    rank with ``to_all_ranks`` (for engines fed by every rank: TP shards are all-gathered and the
-    owning pipeline stage broadcasts to the others)."""
+    rank with ``to_all_ranks`` (for engines fed by every rank: every TP rank sends its pieces to
+    every other, and the owning pipeline stage broadcasts to the others). A bucket holds whole
+    parameters' tensors, at most ``bucket_bytes`` unless one parameter is larger; the TP transfers
+    of a bucket are posted together."""
     # No @torch.no_grad() here: its generator wrapper keeps the previously yielded bucket alive
-    # while the next one is built (two buckets live). Grad mode is switched off per parameter below.
+    # while the next one is built (two buckets live). Grad mode is switched off per bucket below.
     pp_size = parallel_state.get_pipeline_model_parallel_world_size()
     pp_rank = parallel_state.get_pipeline_model_parallel_rank()
     tp_rank = parallel_state.get_tensor_model_parallel_rank()
+    tp_size = parallel_state.get_tensor_model_parallel_world_size()
     pp_group = parallel_state.get_pipeline_model_parallel_group() if pp_size > 1 else None
     pp_ranks = dist.get_process_group_ranks(pp_group) if pp_size > 1 else None
     receives = to_all_ranks or (pp_rank == 0 and tp_rank == 0)
@@ -161,31 +198,33 @@ def export_hf_weights(model, arch: HFArch, bucket_bytes: int = 512 * 2**20,
     dtype = next(iter(params.values())).dtype
     device = next(iter(params.values())).device
 
-    bucket: Bucket = []
-    bucket_size = 0
-    for global_name in megatron_param_names(arch):
-        spec = param_spec(arch, global_name)
-        owner = _owner_stage(arch, global_name, pp_size)
-        tensors: list[tuple[str, torch.Tensor]] = []
+    for names in _param_buckets(arch, bucket_bytes, dtype.itemsize, tp_size):
+        bucket: Bucket = []
         with torch.no_grad():
-            if pp_rank == owner:
-                tensors = _gather_hf(arch, spec, params[global_name].detach(), to_all_ranks)
-            elif receives:
-                tensors = [(n, torch.empty(expected_hf_shape(arch, n), dtype=dtype, device=device))
-                           for n in spec.hf_names]
-            if pp_size > 1 and owner != 0 or to_all_ranks:
-                tensors = _share_across_stages(tensors, owner, pp_ranks, pp_group, to_all_ranks, receives)
-        if not receives:
-            continue
-        for name, t in tensors:
-            nbytes = t.numel() * t.element_size()
-            if bucket and bucket_size + nbytes > bucket_bytes:
-                yield bucket
-                bucket, bucket_size = [], 0
-            bucket.append((name, t))
-            bucket_size += nbytes
-    if bucket:
-        yield bucket
+            gathers = {name: _start_gather(arch, param_spec(arch, name), params[name].detach(), to_all_ranks)
+                       for name in names if pp_rank == _owner_stage(arch, name, pp_size)}
+            ops = [op for g in gathers.values() for op in g.ops]
+            requests = dist.batch_isend_irecv(ops) if ops else []
+            for g in gathers.values():  # while the other ranks' pieces arrive
+                g.copy_own()
+            for request in requests:
+                request.wait()
+            for name in names:
+                owner = _owner_stage(arch, name, pp_size)
+                if name in gathers:
+                    tensors = gathers.pop(name).finish()
+                elif receives:
+                    tensors = [(n, torch.empty(expected_hf_shape(arch, n), dtype=dtype, device=device))
+                               for n in param_spec(arch, name).hf_names]
+                else:
+                    tensors = []
+                if pp_size > 1 and owner != 0 or to_all_ranks:
+                    tensors = _share_across_stages(tensors, owner, pp_ranks, pp_group, to_all_ranks, receives)
+                if receives:
+                    bucket += tensors
+        if bucket:
+            yield bucket
+        del bucket  # else it stays alive while the next bucket is built
 
 
 def _share_across_stages(tensors, owner: int, pp_ranks, pp_group, to_all: bool, receives: bool):

@@ -8,9 +8,10 @@ over ``--repeats`` rounds, it times on rank 0:
 * baseline: ``param.copy_`` of every engine parameter from a prepared state dict holding the
   same tensors the sync delivers (same names, shapes, dtype, bytes),
 * ``engine.update_weights`` fed from that prepared dict (the engine's own overhead),
-* two floors of what the sync must do beyond the baseline: gloo point-to-point of the bytes rank 0
-  receives from rank 1 (into a buffer already in use), and filling fresh tensors with the synced
-  bytes (``torch.empty`` + ``copy_``: the first touch of new memory, page faults included),
+* floors of what the sync must do beyond the baseline: gloo point-to-point of the bytes rank 0
+  receives from rank 1 (into a buffer already in use; and both ways at once, as in the export
+  to every rank), and filling fresh tensors with the synced bytes (``torch.empty`` + ``copy_``:
+  the first touch of new memory, page faults included),
 * ``export_hf_weights(model, arch, bucket_bytes)`` alone, consumed and dropped (TP gathers +
   HF layout: QKV split, gate/up split, vocabulary un-padding),
 * the same export to every rank (``to_all_ranks``, what colocated engines fed by every rank
@@ -164,14 +165,24 @@ def run(args: argparse.Namespace) -> None:
         wire = torch.empty(received, dtype=weights_dtype)
         wire.zero_()  # memory in use, as a receiving engine's would be
 
-        def p2p_floor():
-            chunk = 4 * 2**20 // wire.element_size()  # messages of the sizes the export sends
-            for start in range(0, received, chunk):
-                piece = wire[start: start + chunk]
-                if rank == 0:
-                    dist.recv(piece, src=1)
-                else:
-                    dist.send(piece, dst=0)
+        wire_in = torch.empty_like(wire)
+        wire_in.zero_()
+
+        def p2p_floor(both_ways: bool):
+            """Rank 1 -> rank 0 (both ways with ``both_ways``), in messages of the sizes the
+            export sends, all posted at once as the export posts a bucket's."""
+            def fn():
+                chunk = 4 * 2**20 // wire.element_size()
+                ops = []
+                for start in range(0, received, chunk):
+                    peer = 1 - rank
+                    if rank == 1 or both_ways:
+                        ops.append(dist.P2POp(dist.isend, wire[start: start + chunk], peer))
+                    if rank == 0 or both_ways:
+                        ops.append(dist.P2POp(dist.irecv, wire_in[start: start + chunk], peer))
+                for request in dist.batch_isend_irecv(ops):
+                    request.wait()
+            return fn
 
         def fresh_fill():
             if rank == 0:
@@ -180,7 +191,8 @@ def run(args: argparse.Namespace) -> None:
 
         cases = [("baseline: param.copy_ from prepared dict", None, plain_copy),
                  ("engine.update_weights(prepared dict)", None, engine_from_dict),
-                 ("floor: gloo send/recv of the bytes rank 0 receives", None, p2p_floor),
+                 ("floor: gloo send/recv of the bytes rank 0 receives", None, p2p_floor(False)),
+                 ("floor: the same both ways at once (every rank receives)", None, p2p_floor(True)),
                  ("floor: fill fresh tensors with the synced bytes", None, fresh_fill)]
         for mb in args.buckets_mb:
             cases.append((f"export_hf_weights only, bucket {mb} MiB", mb, export_only(mb * 2**20)))
