@@ -170,8 +170,8 @@ class Piece:
 
 
 def shard_pieces(arch: HFArch, spec: ParamSpec, tp_rank: int, tp_size: int, padded_vocab: int) -> list[Piece]:
-    """The pieces of TP rank ``tp_rank``'s shard of a (TP-split) Megatron parameter. Shard rows
-    in no piece are vocabulary padding (zeros)."""
+    """The pieces of TP rank ``tp_rank``'s shard of a Megatron parameter (of a replicated one: the
+    whole tensor, on every rank). Shard rows in no piece are vocabulary padding (zeros)."""
     if spec.kind == "qkv":
         groups = arch.num_kv_heads // tp_size
         q_rows = arch.num_heads // arch.num_kv_heads * arch.head_dim
