@@ -7,7 +7,6 @@ import subprocess
 import sys
 
 from megatron_prime.config import TrainConfig
-
 from tests.trainer_fixtures import make_trainer_fixture, overrides
 
 

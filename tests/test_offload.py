@@ -4,7 +4,6 @@ CUDA-only and runs in tests/test_gpu.py's PRIME steps.)"""
 
 from __future__ import annotations
 
-
 from tests.dist_utils import run_distributed
 from tests.trainer_fixtures import make_trainer_fixture, overrides, register_test_verifier
 

@@ -65,8 +65,8 @@ def _state_checks(rank, world_size, cases):
 
     from megatron_prime.config import OptimizerConfig
     from megatron_prime.models.gpt import ModelOptions
-    from megatron_prime.platform import distributed
     from megatron_prime.planner.state_memory import frozen_state_bytes, stage_parameters, trainable_state_bytes
+    from megatron_prime.platform import distributed
     from megatron_prime.training.models import build_frozen, build_trainable
 
     results = []
@@ -115,8 +115,12 @@ def _activation_check(dtype, tp, sp, sequences=2, seq_len=128):
     from megatron_prime.config import OptimizerConfig
     from megatron_prime.models.forward import attention_mask_4d, position_ids_for
     from megatron_prime.models.gpt import ModelOptions
-    from megatron_prime.planner.activations import (MicroBatch, layer_activation_bytes, logits_bytes,
-                                                    model_activation_bytes)
+    from megatron_prime.planner.activations import (
+        MicroBatch,
+        layer_activation_bytes,
+        logits_bytes,
+        model_activation_bytes,
+    )
     from megatron_prime.platform import distributed
     from megatron_prime.training.models import build_trainable
 

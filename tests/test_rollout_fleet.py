@@ -230,6 +230,7 @@ def _wait_http(url: str, timeout_s: float = 300.0) -> None:
 def _start_router(worker_urls: list[str], log_path: str):
     """The real sglang-router (registry package ``sglang-router``, the Rust router) on loopback, with
     the protocol servers registered as its workers once they answer."""
+    import importlib.util
     import json
     import subprocess
     import sys
@@ -237,8 +238,6 @@ def _start_router(worker_urls: list[str], log_path: str):
     import urllib.request
 
     from tests.dist_utils import free_port
-
-    import importlib.util
 
     if importlib.util.find_spec("sglang_router") is None:
         raise RuntimeError("sglang-router is not installed: bash scripts/setup.sh, or pip install -e '.[router]'")

@@ -25,7 +25,6 @@ import torch
 
 from tests.dist_utils import run_distributed
 
-
 pytest.importorskip("vllm", reason="vLLM is not installed (scripts/setup.sh installs its CPU build)")
 
 PROMPTS = [[2, 5, 6, 7, 8, 9], [2, 10, 11, 12], [2, 13, 14, 15, 16, 17, 18, 19, 20, 5], [2, 6]]

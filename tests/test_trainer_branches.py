@@ -31,7 +31,7 @@ VARIANTS = {
 
 
 def _state(model) -> dict:
-    from megatron_prime.bridge.transfer import unwrap
+    from megatron_prime.models.wrappers import unwrap
 
     return {k: v.detach().clone() for k, v in unwrap(model).state_dict().items() if torch.is_tensor(v)}
 
@@ -39,7 +39,7 @@ def _state(model) -> dict:
 def _rewards_of(ctx, prm_state: dict, groups) -> torch.Tensor:
     """Implicit rewards of the step's responses from a fresh forward of a PRM holding ``prm_state``."""
     from megatron_prime.algorithm import implicit_process_rewards
-    from megatron_prime.bridge.transfer import unwrap
+    from megatron_prime.models.wrappers import unwrap
     from megatron_prime.training.models import build_frozen
     from megatron_prime.training.passes import run_pass
     from megatron_prime.training.prime_step import _to_batch

@@ -240,7 +240,8 @@ def test_torchrun_preemption_and_resume_at_another_layout(fixture, tmp_path):
     assert len(stopped) == 1 and "stopping after step" in out and "another rank" in out, out[-3000:]
     last = int(stopped[0].split("_")[1])
     assert last < 3 and not os.path.exists(os.path.join(parts, "export"))  # stopped early: no export
-    for leftover in (".step_00000009.tmp-x1y2", f"step_{last:08d}.old"):  # what killed saves leave
+    # What killed saves leave: a temporary step directory, and a replaced one awaiting deletion.
+    for leftover in (".step_00000009.tmp-x1y2", f".step_{last:08d}.old-ab12/step_{last:08d}"):
         os.makedirs(os.path.join(parts, "ckpt", leftover, "policy"))
     out = finish(torchrun(script, overrides(fixture, parts, *common)))
     assert f"resumed from step {last}" in out and "removed 2 incomplete save(s)" in out, out[-3000:]

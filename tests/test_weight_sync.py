@@ -146,9 +146,10 @@ def _train_checks(rank, fixture, root):
     import transformers
 
     from megatron_prime.bridge.convert import write_hf
-    from megatron_prime.bridge.transfer import iter_hf_tensors, unwrap
+    from megatron_prime.bridge.transfer import iter_hf_tensors
     from megatron_prime.config import load_config
     from megatron_prime.models.forward import full_logits
+    from megatron_prime.models.wrappers import unwrap
     from megatron_prime.platform import distributed
     from megatron_prime.training.prime_step import prime_step
     from megatron_prime.training.trainer import build_context

@@ -12,11 +12,11 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
+from megatron_prime.bridge.atomic_dir import DistributedAtomicDir
 from megatron_prime.bridge.hf_io import (
     CheckpointError,
     SafetensorsSource,
     ShardedSafetensorsWriter,
-    atomic_directory,
     copy_hf_metadata,
 )
 from megatron_prime.bridge.mcore_io import load_model, read_arch, read_meta, save_model
@@ -82,25 +82,20 @@ def hf_to_mcore(hf_dir: str, out_dir: str, dtype: str = "auto") -> None:
 
 def write_hf(model, arch: HFArch, out_dir: str, hf_meta_dir: str, max_shard_bytes: int = 5 * 2**30) -> None:
     """Stream ``model``'s weights into an HF checkpoint dir (atomic); all ranks must call this."""
-    if not is_rank0():
-        for _ in export_hf_weights(model, arch):  # take part in the gathers
-            pass
-        dist.barrier()
-        return
-    try:
-        with atomic_directory(out_dir) as tmp:
-            writer = ShardedSafetensorsWriter(tmp, max_shard_bytes)
-            count = 0
-            for bucket in export_hf_weights(model, arch):
-                for name, tensor in bucket:
-                    writer.add(name, tensor)
-                    count += 1
-                log(f"  exported {count} tensors")
-            writer.finish()
-            copy_hf_metadata(hf_meta_dir, tmp)
-    finally:
-        if dist.is_initialized():
-            dist.barrier()
+    with DistributedAtomicDir(out_dir) as tmp:
+        if not is_rank0():
+            for _ in export_hf_weights(model, arch):  # take part in the gathers
+                pass
+            return
+        writer = ShardedSafetensorsWriter(tmp, max_shard_bytes)
+        count = 0
+        for bucket in export_hf_weights(model, arch):
+            for name, tensor in bucket:
+                writer.add(name, tensor)
+                count += 1
+            log(f"  exported {count} tensors")
+        writer.finish()
+        copy_hf_metadata(hf_meta_dir, tmp)
 
 
 def mcore_to_hf(mcore_dir: str, out_dir: str, dtype: str = "auto") -> None:

@@ -1,19 +1,17 @@
-"""Reading and writing Hugging Face checkpoints: sliced safetensors reads, atomic directory writes."""
+"""Reading and writing Hugging Face checkpoints: sliced safetensors reads, sharded safetensors writes."""
 
 from __future__ import annotations
 
-import contextlib
 import json
+import math
 import os
 import shutil
-import tempfile
 
 import torch
-from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from megatron_prime.models.hf_config import HFArch
 from megatron_prime.bridge.mapping import expected_hf_shape, hf_param_names
+from megatron_prime.models.hf_config import HFArch
 
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -32,12 +30,76 @@ class CheckpointError(ValueError):
     """A checkpoint file that is missing, truncated or does not match the model config."""
 
 
+# safetensors dtype names (the file header's "dtype") -> torch dtypes
+SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+    "U8": torch.uint8, "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
+
+
+class SafetensorsFile:
+    """One memory-mapped safetensors file: tensors are zero-copy views of its bytes (paged in from
+    the page cache when read), so loading a parameter is one copy from the file into it.
+
+    The format: an 8-byte little-endian header length, a JSON header mapping each name to its
+    ``dtype``, ``shape`` and ``data_offsets`` (relative to the end of the header), then the data.
+    """
+
+    def __init__(self, path: str):
+        self.path = path
+        if not os.path.exists(path):
+            raise CheckpointError(f"{path}: file not found (listed in the checkpoint index)")
+        size = os.path.getsize(path)
+        try:
+            with open(path, "rb") as f:
+                header_len = int.from_bytes(f.read(8), "little")
+                if size < 8 or header_len > size - 8:
+                    raise ValueError(f"header of {header_len} bytes, but the file has {size}")
+                header = json.loads(f.read(header_len))
+        except (ValueError, UnicodeDecodeError) as e:
+            raise CheckpointError(f"{path}: not a readable safetensors file (truncated?): {e}") from None
+        header.pop("__metadata__", None)
+        self.data_start = 8 + header_len
+        self.entries = header
+        for name, entry in header.items():
+            begin, end = entry["data_offsets"]
+            dtype = SAFETENSORS_DTYPES.get(entry["dtype"])
+            if dtype is None:
+                raise CheckpointError(f"{path}: tensor '{name}' has unsupported dtype {entry['dtype']}")
+            nbytes = math.prod(entry["shape"]) * dtype.itemsize
+            if end - begin != nbytes or self.data_start + end > size:
+                raise CheckpointError(
+                    f"{path}: tensor '{name}' needs bytes {self.data_start + begin}..{self.data_start + end} "
+                    f"({nbytes} bytes), but the file has {size} bytes (truncated?)"
+                )
+        self.data = torch.from_file(path, shared=False, size=size, dtype=torch.uint8) if size else None
+
+    def keys(self) -> list[str]:
+        return list(self.entries)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self.entries[name]["shape"])
+
+    def tensor(self, name: str) -> torch.Tensor:
+        entry = self.entries[name]
+        begin, end = entry["data_offsets"]
+        dtype = SAFETENSORS_DTYPES[entry["dtype"]]
+        raw = self.data[self.data_start + begin: self.data_start + end]
+        if (self.data_start + begin) % dtype.itemsize:
+            raw = raw.clone()  # not aligned for a view (the format does not promise alignment)
+        return raw.view(dtype).view(entry["shape"])
+
+
 class SafetensorsSource:
-    """Reads (slices of) named tensors from an HF checkpoint dir without loading whole files."""
+    """Reads (slices of) named tensors from an HF checkpoint dir without loading whole files:
+    ``read`` returns views of the memory-mapped files, for the caller to copy where they belong."""
 
     def __init__(self, hf_dir: str, arch: HFArch | None = None):
         self.hf_dir = hf_dir
         self.arch = arch
+        self._files: dict[str, SafetensorsFile] = {}
         index = os.path.join(hf_dir, "model.safetensors.index.json")
         if os.path.exists(index):
             with open(index) as f:
@@ -50,88 +112,41 @@ class SafetensorsSource:
                 )
             weight_map = {name: "model.safetensors" for name in self._open(single).keys()}
         self.weight_map = weight_map
-        self._handles = {}
 
-    @staticmethod
-    def _open(path: str):
-        if not os.path.exists(path):
-            raise CheckpointError(f"{path}: file not found (listed in the checkpoint index)")
-        try:
-            return safe_open(path, framework="pt")
-        except (SafetensorError, OSError) as e:
-            raise CheckpointError(f"{path}: not a readable safetensors file (truncated?): {e}") from None
+    def _open(self, path: str) -> SafetensorsFile:
+        if path not in self._files:
+            self._files[path] = SafetensorsFile(path)
+        return self._files[path]
 
-    def _handle(self, name: str):
+    def _file(self, name: str) -> SafetensorsFile:
         if name not in self.weight_map:
             raise CheckpointError(f"{self.hf_dir}: tensor '{name}' is missing from the checkpoint")
-        path = os.path.join(self.hf_dir, self.weight_map[name])
-        if path not in self._handles:
-            self._handles[path] = self._open(path)
-        return self._handles[path], path
+        file = self._open(os.path.join(self.hf_dir, self.weight_map[name]))
+        if name not in file.entries:
+            raise CheckpointError(f"{file.path}: tensor '{name}' is missing (the index lists it in this file)")
+        return file
 
     def shape(self, name: str) -> tuple[int, ...]:
-        handle, _ = self._handle(name)
-        return tuple(handle.get_slice(name).get_shape())
+        return self._file(name).shape(name)
 
     def check_shapes(self) -> None:
         """Every tensor the model needs is present with the shape the config implies."""
         for name in hf_param_names(self.arch):
-            handle, path = self._handle(name)
-            got = tuple(handle.get_slice(name).get_shape())
+            got = self.shape(name)
             want = expected_hf_shape(self.arch, name)
             if got != want:
                 raise CheckpointError(
-                    f"{path}: tensor '{name}' has shape {list(got)}, but config.json implies {list(want)}"
+                    f"{self._file(name).path}: tensor '{name}' has shape {list(got)}, but config.json "
+                    f"implies {list(want)}"
                 )
 
     def read(self, name, dim=None, start=0, stop=None) -> torch.Tensor:
-        handle, path = self._handle(name)
-        try:
-            sl = handle.get_slice(name)
-            if dim is None:
-                return sl[:]
-            index = [slice(None)] * len(sl.get_shape())
-            index[dim] = slice(start, stop)
-            return sl[tuple(index)]
-        except (SafetensorError, OSError, RuntimeError) as e:
-            raise CheckpointError(f"{path}: cannot read tensor '{name}' (truncated file?): {e}") from None
-
-
-class DictSource:
-    """The same interface over an in-memory ``{hf_name: tensor}`` (e.g. a transformers state dict)."""
-
-    def __init__(self, tensors: dict[str, torch.Tensor]):
-        self.tensors = tensors
-
-    def shape(self, name):
-        return tuple(self.tensors[name].shape)
-
-    def read(self, name, dim=None, start=0, stop=None):
-        t = self.tensors[name]
-        return t if dim is None else t.narrow(dim, start, (stop or t.shape[dim]) - start)
-
-
-@contextlib.contextmanager
-def atomic_directory(final_dir: str):
-    """Yield a temporary sibling directory; on success it replaces ``final_dir`` in one rename.
-
-    On any error the temporary directory is removed and ``final_dir`` is left as it was.
-    """
-    parent = os.path.dirname(os.path.abspath(final_dir)) or "."
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(final_dir)}.tmp-", dir=parent)
-    try:
-        yield tmp
-        if os.path.exists(final_dir):
-            old = tempfile.mkdtemp(prefix=f".{os.path.basename(final_dir)}.old-", dir=parent)
-            os.rename(final_dir, os.path.join(old, "x"))
-            os.rename(tmp, final_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, final_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        """The tensor ``name`` (``[start, stop)`` along ``dim`` if given), a view of the file."""
+        tensor = self._file(name).tensor(name)
+        if dim is None:
+            return tensor
+        stop = tensor.shape[dim] if stop is None else stop
+        return tensor.narrow(dim, start, stop - start)
 
 
 class ShardedSafetensorsWriter:

@@ -10,8 +10,8 @@ Megatron fuses and shards differently from HF:
   ones (``linear_proj``, ``linear_fc2``) along dim 1; norms are replicated.
 * the embedding and output layer are padded with zero rows to the padded vocabulary.
 
-Everything here is pure tensor layout: the reading of slices (``SliceSource``) and the
-collectives live in ``importer.py`` / ``exporter.py``.
+Everything here is pure tensor layout: the sources of slices (``SliceSource``) live in
+``hf_io.py``, the collectives in ``transfer.py``.
 """
 
 from __future__ import annotations
@@ -145,68 +145,90 @@ def expected_hf_shape(arch: HFArch, hf_name: str) -> tuple[int, ...]:
 
 
 # ---------------------------------------------------------------------------------------------
-# HF -> one Megatron TP shard
+# One Megatron TP shard <-> the full HF tensors: a table of pieces, used in both directions
 
 
-def read_shard(
-    arch: HFArch, spec: ParamSpec, source: SliceSource, tp_rank: int, tp_size: int, padded_vocab: int
-) -> torch.Tensor:
-    """Build TP rank ``tp_rank``'s shard of a Megatron parameter, reading only what it owns."""
+@dataclass(frozen=True)
+class Piece:
+    """Rows ``[start, start + count)`` of one TP shard (its dim 0) are the block
+    ``narrow(hf_dim, hf_start, hf_count)`` of the full HF tensor ``hf_name``."""
+
+    hf_name: str
+    start: int
+    count: int
+    hf_dim: int
+    hf_start: int
+    hf_count: int
+
+    def of_shard(self, shard: torch.Tensor) -> torch.Tensor:
+        """This piece in the shard (a view; contiguous when the shard is)."""
+        return shard.narrow(0, self.start, self.count)
+
+    def of_hf(self, full: torch.Tensor) -> torch.Tensor:
+        """This piece's place in the full HF tensor (a view)."""
+        return full.narrow(self.hf_dim, self.hf_start, self.hf_count)
+
+
+def shard_pieces(arch: HFArch, spec: ParamSpec, tp_rank: int, tp_size: int, padded_vocab: int) -> list[Piece]:
+    """The pieces of TP rank ``tp_rank``'s shard of a Megatron parameter (of a replicated one: the
+    whole tensor, on every rank). Shard rows in no piece are vocabulary padding (zeros)."""
     if spec.kind == "qkv":
         groups = arch.num_kv_heads // tp_size
-        heads_per_group = arch.num_heads // arch.num_kv_heads
+        q_rows = arch.num_heads // arch.num_kv_heads * arch.head_dim
         hd = arch.head_dim
-        g0 = tp_rank * groups
-        q_name, k_name, v_name = spec.hf_names
-        q = source.read(q_name, 0, g0 * heads_per_group * hd, (g0 + groups) * heads_per_group * hd)
-        k = source.read(k_name, 0, g0 * hd, (g0 + groups) * hd)
-        v = source.read(v_name, 0, g0 * hd, (g0 + groups) * hd)
-        rest = q.shape[1:]
-        q = q.reshape(groups, heads_per_group * hd, *rest)
-        k = k.reshape(groups, hd, *rest)
-        v = v.reshape(groups, hd, *rest)
-        return torch.cat([q, k, v], dim=1).reshape(-1, *rest)
+        q, k, v = spec.hf_names
+        pieces = []
+        for j in range(groups):
+            g, base = tp_rank * groups + j, j * (q_rows + 2 * hd)
+            pieces += [Piece(q, base, q_rows, 0, g * q_rows, q_rows),
+                       Piece(k, base + q_rows, hd, 0, g * hd, hd),
+                       Piece(v, base + q_rows + hd, hd, 0, g * hd, hd)]
+        return pieces
     if spec.kind == "fc1":
         rows = arch.ffn_hidden_size // tp_size
-        lo, hi = tp_rank * rows, (tp_rank + 1) * rows
-        return torch.cat([source.read(n, 0, lo, hi) for n in spec.hf_names], dim=0)
+        gate, up = spec.hf_names
+        return [Piece(gate, 0, rows, 0, tp_rank * rows, rows), Piece(up, rows, rows, 0, tp_rank * rows, rows)]
     (name,) = spec.hf_names
+    full = expected_hf_shape(arch, name)
     if spec.tp_dim is None:
-        return source.read(name)
-    if spec.vocab_padded:
-        rows = padded_vocab // tp_size
-        lo, hi = tp_rank * rows, (tp_rank + 1) * rows
-        real = source.read(name, 0, min(lo, arch.vocab_size), min(hi, arch.vocab_size))
-        pad = real.new_zeros((rows - real.shape[0], *real.shape[1:]))
-        return torch.cat([real, pad], dim=0)
-    width = source.shape(name)[spec.tp_dim] // tp_size
-    return source.read(name, spec.tp_dim, tp_rank * width, (tp_rank + 1) * width)
+        return [Piece(name, 0, full[0], 0, 0, full[0])]
+    if spec.tp_dim == 1:
+        width = full[1] // tp_size
+        return [Piece(name, 0, full[0], 1, tp_rank * width, width)]
+    rows = (padded_vocab if spec.vocab_padded else full[0]) // tp_size
+    real = max(0, min(rows, full[0] - tp_rank * rows))
+    return [Piece(name, 0, real, 0, tp_rank * rows, real)] if real else []
 
 
-# ---------------------------------------------------------------------------------------------
-# Megatron TP shards -> HF
-
-
-def shards_to_hf(arch: HFArch, spec: ParamSpec, shards: list[torch.Tensor]) -> list[tuple[str, torch.Tensor]]:
-    """Full HF tensors from all TP shards of one Megatron parameter (inverse of ``read_shard``)."""
-    tp_size = len(shards)
+def shard_rows(arch: HFArch, spec: ParamSpec, tp_size: int, padded_vocab: int) -> int:
+    """Rows of one TP shard of the parameter."""
     if spec.kind == "qkv":
-        groups = arch.num_kv_heads // tp_size
-        hpg_hd = arch.num_heads // arch.num_kv_heads * arch.head_dim
-        hd = arch.head_dim
-        pieces = {n: [] for n in spec.hf_names}
-        for shard in shards:
-            rest = shard.shape[1:]
-            g = shard.reshape(groups, hpg_hd + 2 * hd, *rest)
-            q, k, v = g.split([hpg_hd, hd, hd], dim=1)
-            for n, t in zip(spec.hf_names, (q, k, v)):
-                pieces[n].append(t.reshape(-1, *rest))
-        return [(n, torch.cat(p, dim=0)) for n, p in pieces.items()]
+        return arch.num_kv_heads // tp_size * (arch.num_heads // arch.num_kv_heads + 2) * arch.head_dim
     if spec.kind == "fc1":
-        gates, ups = zip(*(s.chunk(2, dim=0) for s in shards))
-        return [(spec.hf_names[0], torch.cat(gates, 0)), (spec.hf_names[1], torch.cat(ups, 0))]
-    (name,) = spec.hf_names
-    full = shards[0] if spec.tp_dim is None else torch.cat(shards, dim=spec.tp_dim)
-    if spec.vocab_padded:
-        full = full[: arch.vocab_size]
-    return [(name, full)]
+        return 2 * arch.ffn_hidden_size // tp_size
+    rows = padded_vocab if spec.vocab_padded else expected_hf_shape(arch, spec.hf_names[0])[0]
+    return rows // tp_size if spec.tp_dim == 0 else rows
+
+
+def load_shard(
+    arch: HFArch, spec: ParamSpec, source: SliceSource, tp_rank: int, tp_size: int, padded_vocab: int,
+    out: torch.Tensor,
+) -> None:
+    """Copy TP rank ``tp_rank``'s shard of a Megatron parameter into ``out`` (the parameter),
+    reading only what it owns; each piece is copied straight to its place in ``out``.
+
+    Raises ``ValueError`` naming the HF tensor whose slice does not fit where it belongs."""
+    rows = shard_rows(arch, spec, tp_size, padded_vocab)
+    if out.shape[0] != rows:
+        raise ValueError(f"the Megatron shard has {out.shape[0]} rows, the config implies {rows}")
+    pieces = shard_pieces(arch, spec, tp_rank, tp_size, padded_vocab)
+    for p in pieces:
+        src = source.read(p.hf_name, p.hf_dim, p.hf_start, p.hf_start + p.hf_count)
+        dst = p.of_shard(out)
+        if tuple(src.shape) != tuple(dst.shape):
+            raise ValueError(
+                f"the slice of '{p.hf_name}' has shape {list(src.shape)}, its place in the shard {list(dst.shape)}"
+            )
+        dst.copy_(src)
+    covered = sum(p.count for p in pieces)
+    out[covered:].zero_()  # vocabulary padding (pieces cover the rows before it)

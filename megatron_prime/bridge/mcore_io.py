@@ -12,66 +12,41 @@ either the previous checkpoint or none, never a half-written one.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-import shutil
-import tempfile
 
-import torch.distributed as dist
+import torch
 from megatron.core import dist_checkpointing
 
+from megatron_prime.bridge.atomic_dir import DistributedAtomicDir
 from megatron_prime.bridge.hf_io import CheckpointError, copy_hf_metadata
-from megatron_prime.bridge.transfer import unwrap
 from megatron_prime.models.hf_config import HFArch, read_hf_config
-from megatron_prime.platform.distributed import broadcast_object, is_rank0
+from megatron_prime.models.wrappers import unwrap
+from megatron_prime.platform.distributed import is_rank0
 
 META_FILE = "megatron_prime.json"
-
-
-class DistributedAtomicDir:
-    """``with DistributedAtomicDir(final) as tmp:`` — all ranks write into ``tmp``; on success
-    rank 0 renames it to ``final`` after a barrier. On error the temporary dir is removed."""
-
-    def __init__(self, final_dir: str):
-        self.final_dir = os.path.abspath(final_dir)
-
-    def __enter__(self) -> str:
-        tmp = None
-        if is_rank0():
-            parent = os.path.dirname(self.final_dir)
-            os.makedirs(parent, exist_ok=True)
-            tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(self.final_dir)}.tmp-", dir=parent)
-        self.tmp = broadcast_object(tmp)
-        return self.tmp
-
-    def __exit__(self, exc_type, exc, tb):
-        if exc_type is None and dist.is_initialized():
-            dist.barrier()
-        if not is_rank0():
-            return False
-        if exc_type is not None:
-            shutil.rmtree(self.tmp, ignore_errors=True)
-            return False
-        if os.path.exists(self.final_dir):
-            trash = self.final_dir + ".old"
-            shutil.rmtree(trash, ignore_errors=True)
-            os.rename(self.final_dir, trash)
-            os.rename(self.tmp, self.final_dir)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.rename(self.tmp, self.final_dir)
-        return False
 
 
 def save_model(model, out_dir: str, hf_meta_dir: str, extra_meta: dict | None = None) -> None:
     """Write ``model`` (all ranks call this) as a torch_dist checkpoint plus its HF metadata."""
     sharded = unwrap(model).sharded_state_dict()
-    with DistributedAtomicDir(out_dir) as tmp:
+    with DistributedAtomicDir(out_dir) as tmp, without_crc32():
         dist_checkpointing.save(sharded, tmp)
         if is_rank0():
             write_model_metadata(tmp, hf_meta_dir, extra_meta or {})
-    if dist.is_initialized():
-        dist.barrier()
+
+
+@contextlib.contextmanager
+def without_crc32():
+    """``torch.save`` (which torch_dist checkpoints use for every tensor) without its per-record
+    CRC32: computing it is a pass over every byte, and ``torch.load`` never checks it."""
+    previous = torch.serialization.get_crc32_options()
+    torch.serialization.set_crc32_options(False)
+    try:
+        yield
+    finally:
+        torch.serialization.set_crc32_options(previous)
 
 
 def write_model_metadata(ckpt_dir: str, hf_meta_dir: str, meta: dict) -> None:
@@ -108,4 +83,17 @@ def load_model(model, mcore_dir: str) -> None:
     except Exception as e:  # dist_checkpointing raises many types; name the dir
         raise CheckpointError(f"{mcore_dir}: cannot load Megatron checkpoint: {e}") from e
     # A trainer checkpoint's common state (optimizer param groups, ...) comes back too: keep the model.
-    inner.load_state_dict({k: v for k, v in state.items() if k in requested})
+    state = {k: v for k, v in state.items() if k in requested}
+    # dist_checkpointing reads most tensors straight into the parameters: copy only the others
+    # (e.g. fc1, which it reassembles from its gate and up halves).
+    own = inner.state_dict(keep_vars=True)
+    in_place = {k for k, v in state.items() if k in own and _same_memory(v, own[k])}
+    missing, unexpected = inner.load_state_dict({k: v for k, v in state.items() if k not in in_place}, strict=False)
+    missing = [k for k in missing if k not in in_place]
+    if missing or unexpected:
+        raise CheckpointError(f"{mcore_dir}: state does not fit the model: missing {missing}, unexpected {unexpected}")
+
+
+def _same_memory(a, b) -> bool:
+    return (torch.is_tensor(a) and torch.is_tensor(b) and a.data_ptr() == b.data_ptr()
+            and a.shape == b.shape and a.stride() == b.stride() and a.dtype == b.dtype)

@@ -1,46 +1,45 @@
 """Move weights between HF tensors and a Megatron model sharded over TP/PP ranks.
 
-* ``load_hf_weights``: each rank reads only the slices of the HF tensors it owns.
+* ``load_hf_weights``: each rank reads only the slices of the HF tensors it owns, straight into
+  its parameters.
 * ``export_hf_weights``: a generator of byte-bounded buckets of full, HF-named tensors. TP shards
   are gathered to the stage's TP rank 0, later pipeline stages send to stage 0, and only the
   (tp 0, pp 0) rank of each data-parallel replica materialises full tensors and yields them.
   Every rank of the replica must iterate the generator to the end (it drives the collectives);
   the others get no buckets. With ``to_all_ranks`` every rank gets every tensor (colocated
-  engines fed by each rank), via all-gather over TP and broadcast over PP. Peak extra memory on a
-  receiving rank: one bucket plus the largest tensor. Row-split tensors (the embedding and output
-  layer, usually the largest) are gathered straight into the full tensor (point-to-point to the
-  leader; all-gather-into-tensor for every rank, which gloo, unlike NCCL, stages in a second
-  buffer); the others are assembled from their gathered shards, briefly twice their size.
+  engines fed by each rank): every TP rank sends its pieces to every other, and the owning
+  pipeline stage broadcasts to the others. Peak extra memory on a receiving rank: one bucket
+  plus the largest tensor. The TP pieces travel point-to-point straight into their place in the
+  full HF tensors (a gather collective on gloo would stage its output in a second buffer, and
+  shards gathered whole would still need reordering into the HF layout). Tensors that need no
+  gathering or reordering (replicated ones; at TP=1 all but q/k/v) are yielded as views of the
+  parameters: they stay valid until the model is next changed.
 """
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
 from typing import Iterator
 
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
+from megatron_prime.bridge.hf_io import CheckpointError
 from megatron_prime.bridge.mapping import (
     SliceSource,
     expected_hf_shape,
+    load_shard,
     megatron_param_names,
     param_spec,
-    read_shard,
-    shards_to_hf,
+    shard_pieces,
 )
-from megatron_prime.bridge.hf_io import CheckpointError
 from megatron_prime.models.gpt import padded_vocab_size
 from megatron_prime.models.hf_config import HFArch
+from megatron_prime.models.wrappers import unwrap
 
 Bucket = list[tuple[str, torch.Tensor]]
-
-
-def unwrap(model):
-    """The GPTModel inside DDP / Float16Module wrappers."""
-    while hasattr(model, "module"):
-        model = model.module
-    return model
 
 
 def local_to_global_names(model) -> dict[str, str]:
@@ -58,23 +57,25 @@ def local_to_global_names(model) -> dict[str, str]:
 
 
 def load_hf_weights(model, arch: HFArch, source: SliceSource, vocab_pad_multiple: int = 128) -> None:
-    """Copy HF weights into this rank's shards of ``model`` (any TP/PP layout)."""
+    """Copy HF weights into this rank's shards of ``model`` (any TP/PP layout), each slice
+    straight into its place in the parameter."""
     tp_rank = parallel_state.get_tensor_model_parallel_rank()
     tp_size = parallel_state.get_tensor_model_parallel_world_size()
     padded = padded_vocab_size(arch.vocab_size, tp_size, vocab_pad_multiple)
     names = local_to_global_names(model)
     params = dict(unwrap(model).named_parameters())
     for local_name, global_name in names.items():
-        param = params[local_name]
         spec = param_spec(arch, global_name)
-        shard = read_shard(arch, spec, source, tp_rank, tp_size, padded)
-        if tuple(shard.shape) != tuple(param.shape):
+        try:
+            with torch.no_grad():
+                load_shard(arch, spec, source, tp_rank, tp_size, padded, params[local_name])
+        except CheckpointError:
+            raise
+        except ValueError as e:
             raise CheckpointError(
-                f"tensor(s) {', '.join(spec.hf_names)}: shard for Megatron '{global_name}' has shape "
-                f"{list(shard.shape)}, expected {list(param.shape)} (config and weights disagree)"
-            )
-        with torch.no_grad():
-            param.copy_(shard)
+                f"tensor(s) {', '.join(spec.hf_names)} -> Megatron '{global_name}': {e} "
+                f"(config and weights disagree)"
+            ) from None
 
 
 def _owner_stage(arch: HFArch, global_name: str, pp_size: int) -> int:
@@ -86,50 +87,109 @@ def _owner_stage(arch: HFArch, global_name: str, pp_size: int) -> int:
     return pp_size - 1
 
 
-def _gather_tp(tensor: torch.Tensor, tp_dim: int | None, to_all: bool):
-    """``(shards, stacked)``: all TP shards on TP rank 0 (on every TP rank with ``to_all``; None
-    elsewhere), and for shards split along dim 0 the one tensor they were gathered into (the full
-    parameter, no copy), else None. Replicated tensors are not gathered."""
+@dataclass
+class _Gather:
+    """The TP gather of one parameter's full HF tensors, in two steps so that the transfers of a
+    whole bucket of parameters travel together: post ``ops`` (with the other parameters'), then
+    ``finish`` once they are done. ``own`` are this rank's pieces, copied while the others
+    arrive; ``staged`` the (place, buffer) pairs of pieces received through a staging buffer."""
+
+    tensors: list[tuple[str, torch.Tensor]]
+    ops: list
+    own: list
+    staged: list
+
+    def copy_own(self) -> None:
+        for piece, shard, full in self.own:
+            piece.of_hf(full).copy_(piece.of_shard(shard))
+
+    def finish(self) -> list[tuple[str, torch.Tensor]]:
+        for place, buffer in self.staged:
+            place.copy_(buffer)
+        return self.tensors
+
+
+def _start_gather(arch: HFArch, spec, shard: torch.Tensor, to_all: bool) -> _Gather:
+    """The full HF tensors of one Megatron parameter, on TP rank 0 (on every TP rank with
+    ``to_all``; none on the others). Every TP rank's pieces (``mapping.shard_pieces``) go
+    straight to their place in the full tensors: copied on the rank itself, sent point-to-point
+    to the others and received in place (through a staging buffer only where the place is not
+    contiguous: the column blocks of row-parallel weights). A full tensor that is one whole piece
+    of this rank's shard is that view, no copy (replicated tensors; at TP=1 most tensors)."""
     tp_size = parallel_state.get_tensor_model_parallel_world_size()
-    if tp_dim is None or tp_size == 1:
-        return [tensor], (tensor if tp_dim == 0 else None)
+    tp_rank = parallel_state.get_tensor_model_parallel_rank()
+    receives = to_all or tp_rank == 0
+    if spec.tp_dim is None or tp_size == 1:
+        tp_size, tp_rank = 1, 0  # nothing to gather
+    padded = shard.shape[0] * tp_size if spec.vocab_padded else 0
+    pieces = [shard_pieces(arch, spec, r, tp_size, padded) for r in range(tp_size)]
+    full: dict[str, torch.Tensor] = {}
+    own = []
+    for name in (spec.hf_names if receives else ()):
+        mine = [p for p in pieces[tp_rank] if p.hf_name == name]
+        whole = expected_hf_shape(arch, name)
+        if tp_size == 1 and len(mine) == 1 and mine[0].hf_start == 0 and mine[0].hf_count == whole[mine[0].hf_dim]:
+            full[name] = mine[0].of_shard(shard)
+        else:
+            full[name] = torch.empty(whole, dtype=shard.dtype, device=shard.device)
+            own += [(p, shard, full[name]) for p in mine]
+    ops, staged = _exchange_ops(shard, pieces, full, tp_rank, to_all) if tp_size > 1 else ([], [])
+    return _Gather([(n, full[n]) for n in spec.hf_names] if receives else [], ops, own, staged)
+
+
+def _exchange_ops(shard: torch.Tensor, pieces: list[list], full: dict, tp_rank: int, to_all: bool):
+    """The point-to-point ops that send this rank's pieces to the TP ranks that receive, and
+    receive the other ranks' pieces into ``full`` (in the same order on both sides, which is how
+    point-to-point messages match), and the (place, staging buffer) pairs to copy afterwards."""
     group = parallel_state.get_tensor_model_parallel_group()
-    receives = to_all or parallel_state.get_tensor_model_parallel_rank() == 0
-    stacked = None
-    if receives:
-        stacked = torch.empty((tp_size * tensor.shape[0], *tensor.shape[1:]), dtype=tensor.dtype, device=tensor.device)
-    shards = list(stacked.chunk(tp_size)) if receives else None  # contiguous views: gathered in place
-    if to_all:
-        dist.all_gather_into_tensor(stacked, tensor.contiguous(), group=group)
-    else:
-        _gather_in_place(tensor.contiguous(), shards, group)
-    if tp_dim != 0:
-        stacked = None  # shards along another dim: shards_to_hf concatenates them
-    return shards, stacked
-
-
-def _gather_in_place(tensor: torch.Tensor, shards: list[torch.Tensor] | None, group) -> None:
-    """Gather to TP rank 0 by point-to-point transfers straight into ``shards`` (views of one
-    tensor): unlike a gather collective on gloo, nothing is staged in a second full-size buffer."""
     ranks = dist.get_process_group_ranks(group)
-    if shards is None:
-        dist.send(tensor, dst=ranks[0], group=group)
-        return
-    shards[0].copy_(tensor)
-    for request in [dist.irecv(shard, src=peer, group=group) for shard, peer in zip(shards[1:], ranks[1:])]:
-        request.wait()
+    receivers = range(len(ranks)) if to_all else [0]
+    ops, staged = [], []
+    for peer in range(len(ranks)):
+        if peer == tp_rank:
+            continue
+        if peer in receivers:
+            ops += [dist.P2POp(dist.isend, p.of_shard(shard), ranks[peer], group) for p in pieces[tp_rank]]
+        if tp_rank in receivers:
+            for p in pieces[peer]:
+                place = p.of_hf(full[p.hf_name])
+                buffer = place if place.is_contiguous() else torch.empty_like(p.of_shard(shard))
+                if buffer is not place:
+                    staged.append((place, buffer))
+                ops.append(dist.P2POp(dist.irecv, buffer, ranks[peer], group))
+    return ops, staged
+
+
+def _param_buckets(arch: HFArch, bucket_bytes: int, itemsize: int, tp_size: int) -> list[list[str]]:
+    """Consecutive Megatron parameters whose HF tensors (and staging buffers) fit together in
+    ``bucket_bytes``, a parameter alone where it is larger; the same on every rank."""
+    buckets, current, size = [], [], 0
+    for name in megatron_param_names(arch):
+        spec = param_spec(arch, name)
+        nbytes = sum(math.prod(expected_hf_shape(arch, n)) for n in spec.hf_names) * itemsize
+        if spec.tp_dim == 1:
+            nbytes += nbytes * (tp_size - 1) // tp_size  # the other ranks' column blocks, staged
+        if current and size + nbytes > bucket_bytes:
+            buckets.append(current)
+            current, size = [], 0
+        current.append(name)
+        size += nbytes
+    return buckets + [current] if current else buckets
 
 
 def export_hf_weights(model, arch: HFArch, bucket_bytes: int = 512 * 2**20,
                       to_all_ranks: bool = False) -> Iterator[Bucket]:
     """Yield buckets of ``(hf_name, full tensor)`` on each replica's (tp 0, pp 0) rank, or on every
-    rank with ``to_all_ranks`` (for engines fed by every rank: TP shards are all-gathered and the
-    owning pipeline stage broadcasts to the others)."""
+    rank with ``to_all_ranks`` (for engines fed by every rank: every TP rank sends its pieces to
+    every other, and the owning pipeline stage broadcasts to the others). A bucket holds whole
+    parameters' tensors, at most ``bucket_bytes`` unless one parameter is larger; the TP transfers
+    of a bucket are posted together."""
     # No @torch.no_grad() here: its generator wrapper keeps the previously yielded bucket alive
-    # while the next one is built (two buckets live). Grad mode is switched off per parameter below.
+    # while the next one is built (two buckets live). Grad mode is switched off per bucket below.
     pp_size = parallel_state.get_pipeline_model_parallel_world_size()
     pp_rank = parallel_state.get_pipeline_model_parallel_rank()
     tp_rank = parallel_state.get_tensor_model_parallel_rank()
+    tp_size = parallel_state.get_tensor_model_parallel_world_size()
     pp_group = parallel_state.get_pipeline_model_parallel_group() if pp_size > 1 else None
     pp_ranks = dist.get_process_group_ranks(pp_group) if pp_size > 1 else None
     receives = to_all_ranks or (pp_rank == 0 and tp_rank == 0)
@@ -138,37 +198,33 @@ def export_hf_weights(model, arch: HFArch, bucket_bytes: int = 512 * 2**20,
     dtype = next(iter(params.values())).dtype
     device = next(iter(params.values())).device
 
-    bucket: Bucket = []
-    bucket_size = 0
-    for global_name in megatron_param_names(arch):
-        spec = param_spec(arch, global_name)
-        owner = _owner_stage(arch, global_name, pp_size)
-        tensors: list[tuple[str, torch.Tensor]] = []
+    for names in _param_buckets(arch, bucket_bytes, dtype.itemsize, tp_size):
+        bucket: Bucket = []
         with torch.no_grad():
-            if pp_rank == owner:
-                shards, stacked = _gather_tp(params[global_name].detach(), spec.tp_dim, to_all_ranks)
-                if shards is not None and spec.kind == "plain" and stacked is not None:
-                    # Gathered straight into the full tensor: peak one copy of it, not two.
-                    tensors = [(spec.hf_names[0], stacked[: arch.vocab_size] if spec.vocab_padded else stacked)]
-                elif shards is not None:
-                    tensors = [(n, t.contiguous()) for n, t in shards_to_hf(arch, spec, shards)]
-                del shards, stacked
-            elif receives:
-                tensors = [(n, torch.empty(expected_hf_shape(arch, n), dtype=dtype, device=device))
-                           for n in spec.hf_names]
-            if pp_size > 1 and owner != 0 or to_all_ranks:
-                tensors = _share_across_stages(tensors, owner, pp_ranks, pp_group, to_all_ranks, receives)
-        if not receives:
-            continue
-        for name, t in tensors:
-            nbytes = t.numel() * t.element_size()
-            if bucket and bucket_size + nbytes > bucket_bytes:
-                yield bucket
-                bucket, bucket_size = [], 0
-            bucket.append((name, t))
-            bucket_size += nbytes
-    if bucket:
-        yield bucket
+            gathers = {name: _start_gather(arch, param_spec(arch, name), params[name].detach(), to_all_ranks)
+                       for name in names if pp_rank == _owner_stage(arch, name, pp_size)}
+            ops = [op for g in gathers.values() for op in g.ops]
+            requests = dist.batch_isend_irecv(ops) if ops else []
+            for g in gathers.values():  # while the other ranks' pieces arrive
+                g.copy_own()
+            for request in requests:
+                request.wait()
+            for name in names:
+                owner = _owner_stage(arch, name, pp_size)
+                if name in gathers:
+                    tensors = gathers.pop(name).finish()
+                elif receives:
+                    tensors = [(n, torch.empty(expected_hf_shape(arch, n), dtype=dtype, device=device))
+                               for n in param_spec(arch, name).hf_names]
+                else:
+                    tensors = []
+                if pp_size > 1 and owner != 0 or to_all_ranks:
+                    tensors = _share_across_stages(tensors, owner, pp_ranks, pp_group, to_all_ranks, receives)
+                if receives:
+                    bucket += tensors
+        if bucket:
+            yield bucket
+        del bucket  # else it stays alive while the next bucket is built
 
 
 def _share_across_stages(tensors, owner: int, pp_ranks, pp_group, to_all: bool, receives: bool):

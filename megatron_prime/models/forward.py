@@ -12,6 +12,8 @@ from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 
+from megatron_prime.models.wrappers import unwrap
+
 
 def attention_mask_4d(attention_mask: torch.Tensor) -> torch.Tensor:
     """``[b, s]`` 0/1 -> Megatron's boolean ``[b, 1, s, s]`` mask, True where attention is
@@ -72,7 +74,7 @@ def full_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | N
         forward_only=True,
         collect_non_loss_data=True,
     )
-    padded_vocab = (model.module if hasattr(model, "module") else model).vocab_size
+    padded_vocab = unwrap(model).vocab_size
     logits = outputs[0] if outputs else torch.empty(
         (*input_ids.shape, padded_vocab), dtype=torch.float32, device=input_ids.device
     )

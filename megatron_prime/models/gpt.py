@@ -84,11 +84,13 @@ def transformer_config(arch: HFArch, opts: ModelOptions) -> TransformerConfig:
         deallocate_pipeline_outputs=True,
         moe_token_dispatcher_type="alltoall",  # dense models; allgather rejects variable lengths
         fp8=opts.fp8,
-        use_cpu_initialization=not torch.cuda.is_available(),
         # Every model is loaded from a checkpoint right after it is built (conversion, trainer, SFT),
         # so random weights would be drawn only to be overwritten. Megatron-core still allocates the
         # weights, zeroes the biases and sets the tensor-parallel attributes (which
         # perform_initialization=False skips on the CPU path, breaking grad norms at TP > 1).
+        # Its "GPU" initialization path on CPU too (the CPU backend maps the device): the CPU path
+        # first builds each full weight in fp32 and splits it, seconds for a 0.5B model.
+        use_cpu_initialization=False,
         init_method=_keep,
         output_layer_init_method=_keep,
         embedding_init_method=_keep,

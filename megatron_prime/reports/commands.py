@@ -74,10 +74,10 @@ def evaluate(argv) -> int:
     args = eval_parser().parse_args(argv)
 
     def run():
+        from megatron_prime.platform.distributed import broadcast_object, on_rank0
         from megatron_prime.reports import eval_table
         from megatron_prime.reports.benchmarks import PAPER_BENCHMARKS, load_benchmarks
         from megatron_prime.reports.engines import start_fleet
-        from megatron_prime.platform.distributed import broadcast_object, on_rank0
 
         extra_rows, extra_columns = eval_table.compare_rows(args.compare)
         if not args.model:

@@ -7,7 +7,8 @@ tensors) that always holds, with no padding to agree on.
 
 Only one bucket is held at a time, so the transfer's extra memory is one bucket, not a
 model copy. The stream's tensors must stay valid after the next one is produced (the
-bridge yields fresh tensors).
+bridge yields fresh tensors, or views of the parameters where no gather or reordering is
+needed, which nothing changes during a sync; consumers must not write into them).
 """
 
 from __future__ import annotations

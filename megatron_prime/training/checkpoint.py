@@ -24,15 +24,17 @@ import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing, parallel_state
 
+from megatron_prime.bridge.atomic_dir import DistributedAtomicDir
 from megatron_prime.bridge.hf_io import CheckpointError
-from megatron_prime.bridge.mcore_io import DistributedAtomicDir, read_meta, write_model_metadata
-from megatron_prime.bridge.transfer import unwrap
+from megatron_prime.bridge.mcore_io import read_meta, write_model_metadata
+from megatron_prime.models.wrappers import unwrap
 from megatron_prime.platform.distributed import is_rank0
 from megatron_prime.training.models import TrainableModel
 
 STEP_PATTERN = re.compile(r"^step_(\d{8})$")
-# DistributedAtomicDir's temporary ".step_N.tmp-XXXX" and the ".old" of a replaced step
-LEFTOVER_PATTERN = re.compile(r"^(\.step_\d{8}\.tmp-.+|step_\d{8}\.old)$")
+# DistributedAtomicDir's temporary ".step_N.tmp-XXXX", and ".step_N.old-XXXX/step_N": a replaced step
+# directory awaiting deletion
+LEFTOVER_PATTERN = re.compile(r"^\.(step_\d{8})\.(tmp|old)-.+$")
 
 
 def step_dir(root: str, step: int) -> str:
@@ -112,7 +114,8 @@ def save_checkpoint(root: str, step: int, models: dict[str, TrainableModel], tra
             dist_checkpointing.save(_model_state(tm, is_loading=False), path)
             if is_rank0():
                 torch.save(tm.scheduler.state_dict(), os.path.join(path, "scheduler.pt"))
-                meta = {"dtype": dtype, "step": step, "role": name, "reference": os.path.abspath(reference), **_layout()}
+                meta = {"dtype": dtype, "step": step, "role": name, "reference": os.path.abspath(reference),
+                        **_layout()}
                 write_model_metadata(path, hf_meta_dir, meta)
         rank = dist.get_rank() if dist.is_initialized() else 0
         if is_rank0():
@@ -123,32 +126,32 @@ def save_checkpoint(root: str, step: int, models: dict[str, TrainableModel], tra
                    os.path.join(tmp, "rng", f"rank_{rank:05d}.pt"))
         if is_rank0():
             torch.save({"step": step, **trainer_state}, os.path.join(tmp, "trainer_state.pt"))
-    if is_rank0():
-        fsync_dir(root)  # the new step directory's name is on disk before older ones go
+    if is_rank0():  # the new step directory's name is on disk (DistributedAtomicDir) before older ones go
         for old in list_checkpoints(root)[:-keep_last]:
             shutil.rmtree(old, ignore_errors=True)
     _barrier()
     return final
 
 
-def fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def remove_leftovers(root: str) -> list[str]:
     """Remove what killed saves left under ``root`` (rank 0, at start-up): temporary step
     directories and replaced ones awaiting deletion, each a full copy of the models and optimizer
-    state. Complete step directories are never touched. Returns what was removed."""
+    state. Complete step directories are never touched: one that a save killed between its two
+    renames left only inside its ``.old`` directory is put back. Returns what was removed."""
     if not os.path.isdir(root):
         return []
-    leftovers = [os.path.join(root, n) for n in sorted(os.listdir(root))
-                 if LEFTOVER_PATTERN.match(n) and os.path.isdir(os.path.join(root, n))]
-    for path in leftovers:
+    leftovers = []
+    for name in sorted(os.listdir(root)):
+        match, path = LEFTOVER_PATTERN.match(name), os.path.join(root, name)
+        if not match or not os.path.isdir(path):
+            continue
+        step_name, kind = match.groups()
+        replaced, final = os.path.join(path, step_name), os.path.join(root, step_name)
+        if kind == "old" and os.path.isdir(replaced) and not os.path.exists(final):
+            os.rename(replaced, final)
+            print(f"checkpoint: restored {step_name} from {name} (a save was killed while replacing it)", flush=True)
         shutil.rmtree(path, ignore_errors=True)
+        leftovers.append(path)
     if leftovers:
         print(f"checkpoint: removed {len(leftovers)} incomplete save(s) left by a killed run: "
               + ", ".join(os.path.basename(p) for p in leftovers), flush=True)

@@ -22,8 +22,8 @@ from megatron.core import parallel_state, tensor_parallel
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megatron_prime.algorithm import accumulate_metrics
-from megatron_prime.bridge.transfer import unwrap
 from megatron_prime.models.forward import attention_mask_4d, broadcast_from_last_stage, position_ids_for
+from megatron_prime.models.wrappers import unwrap
 from megatron_prime.training.batch import RolloutBatch, micro_batch_rows
 from megatron_prime.training.vocab_parallel import output_layer_logprobs
 

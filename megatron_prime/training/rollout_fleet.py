@@ -37,7 +37,6 @@ from megatron_prime.platform.distributed import all_gather_object, picklable_err
 from megatron_prime.rollout import RolloutEngine, RolloutError, build_engine
 from megatron_prime.rollout.base import MEMORY_TAGS, SamplingParams
 
-
 VLLM_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}  # the engine computes in the trainer's dtype
 
 

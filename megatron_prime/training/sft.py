@@ -13,11 +13,11 @@ import torch
 from megatron_prime.algorithm import metric, metric_means
 from megatron_prime.bridge.convert import write_hf
 from megatron_prime.bridge.mcore_io import save_model
-from megatron_prime.bridge.transfer import unwrap
 from megatron_prime.config import Config, OptimizerConfig
 from megatron_prime.data import DatasetError, load_sft_dataset, render_prompt
 from megatron_prime.data.lengths import describe_dropped, split_overlong_sft
 from megatron_prime.models.hf_config import read_hf_config
+from megatron_prime.models.wrappers import unwrap
 from megatron_prime.platform import distributed
 from megatron_prime.platform.distributed import is_rank0
 from megatron_prime.training import checkpoint

@@ -12,12 +12,13 @@ from megatron_prime.algorithm import OUTCOME_ONLY_ESTIMATORS, PromptBuffer
 from megatron_prime.bridge.convert import write_hf
 from megatron_prime.bridge.hf_io import SafetensorsSource
 from megatron_prime.bridge.mcore_io import META_FILE, load_model
-from megatron_prime.bridge.transfer import load_hf_weights, unwrap
+from megatron_prime.bridge.transfer import load_hf_weights
 from megatron_prime.config import Config, ConfigError, config_to_dict
 from megatron_prime.data import DatasetError, PromptSampler, load_prompt_dataset, render_prompt
 from megatron_prime.data.lengths import describe_dropped, split_overlong_prompts
 from megatron_prime.models.gpt import ModelOptions, resolve_use_te
 from megatron_prime.models.hf_config import read_hf_config
+from megatron_prime.models.wrappers import unwrap
 from megatron_prime.platform import distributed
 from megatron_prime.platform.distributed import broadcast_object, is_rank0, on_rank0
 from megatron_prime.training import checkpoint

@@ -5,13 +5,19 @@ Creates a randomly initialised Qwen2 close to Qwen2.5-0.5B (hidden 1024, 24 laye
 in a temporary directory, then times, in one process and one run:
 
 * baseline: ``safetensors.torch.load_file`` + ``save_file`` of the same checkpoint bytes,
+* durable baseline: the same plus an ``fsync`` of the written file. Both conversions write
+  durably (megatron-core fsyncs its checkpoint files; the output directory is fsynced before it
+  is renamed into place), so on a disk, where an fsync costs what writing the bytes back does,
+  this is the baseline that does the same work; on tmpfs (``--workdir /dev/shm/...``) an fsync
+  is free and the two baselines agree,
 * HF -> Megatron: ``megatron_prime.bridge.convert.hf_to_mcore`` (build model, sliced read, torch_dist save),
 * Megatron -> HF: ``megatron_prime.bridge.convert.mcore_to_hf`` (build model, dist load, streamed export),
 * for reference: building the empty Megatron model alone (part of both conversions).
 
-Every time is also printed as a ratio to the baseline measured in the same run (the mean of the
-baseline's medians of 3 before and after the conversions: the machine is shared and noisy). All
-files are hot in the page cache (a warm-up read runs first), so these are CPU/memory-bound numbers.
+Every time is also printed as a ratio to both baselines measured in the same run (the mean of
+each baseline's medians of 3 before and after the conversions: the machine is shared and noisy).
+All files are hot in the page cache (a warm-up read runs first): apart from the fsyncs these are
+CPU/memory-bound numbers.
 
     python tools/benchmarks/bench_convert.py [--repeats 3] [--threads 2] [--workdir DIR] [--hf HF_DIR]
 """
@@ -39,16 +45,22 @@ from _common import (  # noqa: E402
 )
 
 
-def safetensors_roundtrip(src_dir: str, out_dir: str) -> None:
-    """The baseline: load every safetensors file of ``src_dir`` fully and write it to ``out_dir``."""
+def safetensors_roundtrip(src_dir: str, out_dir: str, durable: bool = False) -> None:
+    """The baseline: load every safetensors file of ``src_dir`` fully and write it to ``out_dir``
+    (and fsync it, if ``durable``)."""
     from safetensors.torch import load_file, save_file
 
     os.makedirs(out_dir, exist_ok=True)
     for name in sorted(os.listdir(src_dir)):
         if name.endswith(".safetensors"):
             tensors = load_file(os.path.join(src_dir, name))
-            save_file(tensors, os.path.join(out_dir, name), metadata={"format": "pt"})
+            path = os.path.join(out_dir, name)
+            save_file(tensors, path, metadata={"format": "pt"})
             del tensors
+            if durable:
+                fd = os.open(path, os.O_RDONLY)
+                os.fsync(fd)
+                os.close(fd)
 
 
 def main() -> None:
@@ -84,11 +96,16 @@ def main() -> None:
         arch = read_hf_config(hf_dir)
         dtype = "bf16" if weight_bytes < params * 3 else "fp32"
 
-        def baseline() -> float:
+        def baseline(durable: bool = False) -> float:
             out = os.path.join(work, "baseline_out")
-            t = timed(safetensors_roundtrip, hf_dir, out)
+            t = timed(safetensors_roundtrip, hf_dir, out, durable)
             shutil.rmtree(out)
             return t
+
+        def baselines() -> tuple[float, float]:
+            """Medians of 3 of the plain and the durable baseline, alternating."""
+            runs = [(baseline(), baseline(durable=True)) for _ in range(3)]
+            return statistics.median(p for p, _ in runs), statistics.median(d for _, d in runs)
 
         def build_only() -> float:
             def build():
@@ -106,7 +123,7 @@ def main() -> None:
         mcore_to_hf(os.path.join(work, "warmup_mcore"), os.path.join(work, "warmup_hf_out"))
         for d in ("warmup_hf", "warmup_mcore", "warmup_hf_out"):
             shutil.rmtree(os.path.join(work, d))
-        base_before = statistics.median(baseline() for _ in range(3))
+        base_before, durable_before = baselines()
         to_mcore, to_hf, build = [], [], []
         for i in range(args.repeats):
             print(f"repeat {i + 1}/{args.repeats}: hf_to_mcore", flush=True)
@@ -118,8 +135,9 @@ def main() -> None:
             if i + 1 < args.repeats:
                 shutil.rmtree(mcore_dir)
         mcore_bytes = dir_bytes(mcore_dir)
-        base_after = statistics.median(baseline() for _ in range(3))
+        base_after, durable_after = baselines()
         base = (base_before + base_after) / 2
+        durable = (durable_before + durable_after) / 2
 
         print()
         print(f"bench_convert: Qwen2 {arch.num_layers} layers, hidden {arch.hidden_size}, "
@@ -128,16 +146,22 @@ def main() -> None:
               f"{weight_bytes / 2**30:.2f} GiB safetensors (Megatron checkpoint {mcore_bytes / 2**30:.2f} GiB); "
               f"1 process, {torch.get_num_threads()} thread(s), median of {args.repeats}")
         print(f"baseline = safetensors load_file + save_file of the same bytes (median of 3): before {base_before:.2f} s, "
-              f"after {base_after:.2f} s, mean {base:.2f} s = 1.00x\n")
+              f"after {base_after:.2f} s, mean {base:.2f} s = 1.00x")
+        print(f"durable baseline = the same + fsync of the written file: before {durable_before:.2f} s, "
+              f"after {durable_after:.2f} s, mean {durable:.2f} s = {durable / base:.2f}x the baseline "
+              f"(workdir {work})\n")
         rows = []
         for label, times in [("HF -> Megatron (hf_to_mcore)", to_mcore),
                              ("Megatron -> HF (mcore_to_hf)", to_hf),
                              ("  of each: build empty GPTModel", build)]:
             t = statistics.median(times)
             rate = f"{weight_bytes / 2**20 / t:.0f}" if times is not build else "-"
-            rows.append([label, f"{t:.2f}", f"{t / base:.2f}x", rate])
-        rows.append(["baseline: safetensors load + save", f"{base:.2f}", "1.00x", f"{weight_bytes / 2**20 / base:.0f}"])
-        print_table(["operation", "seconds", "vs baseline", "MiB/s"], rows)
+            rows.append([label, f"{t:.2f}", f"{t / base:.2f}x", f"{t / durable:.2f}x", rate])
+        rows.append(["baseline: safetensors load + save", f"{base:.2f}", "1.00x", f"{base / durable:.2f}x",
+                     f"{weight_bytes / 2**20 / base:.0f}"])
+        rows.append(["durable baseline: + fsync", f"{durable:.2f}", f"{durable / base:.2f}x", "1.00x",
+                     f"{weight_bytes / 2**20 / durable:.0f}"])
+        print_table(["operation", "seconds", "vs baseline", "vs durable", "MiB/s"], rows)
     finally:
         if args.workdir is None:
             shutil.rmtree(work, ignore_errors=True)

@@ -80,12 +80,12 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     quiet()
-    from megatron_prime.training.validation import validate_run
     from megatron_prime.platform import distributed
     from megatron_prime.training.demo import demo_configs
     from megatron_prime.training.prime_step import prime_step
     from megatron_prime.training.sft import sft
     from megatron_prime.training.trainer import build_context
+    from megatron_prime.training.validation import validate_run
 
     work = args.workdir or tempfile.mkdtemp(prefix="bench_step-")
     try:
