@@ -389,8 +389,8 @@ def validate(cfg: Config, world_size: int | None = None, *, model_shape: ModelSh
     if estimators is not None:
         _check(a.estimator in estimators, "algorithm.estimator", a.estimator, f"one of {', '.join(sorted(estimators))}")
     _check(a.estimator != "gae", "algorithm.estimator", a.estimator,
-           "GAE needs a value model, which the trainer does not build; use prime_rloo, rloo, grpo, "
-           "reinforce or reinforce_pp")
+           "GAE needs a value model, which the trainer does not build; use prime_rloo, prime_rloo_k_scaled, "
+           "prime_official, rloo, grpo, reinforce or reinforce_pp")
     _check(t.prompts_per_step >= 1, "train.prompts_per_step", t.prompts_per_step, "must be >= 1")
     _check(t.max_rollout_rounds >= 1, "train.max_rollout_rounds", t.max_rollout_rounds, "must be >= 1")
     _check(t.exit_after_minutes >= 0, "train.exit_after_minutes", t.exit_after_minutes, "must be >= 0 (0: off)")

@@ -85,37 +85,31 @@ def test_filter_argument_errors():
         filter_groups(torch.zeros(4), 2, truncated=torch.zeros(2, dtype=torch.bool))
 
 
-def test_prompt_buffer_is_fifo_and_bounded():
-    buffer = PromptBuffer(max_prompts=3)
+def test_prompt_buffer_is_fifo():
+    buffer = PromptBuffer()
     buffer.push(["a", "b"])
     assert buffer.pop(1) == ["a"]
-    buffer.push(["c", "d", "e"])  # b, c, d, e: over capacity, the oldest (b) is dropped
-    assert len(buffer) == 3 and buffer.num_dropped == 1
-    assert buffer.pop(10) == ["c", "d", "e"]
+    buffer.push(["c", "d", "e"])
+    assert buffer.pop(10) == ["b", "c", "d", "e"]
     assert buffer.pop(2) == [] and len(buffer) == 0
     with pytest.raises(ValueError):
         buffer.pop(-1)
-    unbounded = PromptBuffer()
-    unbounded.push(range(1000))
-    assert len(unbounded) == 1000
 
 
 def test_prompt_buffer_state_dict_round_trip_through_torch_save():
-    # The trainer stores dataset rows; a checkpoint restores them in order, with the capacity
-    # and drop count, into a fresh buffer.
+    # The trainer stores dataset rows; a checkpoint restores them in order into a fresh buffer.
     rows = [PromptRow(prompt=f"{i}+1=", ground_truth=str(i + 1), verifier="math", data_source="plain", index=i)
             for i in range(4)]
-    buffer = PromptBuffer(max_prompts=3)
+    buffer = PromptBuffer()
     buffer.push(rows)
     blob = io.BytesIO()
     torch.save(buffer.state_dict(), blob)
     blob.seek(0)
     restored = PromptBuffer()
     restored.load_state_dict(torch.load(blob, weights_only=False))
-    assert restored.max_prompts == 3 and restored.num_dropped == 1 and len(restored) == 3
-    assert restored.pop(3) == rows[1:]
+    assert len(restored) == 4 and restored.pop(4) == rows
     # The saved state is a snapshot: popping from the restored buffer left the original intact.
-    assert len(buffer) == 3
+    assert len(buffer) == 4
 
 
 def test_prompt_buffer_refuses_a_buffer_of_responses():

@@ -50,29 +50,22 @@ class PromptBuffer:
     *prompts* of the surplus groups go here (not their responses, which a later, updated policy
     would train on off-policy) and are generated afresh, first, at the next step, as the official
     PRIME code does. An item is whatever the trainer uses for a prompt; the buffer never looks
-    inside. ``max_prompts`` bounds memory by dropping the oldest prompts (``num_dropped``).
+    inside. It stays smaller than one step's prompts: every round takes up to a batch's worth
+    from it first, and the last round leaves less than one batch of surplus.
 
-    Checkpointable: ``state_dict()`` holds only the items and plain values, so it can go into
-    ``torch.save`` with the rest of the trainer state.
+    Checkpointable: ``state_dict()`` holds only the items, so it can go into ``torch.save`` with
+    the rest of the trainer state.
     """
 
-    def __init__(self, max_prompts: int | None = None):
-        if max_prompts is not None and max_prompts < 0:
-            raise ValueError(f"max_prompts must be >= 0 or None, got {max_prompts}")
-        self.max_prompts = max_prompts
+    def __init__(self):
         self._items: deque[Any] = deque()
-        self.num_dropped = 0  # prompts discarded because the buffer was full
 
     def __len__(self) -> int:
         return len(self._items)
 
     def push(self, items: Iterable[Any]) -> None:
-        """Append prompts (newest last); the oldest are dropped beyond ``max_prompts``."""
+        """Append prompts (newest last)."""
         self._items.extend(items)
-        if self.max_prompts is not None:
-            while len(self._items) > self.max_prompts:
-                self._items.popleft()
-                self.num_dropped += 1
 
     def pop(self, n: int) -> list[Any]:
         """Remove and return up to ``n`` of the oldest prompts."""
@@ -81,12 +74,10 @@ class PromptBuffer:
         return [self._items.popleft() for _ in range(min(n, len(self._items)))]
 
     def state_dict(self) -> dict[str, Any]:
-        return {"prompts": list(self._items), "max_prompts": self.max_prompts, "num_dropped": self.num_dropped}
+        return {"prompts": list(self._items)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if "prompts" not in state:
             raise ValueError("this checkpoint's filter buffer holds sampled responses (written before the "
                              "buffer kept prompts only); resume it with the release that wrote it")
-        self.max_prompts = state["max_prompts"]
-        self.num_dropped = state["num_dropped"]
         self._items = deque(state["prompts"])

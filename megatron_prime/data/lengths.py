@@ -62,9 +62,10 @@ def split_overlong_sft(rows: Sequence, tokenizer: Any, max_len: int,
     return kept, overlong
 
 
-def describe_dropped(what: str, overlong: Sequence[Overlong], total: int, setting: str) -> str:
+def describe_dropped(what: str, overlong: Sequence[Overlong], total: int, setting: str, sft: bool = False) -> str:
     """One line for the log: how many rows were dropped, the first few, and how to list them all."""
     shown = "; ".join(str(o) for o in overlong[:3])
     more = f"; ... {len(overlong) - 3} more" if len(overlong) > 3 else ""
+    check = "--sft --max-len N" if sft else "--max-prompt-len N"
     return (f"data: dropped {len(overlong)} of {total} {what} longer than {setting} ({shown}{more}); "
-            f"`megatron-prime data check --tokenizer DIR --max-prompt-len N FILE` lists them")
+            f"`megatron-prime data check --tokenizer DIR {check} FILE` lists them")

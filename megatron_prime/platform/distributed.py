@@ -124,6 +124,17 @@ def all_gather_object(obj) -> list:
     return out
 
 
+def any_rank(flag: bool) -> bool:
+    """True on every rank if ``flag`` is true on any rank (a collective: every rank calls it)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return bool(flag)
+    t = torch.tensor([int(bool(flag))], dtype=torch.int)
+    if dist.get_backend() == "nccl":  # NCCL reduces GPU tensors only
+        t = t.cuda()
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
 def run_everywhere(fn: Callable[[], Any]) -> Any:
     """``fn()`` on every rank; if it raised on any rank, every rank raises (the first error), so
     none is left waiting in the next collective."""

@@ -7,6 +7,7 @@ written out as a Hugging Face checkpoint beside the results, since engines load 
 
 from __future__ import annotations
 
+import hashlib
 import os
 
 from megatron_prime.reports.files import ReportError
@@ -28,7 +29,10 @@ def hf_checkpoint(model_dir: str, cache_dir: str) -> str:
                           f"checkpoint ({MCORE_META})")
     from megatron_prime.platform import distributed
 
-    out = os.path.join(cache_dir, os.path.basename(os.path.normpath(model_dir)) + "-hf")
+    # Every trainer step's model dir is called policy/ or prm/: name the conversion by the full path.
+    source = os.path.abspath(model_dir)
+    tag = hashlib.sha1(source.encode()).hexdigest()[:10]
+    out = os.path.join(cache_dir, f"{os.path.basename(source)}-{tag}-hf")
     # Rank 0 decides, so that no rank skips the conversion's collectives.
     if distributed.broadcast_object(not is_hf_checkpoint(out)):
         from megatron_prime.bridge.convert import mcore_to_hf

@@ -28,7 +28,7 @@ from megatron_prime.bridge.atomic_dir import DistributedAtomicDir
 from megatron_prime.bridge.hf_io import CheckpointError
 from megatron_prime.bridge.mcore_io import read_meta, write_model_metadata
 from megatron_prime.models.wrappers import unwrap
-from megatron_prime.platform.distributed import is_rank0
+from megatron_prime.platform.distributed import any_rank, is_rank0
 from megatron_prime.training.models import TrainableModel
 
 STEP_PATTERN = re.compile(r"^step_(\d{8})$")
@@ -100,7 +100,7 @@ def _barrier():
 
 
 def save_checkpoint(root: str, step: int, models: dict[str, TrainableModel], trainer_state: dict,
-                    hf_meta_dir: str, keep_last: int, dtype: str, reference: str = "") -> str:
+                    hf_meta_dir: str, keep_last: int, dtype: str, reference: str | None = None) -> str:
     """Write step ``step`` atomically (all ranks call this); keep the newest ``keep_last``.
     ``reference`` (the reference model's source) is recorded so that a run continued from these
     weights at another layout (``model.mcore_path``) measures its rewards against the same one."""
@@ -114,8 +114,9 @@ def save_checkpoint(root: str, step: int, models: dict[str, TrainableModel], tra
             dist_checkpointing.save(_model_state(tm, is_loading=False), path)
             if is_rank0():
                 torch.save(tm.scheduler.state_dict(), os.path.join(path, "scheduler.pt"))
-                meta = {"dtype": dtype, "step": step, "role": name, "reference": os.path.abspath(reference),
-                        **_layout()}
+                # None for an SFT run's checkpoints: their weights are a starting point of their own.
+                meta = {"dtype": dtype, "step": step, "role": name,
+                        "reference": os.path.abspath(reference) if reference else None, **_layout()}
                 write_model_metadata(path, hf_meta_dir, meta)
         rank = dist.get_rank() if dist.is_initialized() else 0
         if is_rank0():
@@ -159,16 +160,16 @@ def remove_leftovers(root: str) -> list[str]:
 
 
 def trainer_checkpoint_of(model_dir: str) -> dict | None:
-    """If ``model_dir`` is the ``policy/`` of a trainer step directory: the sources a run continued
-    from it must use, ``{"reference": path or None if not recorded, "prm": path or absent}``; else
-    None."""
+    """If ``model_dir`` is the ``policy/`` of a PRIME trainer step directory: the sources a run
+    continued from it must use, ``{"reference": path, "prm": path or absent}``; else None (an SFT
+    run's checkpoint, which records no reference, is a starting point like an HF model)."""
     try:
         meta = read_meta(model_dir)
     except (CheckpointError, ValueError):
         return None
-    if meta.get("role") != "policy":
+    if meta.get("role") != "policy" or not meta.get("reference"):
         return None
-    out = {"reference": meta.get("reference")}
+    out = {"reference": meta["reference"]}
     prm = os.path.join(os.path.dirname(os.path.abspath(model_dir)), "prm")
     if os.path.isdir(prm):
         out["prm"] = prm
@@ -236,10 +237,7 @@ def resume(root: str, resume_from: str, models: dict[str, TrainableModel]) -> di
             raise
         except BaseException as e:  # corrupt / truncated files (torch's CheckpointException is a BaseException)
             state, error = None, e
-        ok = torch.tensor([0 if error else 1], dtype=torch.int)
-        if dist.is_initialized():
-            dist.all_reduce(ok, op=dist.ReduceOp.MIN)
-        if ok.item():
+        if not any_rank(error is not None):
             return state
         reason = f"{type(error).__name__}: {str(error).strip().splitlines()[-1]}" if error else "failed on another rank"
         failures.append(f"{os.path.basename(path)} ({reason})")

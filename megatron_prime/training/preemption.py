@@ -13,8 +13,7 @@ from __future__ import annotations
 import signal
 import time
 
-import torch
-import torch.distributed as dist
+from megatron_prime.platform.distributed import any_rank
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
@@ -36,12 +35,7 @@ class StopRequest:
         reason = self.received
         if reason is None and self.deadline is not None and time.monotonic() >= self.deadline:
             reason = f"train.exit_after_minutes={self.exit_after_minutes:g} reached"
-        flag = torch.tensor([0 if reason is None else 1], dtype=torch.int)
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            if dist.get_backend() == "nccl":
-                flag = flag.cuda()
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        if not flag.item():
+        if not any_rank(reason is not None):
             return None
         return reason or "a stop signal reached another rank"
 

@@ -302,7 +302,6 @@ def _step_metrics(batch: RolloutBatch, stats, token_rewards, advantages, old_log
             "filter/rounds": float(stats.rounds),
             "filter/from_buffer": float(stats.from_buffer),
             "filter/buffer_size": float(stats.buffer_size),
-            "filter/buffer_dropped": float(stats.buffer_dropped),
             "filter/unfiltered_fill": float(stats.unfiltered_fill),
             "verify/timeouts": float(stats.verify_timeouts),
             "verify/timeout_frac": stats.verify_timeouts / max(1, len(stats.outcomes_sampled)),

@@ -45,7 +45,6 @@ class CollectStats:
     kept_groups: int = 0
     from_buffer: int = 0  # buffered prompts generated afresh this step
     buffer_size: int = 0  # prompts left in the buffer for later steps
-    buffer_dropped: int = 0  # prompts the bounded buffer ever discarded
     unfiltered_fill: int = 0
     verify_timeouts: int = 0  # math answers whose grading hit the time limit (scored 0)
     accuracy_sampled: float = 0.0  # mean outcome over everything generated this step
@@ -186,7 +185,6 @@ def collect_groups(fleet: RolloutFleet, sampler, buffer: PromptBuffer, tokenizer
             stats.unfiltered_fill = len(fill)
             batch += fill  # every round has `need` prompts, so this always fills the batch
         stats.buffer_size = len(buffer)
-        stats.buffer_dropped = buffer.num_dropped
         stats.accuracy_sampled = sum(stats.outcomes_sampled) / max(1, len(stats.outcomes_sampled))
         return batch
 

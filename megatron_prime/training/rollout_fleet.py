@@ -1,5 +1,5 @@
 """The rollout fleet: which trainer ranks drive which rollout engine, how a batch of prompts is
-spread over the engines, and how new policy weights reach every engine (DESIGN.md §3).
+spread over the engines, and how new policy weights reach every engine.
 
 Colocated (``rollout.mode=colocated``): the world splits into groups of ``rollout.tp``
 consecutive ranks (the hf engine: one rank each), one engine per group on those ranks' devices.

@@ -48,7 +48,7 @@ def load_sft_rows(cfg: Config, tokenizer, render) -> list:
     kept, overlong = split_overlong_sft(rows, tokenizer, max_len, render)
     if overlong:
         print(describe_dropped("SFT rows", overlong, len(rows),
-                               f"data.max_prompt_len + data.max_response_len = {max_len}"), flush=True)
+                               f"data.max_prompt_len + data.max_response_len = {max_len}", sft=True), flush=True)
     if not kept:
         raise DatasetError([f"{cfg.sft.train_file}: every row is longer than {max_len} tokens "
                             "(data.max_prompt_len + data.max_response_len)"])

@@ -64,9 +64,6 @@ def weight_sources(cfg: Config) -> WeightSources:
     if trainer_ckpt is not None:
         prm = prm or trainer_ckpt.get("prm", "")
         reference = reference or trainer_ckpt["reference"]
-        if reference is None:
-            raise ConfigError(f"model.mcore_path={m.mcore_path} is a trainer checkpoint that does not record its "
-                              "reference model: set model.ref_path to the run's original starting checkpoint")
         if not os.path.isdir(reference):
             raise ConfigError(f"model.mcore_path={m.mcore_path} is a trainer checkpoint whose reference model was "
                               f"{reference}, which does not exist here: set model.ref_path to that model (the "

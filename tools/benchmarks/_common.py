@@ -10,7 +10,6 @@ import argparse
 import os
 import threading
 import time
-from contextlib import contextmanager
 
 # Close to Qwen2.5-0.5B (hidden 896, 14 heads, 2 KV heads, 24 layers, tied embeddings), with a
 # head count that divides by TP=2 and 8.
@@ -147,17 +146,6 @@ class PeakRSS:
     @property
     def extra(self) -> int:
         return self.peak - self.start
-
-
-@contextmanager
-def malloc_trimmed():
-    """Return freed heap memory to the OS before and after the block (glibc only), so that RSS
-    measurements start from a clean baseline."""
-    trim()
-    try:
-        yield
-    finally:
-        trim()
 
 
 def trim() -> None:

@@ -1,0 +1,37 @@
+"""``eval`` and ``score`` take Megatron checkpoints too: each is converted to HF once, under the
+output dir, and reused. Two checkpoints with the same directory name (every trainer step's model
+is ``step_N/policy``) must not share a conversion."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+from tests.hf_models import make_tiny_hf
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONVERT_TWICE = """
+import sys
+sys.path.insert(0, {root!r})
+from safetensors.torch import load_file
+from megatron_prime.reports.engines import hf_checkpoint
+for step, source in (("step_1", {hf1!r}), ("step_2", {hf2!r}), ("step_1", {hf1!r})):
+    out = hf_checkpoint({tmp!r} + "/" + step + "/policy", {tmp!r} + "/cache")
+    got, want = load_file(out + "/model.safetensors"), load_file(source + "/model.safetensors")
+    assert got.keys() == want.keys() and all(got[k].equal(want[k]) for k in want), (step, out)
+print("OK")
+"""
+
+
+def test_checkpoints_with_the_same_name_are_converted_apart(tmp_path):
+    tmp = str(tmp_path)
+    for step, seed in (("step_1", 0), ("step_2", 1)):
+        hf = os.path.join(tmp, f"hf{seed}")
+        make_tiny_hf("qwen2", hf, seed=seed)
+        subprocess.run([sys.executable, os.path.join(ROOT, "checkpoints_convert", "hf_to_mcore.py"),
+                        "--hf", hf, "--out", os.path.join(tmp, step, "policy")], check=True, timeout=300)
+    script = CONVERT_TWICE.format(root=ROOT, tmp=tmp, hf1=os.path.join(tmp, "hf0"), hf2=os.path.join(tmp, "hf1"))
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and "OK" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert len(os.listdir(os.path.join(tmp, "cache"))) == 2
