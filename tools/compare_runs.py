@@ -218,10 +218,10 @@ def plot(runs: list[Run], png: str, window: int, title: str | None) -> None:
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend()
-    suffix = f", moving average of {window} steps" if window > 1 else ""
+    suffix = f"\n(moving average of {window} steps)" if window > 1 else ""
     axes[0].set_title("Training reward (sampled responses)" + suffix)
     axes[1].set_title("Held-out greedy accuracy")
-    axes[2].set_title("Implicit PRM accuracy on each fresh batch, before its update" + suffix)
+    axes[2].set_title("Implicit PRM accuracy on each fresh batch,\nbefore its update" + suffix)
     fig.suptitle(title or "PRIME vs outcome-only RLOO (same seeds, same budget)")
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(png)), exist_ok=True)
