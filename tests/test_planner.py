@@ -118,7 +118,6 @@ def _activation_check(dtype, tp, sp, sequences=2, seq_len=128):
     from megatron_prime.planner.activations import (
         MicroBatch,
         layer_activation_bytes,
-        logits_bytes,
         model_activation_bytes,
     )
     from megatron_prime.platform import distributed
@@ -155,9 +154,7 @@ def _activation_check(dtype, tp, sp, sequences=2, seq_len=128):
     one_layer = layer_activation_bytes(arch, mb, dtype=dtype, tp=tp, sequence_parallel=sp, spec="local")
     return {"case": (dtype, tp, sp), "saved": sum(saved.values()), "planned": planned, "peak": peak,
             "one_layer": one_layer,
-            "logits": logits.numel() * logits.element_size(),
-            "planned_logits_forward": logits_bytes(arch, mb.tokens, dtype=dtype, tp=tp, vocab_pad_multiple=128,
-                                                   training=False)}
+            "logits": logits.numel() * logits.element_size()}
 
 
 @pytest.fixture(scope="module")
@@ -189,8 +186,6 @@ def test_activation_estimate_against_measured_cpu_memory(measured):
         # op running at the peak: never less, and at most one layer's activations more.
         planned_peak = r["planned"] + r["logits"]
         assert planned_peak <= r["peak"] <= planned_peak + r["one_layer"], r
-        # the log-prob pass's estimate bounds the bare logits
-        assert r["planned_logits_forward"] >= r["logits"]
 
 
 # --- the verdicts for the example configs (no process group: arithmetic on the shipped shapes)

@@ -41,7 +41,10 @@ Logits of the log-prob passes (last stage; counted from ``training/passes.py`` a
 forward only, the output layer's logits and their gathered response positions (≤ T rows), plus
 three float32 chunk temporaries: ``2·B·T·V' + 12·c·V'``; training adds the gradient of the
 gathered logits and of the full logits: ``3·B·T·V' + 12·c·V'`` (the forward's full logits are
-freed by then).
+freed by then). This counts the pass as it was before the output layer was computed in chunks of
+response positions (``vocab_parallel.output_layer_logprobs``), which never holds the full logits:
+for the logits it is an upper bound (2-3x the CPU-measured peak of the chunked pass on a small
+model), not an exact count like the figures above.
 """
 
 from __future__ import annotations
