@@ -131,8 +131,9 @@ def score_parser() -> argparse.ArgumentParser:
         prog="megatron-prime score",
         description="Best-of-N with the implicit PRM (paper Eq. 3: beta * sum_t log pi_prm/pi_ref) against "
                     "majority vote, random choice and the oracle.")
-    p.add_argument("--prm", required=True, help="the implicit PRM's Hugging Face dir (the trainer's export_dir/prm)")
-    p.add_argument("--ref", required=True, help="the reference model's Hugging Face dir (the starting SFT model)")
+    p.add_argument("--prm", required=True, help="the implicit PRM: HF dir (the trainer's export_dir/prm) or a Megatron "
+                   "checkpoint (a trainer step's prm/)")
+    p.add_argument("--ref", required=True, help="the reference model, HF or Megatron (the starting SFT model)")
     p.add_argument("--data", required=True, help="prompt file in the training format")
     p.add_argument("--benchmark", help="read --data in this evaluation set's format instead (e.g. math500)")
     p.add_argument("--samples", type=int, required=True, help="responses per prompt (the largest N)")
@@ -171,8 +172,12 @@ def score(argv) -> int:
 
         if args.samples < 1:
             raise ReportError(f"--samples must be >= 1, got {args.samples}")
-        from megatron_prime.reports.engines import is_hf_checkpoint
+        from megatron_prime.reports.engines import hf_checkpoint, is_hf_checkpoint
 
+        out = args.out or bon.default_out(args.data)
+        cache_dir = os.path.dirname(os.path.abspath(out))
+        # A Megatron checkpoint (e.g. a trainer step's prm/) is converted to HF beside the results.
+        args.prm, args.ref = hf_checkpoint(args.prm, cache_dir), hf_checkpoint(args.ref, cache_dir)
         models = {"--prm": args.prm, "--ref": args.ref}
         if args.policy and is_hf_checkpoint(args.policy):  # a Megatron policy is converted later
             models["--policy"] = args.policy
@@ -181,11 +186,10 @@ def score(argv) -> int:
             raise ReportError(f"the models do not share a vocabulary: vocab_size {sizes}")
         all_rows = load_eval_set(args.benchmark, args.data) if args.benchmark else load_prompt_dataset(args.data)
         rows = all_rows[:args.limit] if args.limit else all_rows
-        out = args.out or bon.default_out(args.data)
         if args.policy:
             scored = bon.responses_from_policy(args.policy, rows, args.samples, temperature=args.temperature,
                                                max_new_tokens=args.max_new_tokens, max_prompt_len=args.max_prompt_len,
-                                               seed=args.seed, cache_dir=os.path.dirname(os.path.abspath(out)))
+                                               seed=args.seed, cache_dir=cache_dir)
         else:
             tokenizer = AutoTokenizer.from_pretrained(args.ref)
             scored = bon.responses_from_file(args.responses, rows, tokenizer, args.samples, args.max_prompt_len,
