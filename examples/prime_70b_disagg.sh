@@ -47,6 +47,7 @@ PYTHON=${PYTHON:-python}
 DRY_RUN=0
 if [ "${1:-}" = "--dry-run" ]; then DRY_RUN=1; shift; fi
 cd "${SLURM_SUBMIT_DIR:-$(dirname "$0")/..}"
+source examples/slurm_job.sh
 NODES=${SLURM_JOB_NUM_NODES:-$(sed -n 's/^#SBATCH --nodes=\([0-9]*\).*/\1/p' "$0" | head -n1)}
 ROLLOUT_NODES=$((NODES - TRAIN_NODES))
 if [ "$ROLLOUT_NODES" -lt 1 ]; then
@@ -134,19 +135,5 @@ wait_healthy() {  # URL
 for url in "${URLS[@]}"; do wait_healthy "$url"; done
 wait_healthy "$ROUTER_URL"
 
-# 3. Training, with USR1/TERM forwarded to its ranks (srun passes signals on to its tasks).
-STOP=""
-forward() { STOP=$1; echo "$(date): got SIG$1, asking every rank to stop at the next step boundary"; kill -"$1" "$SRUN_PID" 2>/dev/null || true; }
-"${TRAIN_SRUN[@]}" "${TRAIN[@]}" &
-SRUN_PID=$!
-trap 'forward USR1' USR1
-trap 'forward TERM' TERM
-while true; do
-    set +e; wait "$SRUN_PID"; rc=$?; set -e
-    kill -0 "$SRUN_PID" 2>/dev/null || break
-done
-if [ "$rc" = 0 ] && [ "$STOP" = USR1 ]; then
-    echo "$(date): stopped cleanly before the time limit with a checkpoint; requeueing $SLURM_JOB_ID"
-    scontrol requeue "$SLURM_JOB_ID"
-fi
-exit "$rc"
+# 3. Training, with USR1/TERM forwarded to its ranks, and the requeue chain.
+run_forwarding_signals "${TRAIN_SRUN[@]}" "${TRAIN[@]}"

@@ -15,6 +15,7 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPTS = ["examples/prime_7b.sh", "examples/prime_70b.sh", "examples/prime_70b_disagg.sh"]
+SHARED = "examples/slurm_job.sh"  # sourced by each of them
 
 
 def _run(script, *args, env=None, timeout=300):
@@ -29,6 +30,9 @@ def test_headers_work_as_written(script):
     text = open(os.path.join(ROOT, script)).read()
     assert subprocess.run(["bash", "-n", script], cwd=ROOT).returncode == 0
     headers = dict(re.findall(r"^#SBATCH --([\w-]+)(?:=(\S+))?", text, flags=re.M))
+    # The signal forwarding and the requeue live in the file every script sources.
+    assert "source examples/slurm_job.sh" in text
+    text += open(os.path.join(ROOT, SHARED)).read()
     assert headers["signal"] == "B:USR1@600" and "requeue" in headers
     assert "/" not in headers["output"], "Slurm does not create --output directories"
     assert headers["ntasks-per-node"] == headers["gpus-per-node"]  # one rank per GPU
