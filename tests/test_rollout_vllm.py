@@ -24,6 +24,7 @@ import pytest
 import torch
 
 from tests.dist_utils import run_distributed
+from tests.megatron_reference import megatron_greedy, megatron_logprobs
 
 pytest.importorskip("vllm", reason="vLLM is not installed (scripts/setup.sh installs its CPU build)")
 
@@ -33,40 +34,10 @@ SAMPLES = 3
 TEMPERATURE = 0.7
 
 
-def _megatron_logprobs(model, vocab, seqs, temperature=1.0):
-    """log_softmax(logits / T) of each token of ``seqs`` given its prefix (positions 1..)."""
-    from megatron_prime.models.forward import full_logits
-
-    width = max(len(s) for s in seqs)
-    ids = torch.zeros(len(seqs), width, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, s in enumerate(seqs):
-        ids[i, : len(s)] = torch.tensor(s)
-        mask[i, : len(s)] = 1
-    logprobs = torch.log_softmax(full_logits(model, ids, mask, vocab) / temperature, dim=-1)
-    return [[logprobs[i, t - 1, s[t]].item() for t in range(1, len(s))] for i, s in enumerate(seqs)]
-
-
 def _megatron_greedy(model, vocab, prompts, new_tokens, eos):
-    """Greedy decoding with full recompute, each row cut after its first eos."""
-    from megatron_prime.models.forward import full_logits
-
-    seqs = [list(p) for p in prompts]
-    for _ in range(new_tokens):
-        width = max(len(s) for s in seqs)
-        ids = torch.zeros(len(seqs), width, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for i, s in enumerate(seqs):
-            ids[i, : len(s)] = torch.tensor(s)
-            mask[i, : len(s)] = 1
-        logits = full_logits(model, ids, mask, vocab)
-        for i, s in enumerate(seqs):
-            s.append(int(logits[i, len(s) - 1].argmax()))
-    out = []
-    for s, p in zip(seqs, prompts):
-        new = s[len(p):]
-        out.append(new[: new.index(eos) + 1] if eos in new else new)
-    return out
+    """Megatron's greedy tokens, each row cut after its first eos."""
+    out, _ = megatron_greedy(model, vocab, prompts, new_tokens)
+    return [new[: new.index(eos) + 1] if eos in new else new for new in out]
 
 
 def _max_diff(a: list[list[float]], b: list[list[float]]) -> float:
@@ -105,7 +76,7 @@ def _checks(rank, world_size, fixture, policy_dirs):
     for (tp, pp), hf_dir in zip([(2, 1), (1, 2)], policy_dirs):
         distributed.init_model_parallel(tp=tp, pp=pp)
         model, arch = build_from_hf(hf_dir)
-        r = {"megatron": _megatron_logprobs(model, arch.vocab_size, PROMPTS)}
+        r = {"megatron": megatron_logprobs(model, arch.vocab_size, PROMPTS)}
         r["before_sync"] = _max_diff(engine.prompt_logprobs(PROMPTS), r["megatron"])
         engine.sleep(), engine.wake(["weights"])  # what the fleet does around a sync (no-ops on CPU)
         engine.update_weights(iter_hf_tensors(model, arch, bucket_bytes=40_000, to_all_ranks=True))
@@ -117,7 +88,7 @@ def _checks(rank, world_size, fixture, policy_dirs):
         # Greedy log-probs follow the convention with T = 1.
         r["greedy_logprob_diff"] = _max_diff(
             [g.logprobs for g in greedy],
-            [lp[len(p) - 1:] for lp, p in zip(_megatron_logprobs(model, arch.vocab_size, [p + g.token_ids for p, g in
+            [lp[len(p) - 1:] for lp, p in zip(megatron_logprobs(model, arch.vocab_size, [p + g.token_ids for p, g in
                                                                                              zip(PROMPTS, greedy)]),
                                               PROMPTS)])
         results[(tp, pp)] = r
@@ -137,7 +108,7 @@ def _checks(rank, world_size, fixture, policy_dirs):
     out["finish"] = [(r.finish_reason, r.token_ids) for r in first]
     out["stop"] = stop + (eos,)
     seqs = [PROMPTS[r.prompt_index] + r.token_ids for r in first]
-    megatron = _megatron_logprobs(model, arch.vocab_size, seqs, TEMPERATURE)
+    megatron = megatron_logprobs(model, arch.vocab_size, seqs, TEMPERATURE)
     out["sampled_logprob_diff"] = _max_diff([r.logprobs for r in first],
                                             [m[len(PROMPTS[r.prompt_index]) - 1:] for m, r in zip(megatron, first)])
 

@@ -22,6 +22,7 @@ import torch
 
 from tests.dist_utils import run_distributed
 from tests.hf_models import FAMILIES, VOCAB, make_tiny_hf
+from tests.megatron_reference import megatron_greedy
 from tests.trainer_fixtures import make_trainer_fixture, overrides, register_test_verifier
 
 SYNC_FAMILIES = ["qwen3", "llama"]  # tied and untied embeddings
@@ -30,28 +31,6 @@ TRAIN_LAYOUTS = [(2, 1), (1, 2)]
 PROMPT_LENS = [5, 11, 19]  # past llama3's 16-token original context after generation
 NEW_TOKENS = 6
 BUCKET_BYTES = 40_000  # several buckets per sync, so bucket boundaries are crossed
-
-
-def _megatron_greedy(model, vocab, prompts, new_tokens):
-    """Greedy decoding with full recompute: right-padded batch, next token from each row's last
-    valid position. Returns the new tokens and the smallest top-1 / top-2 logit gap seen."""
-    from megatron_prime.models.forward import full_logits
-
-    seqs = [list(p) for p in prompts]
-    min_gap = float("inf")
-    for _ in range(new_tokens):
-        width = max(len(s) for s in seqs)
-        ids = torch.zeros(len(seqs), width, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for i, s in enumerate(seqs):
-            ids[i, : len(s)] = torch.tensor(s)
-            mask[i, : len(s)] = 1
-        logits = full_logits(model, ids, mask, vocab)
-        for i, s in enumerate(seqs):
-            top2 = logits[i, len(s) - 1].topk(2).values
-            min_gap = min(min_gap, (top2[0] - top2[1]).item())
-            s.append(int(logits[i, len(s) - 1].argmax()))
-    return [s[len(p):] for s, p in zip(seqs, prompts)], min_gap
 
 
 def _engine_params(engine) -> dict[str, torch.Tensor]:
@@ -85,7 +64,7 @@ def _sync_checks(rank, hf_dirs, stale_dirs):
             distributed.init_model_parallel(tp=tp, pp=pp)
             model, arch = build_from_hf(hf_dirs[family])
             meg_logits = full_logits(model, ids, vocab_size=arch.vocab_size)
-            meg_greedy, min_gap = _megatron_greedy(model, arch.vocab_size, prompts, NEW_TOKENS)
+            meg_greedy, min_gap = megatron_greedy(model, arch.vocab_size, prompts, NEW_TOKENS)
 
             r = {"min_greedy_gap": min_gap, "mean_abs_logit": meg_logits.abs().mean().item()}
             engine = None
