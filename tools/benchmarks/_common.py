@@ -148,6 +148,22 @@ class PeakRSS:
         return self.peak - self.start
 
 
+def measure_on_every_rank(fn, interval_s: float, trim_first: bool = True) -> tuple[float, int]:
+    """Run ``fn`` on every rank between barriers; return (seconds, peak extra RSS) of this rank.
+    ``trim_first``: return freed heap memory to the OS first, for a clean RSS baseline."""
+    import torch.distributed as dist
+
+    if trim_first:
+        trim()
+    dist.barrier()
+    with PeakRSS(interval_s) as peak:
+        start = time.perf_counter()
+        fn()
+        seconds = time.perf_counter() - start
+    dist.barrier()
+    return seconds, peak.extra
+
+
 def trim() -> None:
     import ctypes
     import gc

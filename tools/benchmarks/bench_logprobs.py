@@ -23,13 +23,12 @@ import os
 import socket
 import statistics
 import sys
-import time
 
 import torch
 import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import PeakRSS, print_table, quiet, trim  # noqa: E402
+from _common import measure_on_every_rank, print_table, quiet  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -65,18 +64,6 @@ def make_batch(args, seed: int = 0):
                                 truncated=[False] * args.rows, group_size=1)
     batch.extras["advantages"] = torch.randn(batch.response_mask.shape, generator=g) * batch.response_mask
     return batch
-
-
-def measure(fn, interval_s: float) -> tuple[float, int]:
-    """Run ``fn`` on every rank between barriers; (seconds, peak extra RSS of this rank)."""
-    trim()
-    dist.barrier()
-    with PeakRSS(interval_s) as peak:
-        start = time.perf_counter()
-        fn()
-        seconds = time.perf_counter() - start
-    dist.barrier()
-    return seconds, peak.extra
 
 
 def run(args: argparse.Namespace, tp: int) -> list | None:
@@ -127,7 +114,7 @@ def run(args: argparse.Namespace, tp: int) -> list | None:
     rows = []
     for name, fn in (("log-prob pass (forward)", logprob_pass), ("policy-loss pass (fwd+bwd)", policy_pass)):
         fn()  # warm-up: lazy buffers, allocator
-        results = [measure(fn, args.interval_ms / 1e3) for _ in range(args.repeats)]
+        results = [measure_on_every_rank(fn, args.interval_ms / 1e3) for _ in range(args.repeats)]
         seconds = statistics.median(s for s, _ in results)
         peak = max(p for _, p in results)
         rows.append((name, seconds, peak))

@@ -42,21 +42,19 @@ import socket
 import statistics
 import sys
 import tempfile
-import time
 
 import torch
 import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import (  # noqa: E402
-    PeakRSS,
     add_model_args,
     count_params,
     fmt_bytes,
     make_qwen2_checkpoint,
+    measure_on_every_rank,
     print_table,
     quiet,
-    trim,
 )
 
 TP = 2
@@ -78,19 +76,6 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 # ---- the measurements (every rank runs the same sequence; only rank 0 times) ------------------
-
-def measure(fn, interval_s: float, trim_first: bool) -> tuple[float, int]:
-    """Run ``fn`` on every rank between barriers; return (seconds, peak extra RSS) of this rank.
-    ``trim_first``: return freed heap memory to the OS first, for a clean RSS baseline."""
-    if trim_first:
-        trim()
-    dist.barrier()
-    with PeakRSS(interval_s) as peak:
-        start = time.perf_counter()
-        fn()
-        seconds = time.perf_counter() - start
-    dist.barrier()
-    return seconds, peak.extra
 
 
 def run(args: argparse.Namespace) -> None:
@@ -204,14 +189,14 @@ def run(args: argparse.Namespace) -> None:
             if rank == 0:
                 print(f"{label}: warm-up round ...", flush=True)
             for _, _, fn in cases:  # first touches of every page, lazy init
-                measure(fn, interval, trim_first)
+                measure_on_every_rank(fn, interval, trim_first)
             results: dict[str, list[tuple[float, int]]] = {name: [] for name, _, _ in cases}
             for r in range(args.repeats):
                 if rank == 0:
                     print(f"{label}: round {r + 1}/{args.repeats} ...", flush=True)
                 order = cases if r % 2 == 0 else cases[::-1]  # alternate order against drift
                 for name, _, fn in order:
-                    results[name].append(measure(fn, interval, trim_first))
+                    results[name].append(measure_on_every_rank(fn, interval, trim_first))
             return results
 
         default_alloc = rounds("glibc default allocator", trim_first=False)
