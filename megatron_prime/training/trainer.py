@@ -87,14 +87,20 @@ def load_initial_weights(target, path: str, arch, cfg: Config) -> None:
         target.optimizer.reload_model_params()
 
 
-def load_prompts(cfg: Config, tokenizer, render) -> PromptSampler:
-    """The training prompts, validated, with those longer than ``data.max_prompt_len`` dropped and
-    counted once here (found at generation time they would stop the run, and again on resume)."""
-    rows = [row for path in cfg.data.train_files for row in load_prompt_dataset(path)]
+def fitting_prompts(files: list[str], what: str, cfg: Config, tokenizer, render) -> list:
+    """The prompts of ``files``, validated, with those longer than ``data.max_prompt_len`` dropped
+    and counted once here (found at generation time they would stop the run, and again on resume)."""
+    rows = [row for path in files for row in load_prompt_dataset(path)]
     kept, overlong = split_overlong_prompts(rows, tokenizer, cfg.data.max_prompt_len, render)
     if overlong:
-        print(describe_dropped("prompts", overlong, len(rows), f"data.max_prompt_len={cfg.data.max_prompt_len}"),
+        print(describe_dropped(what, overlong, len(rows), f"data.max_prompt_len={cfg.data.max_prompt_len}"),
               flush=True)
+    return kept
+
+
+def load_prompts(cfg: Config, tokenizer, render) -> PromptSampler:
+    """The training prompts that fit (``fitting_prompts``), in a sampler."""
+    kept = fitting_prompts(cfg.data.train_files, "prompts", cfg, tokenizer, render)
     if not kept:
         raise DatasetError([f"{', '.join(cfg.data.train_files)}: every prompt is longer than "
                             f"data.max_prompt_len={cfg.data.max_prompt_len} tokens"])
@@ -161,11 +167,7 @@ def train(cfg: Config) -> dict:
     from megatron_prime.metrics import MetricsLogger
 
     def load_eval_rows():
-        rows = [row for path in cfg.data.eval_files for row in load_prompt_dataset(path)]
-        rows, overlong = split_overlong_prompts(rows, ctx.tokenizer, cfg.data.max_prompt_len, ctx.render)
-        if overlong:
-            print(describe_dropped("eval prompts", overlong, len(rows) + len(overlong),
-                                   f"data.max_prompt_len={cfg.data.max_prompt_len}"), flush=True)
+        rows = fitting_prompts(cfg.data.eval_files, "eval prompts", cfg, ctx.tokenizer, ctx.render)
         return rows[: cfg.train.eval_limit] if cfg.train.eval_limit else rows
 
     # Every engine evaluates a shard, so every rank holds the rows.
