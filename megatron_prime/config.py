@@ -134,6 +134,12 @@ class TrainConfig:
     exit_after_minutes: float = 0.0  # checkpoint and exit 0 at the first step boundary after this (0: off)
     seed: int = 1234
 
+    @property
+    def prm_responses_per_update(self) -> int:
+        """Responses per implicit-PRM optimizer step: ``prm_mini_batch_responses``, 0 meaning the
+        policy's mini-batch (as veRL's PRIME recipe)."""
+        return self.prm_mini_batch_responses or self.mini_batch_responses
+
 
 @dataclass
 class SFTConfig:
@@ -401,7 +407,7 @@ def validate(cfg: Config, world_size: int | None = None, *, model_shape: ModelSh
     _check(t.mini_batch_responses >= 1 and (t.prompts_per_step * r.n) % t.mini_batch_responses == 0,
            "train.mini_batch_responses", t.mini_batch_responses,
            f"must divide prompts_per_step * rollout.n = {t.prompts_per_step * r.n}")
-    prm_mb = t.prm_mini_batch_responses or t.mini_batch_responses
+    prm_mb = t.prm_responses_per_update
     _check(t.prm_mini_batch_responses >= 0 and (t.prompts_per_step * r.n) % prm_mb == 0,
            "train.prm_mini_batch_responses", t.prm_mini_batch_responses,
            f"must be 0 (the policy's mini-batch) or divide prompts_per_step * rollout.n = {t.prompts_per_step * r.n}")

@@ -135,12 +135,9 @@ def plan_layout(cfg: Config, arch: HFArch, layout: Layout, *, gpu_mem_gib: float
     gpu_mem = int(gpu_mem_gib * GIB)
     reserve = int(RESERVE_GIB * GIB)
     mb = _micro_batch(cfg, layout.micro_batch_tokens)
-    # Micro-batches of one optimizer step per DP rank. The PRM steps every
-    # train.prm_mini_batch_responses responses, 0 meaning the policy's mini-batch (as
-    # training/prime_step.prm_mini_batch_responses; not imported here, it brings in torch).
-    prm_mini_batch = cfg.train.prm_mini_batch_responses or cfg.train.mini_batch_responses
+    # Micro-batches of one optimizer step per DP rank.
     micro_batches = {"policy": math.ceil(cfg.train.mini_batch_responses // dp / mb.sequences),
-                     "prm": math.ceil(prm_mini_batch // dp / mb.sequences)}
+                     "prm": math.ceil(cfg.train.prm_responses_per_update // dp / mb.sequences)}
     half = DTYPE_BYTES[dtype] < 4
     offload = cfg.train.offload
     engine = _engine_memory(cfg, arch, gpu_mem, layout.gpus)

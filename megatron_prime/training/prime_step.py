@@ -191,7 +191,7 @@ def update_prm(ctx: PrimeContext, local: RolloutBatch, pass_args: dict):
     row from the forward that computed its loss (before the update on it) and the metrics."""
     cfg = ctx.cfg
     prm = ctx.prm
-    per_rank = prm_mini_batch_responses(cfg) // dp_rank_and_size()[1]
+    per_rank = cfg.train.prm_responses_per_update // dp_rank_and_size()[1]
 
     def loss_fn(mb: RolloutBatch, logprobs, _entropy):
         loss, m = prm_loss(logprobs, mb.extras["ref_logprobs"], mb.response_mask, mb.outcome, cfg.algorithm.beta,
@@ -211,11 +211,6 @@ def update_prm(ctx: PrimeContext, local: RolloutBatch, pass_args: dict):
     metrics = metric_means(reduce_metric_pairs(pairs))
     metrics.update(_optimizer_metrics("prm", steps))
     return gather_dp_rows(logprobs), metrics
-
-
-def prm_mini_batch_responses(cfg: Config) -> int:
-    """Responses per PRM optimizer step; 0 means the policy's mini-batch (as veRL's PRIME recipe)."""
-    return cfg.train.prm_mini_batch_responses or cfg.train.mini_batch_responses
 
 
 def _optimizer_metrics(prefix: str, steps: list[dict]) -> dict[str, float]:

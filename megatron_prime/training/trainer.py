@@ -25,7 +25,7 @@ from megatron_prime.training import checkpoint
 from megatron_prime.training.evaluate import fleet_greedy_accuracy
 from megatron_prime.training.models import TrainableModel, build_frozen, build_trainable
 from megatron_prime.training.preemption import StopRequest
-from megatron_prime.training.prime_step import PrimeContext, prime_step, prm_mini_batch_responses
+from megatron_prime.training.prime_step import PrimeContext, prime_step
 from megatron_prime.training.rollout_fleet import build_fleet
 from megatron_prime.training.validation import validate_run
 
@@ -123,7 +123,7 @@ def build_context(cfg: Config, sources: WeightSources | None = None) -> PrimeCon
     loaded = {"policy": sources.policy}
     prm = reference = None
     if uses_prm:
-        prm_updates = cfg.train.prompts_per_step * cfg.rollout.n // prm_mini_batch_responses(cfg)
+        prm_updates = cfg.train.prompts_per_step * cfg.rollout.n // cfg.train.prm_responses_per_update
         prm = build_trainable(arch, opts, cfg.optim.prm, total_steps=cfg.train.steps * prm_updates,
                               distributed_optimizer=cfg.parallel.distributed_optimizer)
         load_initial_weights(prm, sources.prm, arch, cfg)
