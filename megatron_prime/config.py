@@ -98,6 +98,7 @@ class AlgorithmConfig:
     entropy_coef: float = 0.0
     tis_cap: Optional[float] = None  # truncated importance sampling vs rollout log-probs
     ppo_epochs: int = 1
+    compile_kernels: bool = False  # fuse Eq. 3/5 and the losses' elementwise kernels with torch.compile
 
 
 @dataclass

@@ -1,6 +1,7 @@
 """Checkpoints and exact resume: a run stopped after step k and resumed gives the same step k+1
 metrics as the uninterrupted run; a run killed with SIGKILL mid-step resumes from the last
-complete checkpoint; a corrupt newest checkpoint is skipped for the previous one."""
+complete checkpoint; a corrupt newest checkpoint is skipped for the previous one, and a run whose
+checkpoints all fail to load stops instead of starting over."""
 
 from __future__ import annotations
 
@@ -94,18 +95,37 @@ def buffered_prompts(checkpoint_dir: str) -> int:
     return len(torch.load(os.path.join(checkpoint_dir, "trainer_state.pt"), weights_only=False)["buffer"]["prompts"])
 
 
-# fp32 with the paper's filter band: surplus prompts cross the checkpoint in the buffer. bf16: the
-# optimizer's fp32 main params resume too.
-@pytest.mark.parametrize("dtype,band", [("fp32", ("0.2", "0.8")), ("bf16", ("0.0", "1.0"))])
-def test_stop_and_resume_matches_uninterrupted(fixture, tmp_path, dtype, band):
-    full, part = str(tmp_path / "full"), str(tmp_path / "part")
-    common = ["checkpoint.interval=1", "checkpoint.export_hf=false", f"model.dtype={dtype}", "optim.policy.lr=1e-4",
-              f"algorithm.filter_low={band[0]}", f"algorithm.filter_high={band[1]}"]
-    run(overrides(fixture, full, "train.steps=3", *common))
+def resume_settings(dtype: str, band: tuple[str, str]) -> list[str]:
+    return ["checkpoint.interval=1", "checkpoint.export_hf=false", f"model.dtype={dtype}", "optim.policy.lr=1e-4",
+            f"algorithm.filter_low={band[0]}", f"algorithm.filter_high={band[1]}"]
+
+
+FP32 = ("fp32", ("0.2", "0.8"))  # the paper's filter band: surplus prompts cross checkpoints in the buffer
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_fp32(fixture, tmp_path_factory) -> dict[int, dict]:
+    """The reference: three fp32 steps without a stop, shared by the stop and the SIGKILL tests."""
+    run_dir = str(tmp_path_factory.mktemp("uninterrupted"))
+    run(overrides(fixture, run_dir, "train.steps=3", *resume_settings(*FP32)))
+    return scalars(run_dir)
+
+
+# bf16: the optimizer's fp32 main params resume too.
+@pytest.mark.parametrize("dtype,band", [FP32, ("bf16", ("0.0", "1.0"))])
+def test_stop_and_resume_matches_uninterrupted(fixture, tmp_path, dtype, band, request):
+    part = str(tmp_path / "part")
+    common = resume_settings(dtype, band)
+    if dtype == "fp32":
+        a = request.getfixturevalue("uninterrupted_fp32")
+    else:
+        full = str(tmp_path / "full")
+        run(overrides(fixture, full, "train.steps=3", *common))
+        a = scalars(full)
     run(overrides(fixture, part, "train.steps=2", "checkpoint.keep_last=2", *common))
     out = run(overrides(fixture, part, "train.steps=3", "checkpoint.keep_last=2", *common))
     assert "resumed from step 1" in out
-    a, b = scalars(full), scalars(part)
+    b = scalars(part)
     for step in (1, 2, 3):
         assert_same_step(a[step], b[step])
     assert sorted(os.listdir(os.path.join(part, "ckpt"))) == ["step_00000001", "step_00000002"]  # keep_last=2
@@ -117,10 +137,9 @@ def test_stop_and_resume_matches_uninterrupted(fixture, tmp_path, dtype, band):
         assert_engine_agrees(b)
 
 
-def test_sigkill_mid_step_resumes_from_last_complete_checkpoint(fixture, tmp_path):
+def test_sigkill_mid_step_resumes_from_last_complete_checkpoint(fixture, tmp_path, uninterrupted_fp32):
     run_dir = str(tmp_path / "killed")
-    args = overrides(fixture, run_dir, "train.steps=4", "checkpoint.interval=1", "checkpoint.keep_last=5",
-                     "checkpoint.export_hf=false")
+    args = overrides(fixture, run_dir, "train.steps=3", "checkpoint.keep_last=5", *resume_settings(*FP32))
     proc = start(args, start_new_session=True)
     first = os.path.join(run_dir, "ckpt", "step_00000000")
     deadline = time.time() + 300
@@ -134,21 +153,25 @@ def test_sigkill_mid_step_resumes_from_last_complete_checkpoint(fixture, tmp_pat
     last = int(complete[-1].split("_")[1])
     assert f"resumed from step {last}" in out
     final = scalars(run_dir)
-    assert set(range(1, 5)) <= set(final)
-
-    # The uninterrupted run gives the same final step.
-    ref_dir = str(tmp_path / "reference")
-    run(overrides(fixture, ref_dir, "train.steps=4", "checkpoint.interval=10", "checkpoint.export_hf=false"))
-    assert_same_step(final[4], scalars(ref_dir)[4])
+    assert set(range(1, 4)) <= set(final)
+    assert_same_step(final[3], uninterrupted_fp32[3])  # the uninterrupted run's final step
 
 
-def test_corrupt_newest_checkpoint_falls_back_to_previous(fixture, tmp_path):
+def test_corrupt_checkpoints_fall_back_to_the_previous_one_and_stop_when_none_loads(fixture, tmp_path):
     run_dir = str(tmp_path / "corrupt")
-    run(overrides(fixture, run_dir, "train.steps=2", "checkpoint.interval=1", "checkpoint.export_hf=false"))
+    settings = ("checkpoint.interval=1", "checkpoint.export_hf=false")
+    run(overrides(fixture, run_dir, "train.steps=2", *settings))
     truncate_tensors(os.path.join(run_dir, "ckpt", "step_00000001"))
-    out = run(overrides(fixture, run_dir, "train.steps=3", "checkpoint.interval=1", "checkpoint.export_hf=false"))
+    out = run(overrides(fixture, run_dir, "train.steps=3", *settings))
     assert "step_00000001 could not be loaded" in out
     assert "resumed from step 0" in out
+
+    steps = sorted(n for n in os.listdir(os.path.join(run_dir, "ckpt")) if n.startswith("step_"))
+    for name in steps:
+        truncate_tensors(os.path.join(run_dir, "ckpt", name))
+    out = run_failing(overrides(fixture, run_dir, "train.steps=4", *settings))
+    assert f"no checkpoint could be loaded: {steps[-1]} (" in out, out[-3000:]
+    assert all(f"{name} (" in out for name in steps), out[-3000:]
 
 
 def torchrun(script, args: list[str], **kwargs) -> subprocess.Popen:
@@ -259,11 +282,3 @@ def test_torchrun_preemption_and_resume_at_another_layout(fixture, tmp_path):
     out = run(overrides(fixture, str(tmp_path / "tp1"), f"model.mcore_path={ckpt}/policy"),
               launcher=("-c", LAYOUT_CHECK.format(root=ROOT, sft=fixture["hf"], ckpt=ckpt)))
     assert "LAYOUT CHECK OK" in out
-
-
-def test_unloadable_checkpoints_stop_the_run(fixture, tmp_path):
-    run_dir = str(tmp_path / "all_corrupt")
-    run(overrides(fixture, run_dir, "train.steps=1", "checkpoint.interval=1", "checkpoint.export_hf=false"))
-    truncate_tensors(os.path.join(run_dir, "ckpt", "step_00000000"))
-    out = run_failing(overrides(fixture, run_dir, "train.steps=2", "checkpoint.interval=1", "checkpoint.export_hf=false"))
-    assert "no checkpoint could be loaded: step_00000000" in out, out[-3000:]

@@ -19,6 +19,7 @@ from megatron_prime.algorithm.advantages import (
     rloo_advantages,
 )
 from megatron_prime.algorithm.filtering import PromptBuffer, filter_groups
+from megatron_prime.algorithm.fusion import set_kernel_fusion
 from megatron_prime.algorithm.masked_ops import discounted_reverse_cumsum, leave_one_out_mean, masked_whiten
 from megatron_prime.algorithm.metrics import accumulate_metrics, metric, metric_means
 from megatron_prime.algorithm.policy_loss import KL_ESTIMATORS, kl_penalty, policy_loss
@@ -50,4 +51,5 @@ __all__ = [
     "reinforce_pp_advantages",
     "reinforce_returns",
     "rloo_advantages",
+    "set_kernel_fusion",
 ]

@@ -34,6 +34,7 @@ from typing import Callable
 
 import torch
 
+from megatron_prime.algorithm.fusion import fused
 from megatron_prime.algorithm.masked_ops import (
     as_bool_mask,
     check_groups,
@@ -92,17 +93,51 @@ def _rloo_token_rewards(
     rewards: torch.Tensor, valid: torch.Tensor, group_size: int, k_scaled: bool
 ) -> torch.Tensor:
     """Token rewards minus the leave-one-out mean of the other responses' per-token means
-    (Eq. 5's bracket), or the official code's K/(K-1) form when ``k_scaled``. ``rewards`` must
-    be zero on padding and are overwritten (the result, zero on padding, reuses them)."""
-    lengths = valid.sum(dim=-1, dtype=torch.int32).clamp(min=1)
+    (Eq. 5's bracket), or the official code's K/(K-1) form when ``k_scaled``; zero on padding."""
+    scale, baseline = _rloo_token_baseline(rewards, valid, group_size, k_scaled)
+    return _shifted_rewards(rewards, valid, scale, baseline)
+
+
+def _rloo_token_baseline(
+    rewards: torch.Tensor, valid: torch.Tensor, group_size: int, k_scaled: bool
+) -> tuple[float, torch.Tensor]:
+    """(scale, baseline [B]) such that Eq. 5's shaped token reward is scale * r_t - baseline_i."""
     # r_phi(y^j) / |y^j|, accumulated in float64 (see masked_mean_var for why)
-    mean_reward = (rewards.sum(dim=-1, dtype=torch.float64) / lengths).to(rewards.dtype)
+    mean_reward = _masked_row_mean(rewards, valid)
     baseline = leave_one_out_mean(mean_reward, group_size)
     if k_scaled and group_size > 1:
         # r - baseline + (r - mean) / (K - 1) = r * K/(K-1) - (baseline + mean / (K-1))
-        rewards.mul_(group_size / (group_size - 1))
-        baseline = baseline + mean_reward / (group_size - 1)
-    return zero_invalid_(rewards.sub_(baseline[:, None]), valid)
+        return group_size / (group_size - 1), baseline + mean_reward / (group_size - 1)
+    return 1.0, baseline
+
+
+@fused
+def _masked_row_mean(values: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    lengths = valid.sum(dim=-1, dtype=torch.int32).clamp(min=1)
+    return (zero_invalid(values, valid).sum(dim=-1, dtype=torch.float64) / lengths).to(values.dtype)
+
+
+def _shift(rewards: torch.Tensor, valid: torch.Tensor, scale: float, baseline: torch.Tensor) -> torch.Tensor:
+    return zero_invalid(rewards * scale - baseline[:, None], valid)
+
+
+_shifted_rewards = fused(_shift)
+
+
+@fused
+def _undiscounted_rloo_advantages(
+    rewards: torch.Tensor,
+    valid: torch.Tensor,
+    scale: float,
+    baseline: torch.Tensor,
+    process_coef: float,
+    outcome_column: torch.Tensor,
+) -> torch.Tensor:
+    """process_coef * sum_{s >= t} (scale * r_s - baseline) + outcome_column, zero on padding
+    (Eq. 5 at gamma = 1). One kernel, so that when fused the flips and the masking join the
+    elementwise passes around the one cumsum."""
+    returns = _shift(rewards, valid, scale, baseline).flip(-1).cumsum_(-1).flip(-1)
+    return zero_invalid(returns * process_coef + outcome_column, valid)
 
 
 def prime_rloo_advantages(
@@ -150,13 +185,16 @@ def prime_rloo_advantages(
 
     outcome_term = outcome.to(dtype) - leave_one_out_mean(outcome.to(dtype), group_size)
 
-    process_return = None
-    if _uses_process(token_rewards, process_coef):
-        rewards = zero_invalid(token_rewards.to(dtype), valid)
+    if not _uses_process(token_rewards, process_coef):
+        return _combine(valid, outcome_term, outcome_coef, whiten=whiten)
+    rewards = token_rewards.to(dtype)
+    if gamma != 1.0:
         shaped = _rloo_token_rewards(rewards, valid, group_size, k_scaled_tokens)
-        process_return = reverse_returns(shaped, valid, gamma)
-
-    return _combine(valid, outcome_term, outcome_coef, process_return, process_coef, whiten)
+        return _combine(valid, outcome_term, outcome_coef, reverse_returns(shaped, valid, gamma), process_coef, whiten)
+    scale, baseline = _rloo_token_baseline(rewards, valid, group_size, k_scaled_tokens)
+    advantages = _undiscounted_rloo_advantages(rewards, valid, scale, baseline, process_coef,
+                                               (outcome_coef * outcome_term)[:, None])
+    return masked_whiten(advantages, valid) if whiten else advantages
 
 
 def normalize_by_max_return(token_rewards: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -7,6 +7,7 @@ import math
 
 import torch
 
+from megatron_prime.algorithm.fusion import fused
 from megatron_prime.algorithm.masked_ops import as_bool_mask, attach_gradient, zero_invalid, zero_invalid_
 from megatron_prime.algorithm.metrics import metric
 
@@ -156,6 +157,7 @@ def policy_loss(
     return loss, metrics
 
 
+@fused
 def _ppo_terms(
     logprobs: torch.Tensor,
     old_logprobs: torch.Tensor,

@@ -5,10 +5,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from megatron_prime.algorithm.fusion import fused
 from megatron_prime.algorithm.masked_ops import as_bool_mask, attach_gradient, zero_invalid
 from megatron_prime.algorithm.metrics import metric
 
 
+@fused
 def implicit_process_rewards(
     prm_logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: torch.Tensor, beta: float
 ) -> torch.Tensor:
@@ -17,7 +19,10 @@ def implicit_process_rewards(
     r_phi(y_t) = beta * (log pi_phi(y_t | y_<t) - log pi_ref(y_t | y_<t)), zero on padding.
     All tensors are ``[batch, response_len]``; the result has ``prm_logprobs``' dtype.
     """
-    valid = as_bool_mask(mask)
+    return _rewards(prm_logprobs, ref_logprobs, as_bool_mask(mask), beta)
+
+
+def _rewards(prm_logprobs: torch.Tensor, ref_logprobs: torch.Tensor, valid: torch.Tensor, beta: float) -> torch.Tensor:
     return zero_invalid((prm_logprobs - ref_logprobs).mul_(beta), valid)
 
 
@@ -53,24 +58,34 @@ def prm_loss(
             f"outcome must be [batch]={tuple(prm_logprobs.shape[:1])}, got {tuple(outcome.shape)}"
         )
     with torch.no_grad():
-        # s_i depends on the PRM's log-probs only through a masked row sum, so d L_CE / d logprob_t
-        # = beta * (sigma(s_i) - r_o) on valid tokens: computed here, no graph of the [B, T] ops.
-        rewards = implicit_process_rewards(prm_logprobs.detach(), ref_logprobs.detach(), valid, beta)
-        sequence_reward = rewards.sum(dim=-1)
-        label = outcome.to(sequence_reward.dtype)
-        cross_entropy = -(label * F.logsigmoid(sequence_reward) + (1.0 - label) * F.logsigmoid(-sequence_reward))
-        d_reward = torch.sigmoid(sequence_reward).sub_(label).mul_(beta)
-        d_logprobs = zero_invalid(d_reward[:, None], valid)  # broadcasts [B, 1] to [B, T]
+        terms = _prm_terms(prm_logprobs.detach(), ref_logprobs.detach(), valid, outcome, beta)
 
-    num_responses = sequence_reward.shape[0]
+    num_responses = prm_logprobs.shape[0]
     normalizer = num_responses if loss_normalizer is None else loss_normalizer
-    loss = attach_gradient(cross_entropy.sum(), (prm_logprobs,), (d_logprobs,)) / normalizer
-
-    with torch.no_grad():
-        agrees = (sequence_reward > 0) == (label > 0.5)
-        metrics = {
-            "prm/loss": metric(cross_entropy.sum(), num_responses),
-            "prm/accuracy": metric(agrees.sum(), num_responses),
-            "prm/sequence_reward": metric(sequence_reward.sum(), num_responses),
-        }
+    loss = attach_gradient(terms["loss"], (prm_logprobs,), (terms["d_logprobs"],)) / normalizer
+    metrics = {
+        "prm/loss": metric(terms["loss"], num_responses),
+        "prm/accuracy": metric(terms["accuracy"], num_responses),
+        "prm/sequence_reward": metric(terms["sequence_reward"], num_responses),
+    }
     return loss, metrics
+
+
+@fused
+def _prm_terms(
+    prm_logprobs: torch.Tensor, ref_logprobs: torch.Tensor, valid: torch.Tensor, outcome: torch.Tensor, beta: float
+) -> dict[str, torch.Tensor]:
+    """The cross-entropy of ``prm_loss`` on detached inputs: its derivative per token
+    (``d_logprobs``, [B, T]) and the sums behind the loss and its metrics (0-dim tensors)."""
+    # s_i depends on the PRM's log-probs only through a masked row sum, so d L_CE / d logprob_t
+    # = beta * (sigma(s_i) - r_o) on valid tokens: computed here, no graph of the [B, T] ops.
+    sequence_reward = _rewards(prm_logprobs, ref_logprobs, valid, beta).sum(dim=-1)
+    label = outcome.to(sequence_reward.dtype)
+    cross_entropy = -(label * F.logsigmoid(sequence_reward) + (1.0 - label) * F.logsigmoid(-sequence_reward))
+    d_reward = torch.sigmoid(sequence_reward).sub_(label).mul_(beta)
+    return {
+        "loss": cross_entropy.sum(),
+        "d_logprobs": zero_invalid(d_reward[:, None], valid),  # broadcasts [B, 1] to [B, T]
+        "accuracy": ((sequence_reward > 0) == (label > 0.5)).sum(),
+        "sequence_reward": sequence_reward.sum(),
+    }

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
-from megatron_prime.algorithm import OUTCOME_ONLY_ESTIMATORS, PromptBuffer
+from megatron_prime.algorithm import OUTCOME_ONLY_ESTIMATORS, PromptBuffer, set_kernel_fusion
 from megatron_prime.bridge.convert import write_hf
 from megatron_prime.bridge.hf_io import SafetensorsSource
 from megatron_prime.bridge.mcore_io import META_FILE, load_model
@@ -160,6 +160,7 @@ def train(cfg: Config) -> dict:
     distributed.setup(cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.cp, cfg.parallel.ep, cfg.train.seed)
     stop = StopRequest(cfg.train.exit_after_minutes)  # from here on a signal stops at a step boundary
     torch.manual_seed(cfg.train.seed)
+    set_kernel_fusion(cfg.algorithm.compile_kernels)
     if is_rank0():
         checkpoint.remove_leftovers(cfg.checkpoint.dir)
     sources = weight_sources(cfg)

@@ -8,7 +8,9 @@ Each row is timed as the trainer runs it: forward-only rows under ``torch.no_gra
 are constants of the losses; ``compute_advantages`` runs without autograd), forward + backward
 rows on fresh leaf tensors, so no row builds an autograd graph it does not need. Times are the
 CPU time of this thread (``time.thread_time``), minimum over the repeats: on a shared machine,
-time spent waiting for a core is not work and would only add noise.
+time spent waiting for a core is not work and would only add noise. Every row is timed eagerly
+and with the algorithm's kernels fused by ``torch.compile`` (``algorithm.compile_kernels``); the
+compile happens in each row's untimed warm-up call.
 
     python tools/benchmarks/bench_algorithm.py [--threads 1] [--repeats 7]
 """
@@ -27,6 +29,7 @@ from megatron_prime.algorithm import (
     policy_loss,
     prm_loss,
 )
+from megatron_prime.algorithm.fusion import set_kernel_fusion
 
 
 def cpu_seconds(fn, repeats: int) -> float:
@@ -133,7 +136,11 @@ def main() -> None:
 
     x = b["old"]
     cumsum_before = cpu_seconds(lambda: torch.cumsum(x, dim=-1), args.repeats)
-    timings = [(label, cpu_seconds(fn, args.repeats)) for label, fn in rows]
+    timings = {}
+    for fusion in (False, True):
+        set_kernel_fusion(fusion)
+        timings[fusion] = [cpu_seconds(fn, args.repeats) for _, fn in rows]
+    set_kernel_fusion(False)
     # The box may be shared: measure the baseline again after the rows and take the faster.
     cumsum_after = cpu_seconds(lambda: torch.cumsum(x, dim=-1), args.repeats)
     cumsum = min(cumsum_before, cumsum_after)
@@ -146,8 +153,9 @@ def main() -> None:
         f"  baseline torch.cumsum([{args.responses}, {args.tokens}]): {cumsum * 1e3:.2f} ms = 1.0 "
         f"(before {cumsum_before * 1e3:.2f} ms, after {cumsum_after * 1e3:.2f} ms)"
     )
-    for label, seconds in timings:
-        print(f"  {label:<58s} {seconds * 1e3:8.2f} ms  {seconds / cumsum:6.1f}x cumsum")
+    print(f"  {'':<58s} {'eager':>20s}   {'fused (torch.compile)':>22s}")
+    for (label, _), eager, fused in zip(rows, timings[False], timings[True]):
+        print(f"  {label:<58s} {eager * 1e3:8.2f} ms {eager / cumsum:6.1f}x   {fused * 1e3:8.2f} ms {fused / cumsum:6.1f}x")
 
 
 if __name__ == "__main__":
