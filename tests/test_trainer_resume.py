@@ -282,3 +282,14 @@ def test_torchrun_preemption_and_resume_at_another_layout(fixture, tmp_path):
     out = run(overrides(fixture, str(tmp_path / "tp1"), f"model.mcore_path={ckpt}/policy"),
               launcher=("-c", LAYOUT_CHECK.format(root=ROOT, sft=fixture["hf"], ckpt=ckpt)))
     assert "LAYOUT CHECK OK" in out
+
+
+def test_fused_kernels_train_as_eager(fixture, tmp_path, uninterrupted_fp32):
+    """``algorithm.compile_kernels``: inside Megatron's passes (and the CPU backend's torch-function
+    mode) the compiled losses and advantages give the eager run's first step."""
+    run_dir = str(tmp_path / "fused")
+    run(overrides(fixture, run_dir, "train.steps=1", "algorithm.compile_kernels=true", *resume_settings(*FP32)))
+    (first, fused), = scalars(run_dir).items()
+    eager = uninterrupted_fp32[first]
+    for key in DETERMINISTIC:
+        assert fused[key] == pytest.approx(eager[key], rel=1e-5, abs=1e-6), key
