@@ -137,7 +137,7 @@ def _undiscounted_rloo_advantages(
     (Eq. 5 at gamma = 1). One kernel, so that when fused the flips and the masking join the
     elementwise passes around the one cumsum."""
     returns = _shift(rewards, valid, scale, baseline).flip(-1).cumsum_(-1).flip(-1)
-    return zero_invalid(returns * process_coef + outcome_column, valid)
+    return zero_invalid(returns.mul_(process_coef).add_(outcome_column), valid)
 
 
 def prime_rloo_advantages(
