@@ -62,6 +62,28 @@ def attach_gradient(
     return _PrecomputedGradient.apply(value, len(inputs), *inputs, *gradients)
 
 
+class _RowGradient(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, value, _input, row_gradient, valid):
+        ctx.save_for_backward(row_gradient, valid)
+        return value.clone()
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        row_gradient, valid = ctx.saved_tensors
+        return None, zero_invalid((row_gradient * grad_output)[:, None], valid), None, None
+
+
+def attach_row_gradient(
+    value: torch.Tensor, input: torch.Tensor, row_gradient: torch.Tensor, valid: torch.Tensor
+) -> torch.Tensor:
+    """``attach_gradient`` for a ``[B, T]`` ``input`` whose derivative is one value per row on its
+    valid tokens (``row_gradient``, ``[B]``) and 0 on padding, as for a loss of masked row sums:
+    the ``[B, T]`` gradient is only built in the backward, already scaled, and nothing of that
+    size is kept in between."""
+    return _RowGradient.apply(value, input, row_gradient, valid)
+
+
 def check_groups(batch_size: int, group_size: int) -> int:
     """Number of groups; raises if the batch does not split into whole groups of ``group_size``."""
     if group_size < 1:

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from megatron_prime.algorithm.fusion import fused
-from megatron_prime.algorithm.masked_ops import as_bool_mask, attach_gradient, zero_invalid
+from megatron_prime.algorithm.masked_ops import as_bool_mask, attach_row_gradient, zero_invalid
 from megatron_prime.algorithm.metrics import metric
 
 
@@ -62,7 +62,7 @@ def prm_loss(
 
     num_responses = prm_logprobs.shape[0]
     normalizer = num_responses if loss_normalizer is None else loss_normalizer
-    loss = attach_gradient(terms["loss"], (prm_logprobs,), (terms["d_logprobs"],)) / normalizer
+    loss = attach_row_gradient(terms["loss"], prm_logprobs, terms["row_gradient"], valid) / normalizer
     metrics = {
         "prm/loss": metric(terms["loss"], num_responses),
         "prm/accuracy": metric(terms["accuracy"], num_responses),
@@ -75,17 +75,17 @@ def prm_loss(
 def _prm_terms(
     prm_logprobs: torch.Tensor, ref_logprobs: torch.Tensor, valid: torch.Tensor, outcome: torch.Tensor, beta: float
 ) -> dict[str, torch.Tensor]:
-    """The cross-entropy of ``prm_loss`` on detached inputs: its derivative per token
-    (``d_logprobs``, [B, T]) and the sums behind the loss and its metrics (0-dim tensors)."""
+    """The cross-entropy of ``prm_loss`` on detached inputs: its derivative (``row_gradient``,
+    [B]: d L_CE / d logprob_t, the same on every valid token of a row) and the sums behind the
+    loss and its metrics (0-dim tensors)."""
     # s_i depends on the PRM's log-probs only through a masked row sum, so d L_CE / d logprob_t
-    # = beta * (sigma(s_i) - r_o) on valid tokens: computed here, no graph of the [B, T] ops.
+    # = beta * (sigma(s_i) - r_o) on every valid token of response i: one number per response.
     sequence_reward = _rewards(prm_logprobs, ref_logprobs, valid, beta).sum(dim=-1)
     label = outcome.to(sequence_reward.dtype)
     cross_entropy = -(label * F.logsigmoid(sequence_reward) + (1.0 - label) * F.logsigmoid(-sequence_reward))
-    d_reward = torch.sigmoid(sequence_reward).sub_(label).mul_(beta)
     return {
         "loss": cross_entropy.sum(),
-        "d_logprobs": zero_invalid(d_reward[:, None], valid),  # broadcasts [B, 1] to [B, T]
+        "row_gradient": torch.sigmoid(sequence_reward).sub_(label).mul_(beta),
         "accuracy": ((sequence_reward > 0) == (label > 0.5)).sum(),
         "sequence_reward": sequence_reward.sum(),
     }
