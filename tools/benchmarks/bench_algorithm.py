@@ -10,7 +10,8 @@ rows on fresh leaf tensors, so no row builds an autograd graph it does not need.
 CPU time of this thread (``time.thread_time``), minimum over the repeats: on a shared machine,
 time spent waiting for a core is not work and would only add noise. Every row is timed eagerly
 and with the algorithm's kernels fused by ``torch.compile`` (``algorithm.compile_kernels``); the
-compile happens in each row's untimed warm-up call.
+compile happens in each row's untimed warm-up call. The process keeps freed memory for reuse, as
+a CPU training process does (``megatron_prime/platform/host_memory.py``).
 
     python tools/benchmarks/bench_algorithm.py [--threads 1] [--repeats 7]
 """
@@ -30,6 +31,7 @@ from megatron_prime.algorithm import (
     prm_loss,
 )
 from megatron_prime.algorithm.fusion import set_kernel_fusion
+from megatron_prime.platform.host_memory import keep_freed_memory
 
 
 def cpu_seconds(fn, repeats: int) -> float:
@@ -71,6 +73,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=7)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    keep_freed_memory()  # as a CPU training process does
 
     b = make_batch(args.responses, args.tokens)
     mask, K = b["mask"], args.group_size
