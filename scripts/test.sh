@@ -5,7 +5,7 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 source scripts/env.sh
 set +e
-"$PY" -m pytest tests -q "$@"
+"$PY" -m pytest tests -q --durations=25 "$@"
 code=$?
 set -e
 if [ "$code" = 5 ]; then
