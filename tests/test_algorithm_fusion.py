@@ -4,6 +4,8 @@ empty response, and a second batch shape (dynamic shapes: no recompile per step)
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 import torch
 from torch._dynamo.utils import counters
@@ -18,7 +20,9 @@ def batch(rows: int, tokens: int, seed: int) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     lengths = torch.randint(1, tokens + 1, (rows,), generator=g)
     lengths[1] = 0  # an empty response
+    lengths[2] = tokens
     mask = torch.arange(tokens)[None, :] < lengths[:, None]
+    mask[2, 5:9] = False  # a response with masked positions inside it
     old = -torch.rand(rows, tokens, generator=g) * 3
 
     def near_old(scale: float) -> torch.Tensor:
@@ -44,6 +48,8 @@ def run_all(b: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
                 estimator, token_rewards=out["rewards"], outcome=b["outcome"], mask=b["mask"], group_size=K,
                 gamma=gamma, process_coef=0.7, outcome_coef=1.3,
             )
+    out["prime_rloo whitened"] = compute_advantages("prime_rloo", token_rewards=out["rewards"], outcome=b["outcome"],
+                                                    mask=b["mask"], group_size=K, whiten=True)
     advantages = out["prime_rloo@1.0"]
     for name, options in {
         "ppo": {},
@@ -64,8 +70,12 @@ def fusion():
     set_kernel_fusion(False)
 
 
+@pytest.mark.skipif(not any(shutil.which(c) for c in ("c++", "g++", "clang++")),
+                    reason="torch.compile on CPU needs a C++ compiler")
 def test_compiled_kernels_equal_eager(fusion):
     assert not kernel_fusion_enabled()  # the default: eager
+    torch._dynamo.reset()
+    counters.clear()
     compiled_graphs = []
     for rows, tokens, seed in ((40, 130, 0), (48, 161, 1)):  # both above inductor's small-tensor size class
         b = batch(rows, tokens, seed)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -107,7 +108,9 @@ FP32 = ("fp32", ("0.2", "0.8"))  # the paper's filter band: surplus prompts cros
 def uninterrupted_fp32(fixture, tmp_path_factory) -> dict[int, dict]:
     """The reference: three fp32 steps without a stop, shared by the stop and the SIGKILL tests."""
     run_dir = str(tmp_path_factory.mktemp("uninterrupted"))
-    run(overrides(fixture, run_dir, "train.steps=3", *resume_settings(*FP32)))
+    # No checkpoints: the runs it is compared with write one every step, which must not change them.
+    settings = [s for s in resume_settings(*FP32) if not s.startswith("checkpoint.interval=")]
+    run(overrides(fixture, run_dir, "train.steps=3", "checkpoint.interval=100", *settings))
     return scalars(run_dir)
 
 
@@ -284,11 +287,17 @@ def test_torchrun_preemption_and_resume_at_another_layout(fixture, tmp_path):
     assert "LAYOUT CHECK OK" in out
 
 
+@pytest.mark.skipif(not any(shutil.which(c) for c in ("c++", "g++", "clang++")),
+                    reason="torch.compile on CPU needs a C++ compiler")
 def test_fused_kernels_train_as_eager(fixture, tmp_path, uninterrupted_fp32):
     """``algorithm.compile_kernels``: inside Megatron's passes (and the CPU backend's torch-function
     mode) the compiled losses and advantages give the eager run's first step."""
-    run_dir = str(tmp_path / "fused")
-    run(overrides(fixture, run_dir, "train.steps=1", "algorithm.compile_kernels=true", *resume_settings(*FP32)))
+    run_dir, inductor_cache = str(tmp_path / "fused"), tmp_path / "inductor"
+    proc = start(overrides(fixture, run_dir, "train.steps=1", "algorithm.compile_kernels=true", *resume_settings(*FP32)),
+                 env={**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(inductor_cache)})
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, out[-4000:]
+    assert any(inductor_cache.rglob("*.so")), "nothing was compiled"
     (first, fused), = scalars(run_dir).items()
     eager = uninterrupted_fp32[first]
     for key in DETERMINISTIC:

@@ -101,7 +101,8 @@ def _rloo_token_rewards(
 def _rloo_token_baseline(
     rewards: torch.Tensor, valid: torch.Tensor, group_size: int, k_scaled: bool
 ) -> tuple[float, torch.Tensor]:
-    """(scale, baseline [B]) such that Eq. 5's shaped token reward is scale * r_t - baseline_i."""
+    """(scale, baseline [B]) such that the shaped token reward is scale * r_t - baseline_i: Eq. 5's
+    bracket (scale 1), or the official code's K/(K-1) form when ``k_scaled``."""
     # r_phi(y^j) / |y^j|, accumulated in float64 (see masked_mean_var for why)
     mean_reward = _masked_row_mean(rewards, valid)
     baseline = leave_one_out_mean(mean_reward, group_size)

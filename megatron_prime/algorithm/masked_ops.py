@@ -77,11 +77,15 @@ class _RowGradient(torch.autograd.Function):
 def attach_row_gradient(
     value: torch.Tensor, input: torch.Tensor, row_gradient: torch.Tensor, valid: torch.Tensor
 ) -> torch.Tensor:
-    """``attach_gradient`` for a ``[B, T]`` ``input`` whose derivative is one value per row on its
-    valid tokens (``row_gradient``, ``[B]``) and 0 on padding, as for a loss of masked row sums:
-    the ``[B, T]`` gradient is only built in the backward, already scaled, and nothing of that
-    size is kept in between."""
-    return _RowGradient.apply(value, input, row_gradient, valid)
+    """``attach_gradient`` for a scalar ``value`` of a ``[B, T]`` ``input`` whose derivative is one
+    value per row on its valid tokens (``row_gradient``, ``[B]``) and 0 on padding, as for a loss
+    of masked row sums: the ``[B, T]`` gradient is only built in the backward, already scaled, and
+    nothing of that size is kept in between."""
+    if value.dim() != 0 or row_gradient.shape != input.shape[:1] or valid.shape != input.shape:
+        raise ValueError(f"attach_row_gradient: value {tuple(value.shape)} must be a scalar, row_gradient "
+                         f"{tuple(row_gradient.shape)} and mask {tuple(valid.shape)} must match input "
+                         f"{tuple(input.shape)} as [B] and [B, T]")
+    return _RowGradient.apply(value, input, row_gradient, as_bool_mask(valid))
 
 
 def check_groups(batch_size: int, group_size: int) -> int:
