@@ -17,7 +17,7 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 
-from megatron_prime.platform import cpu_backend, host_memory
+from megatron_prime.platform import cpu_backend
 
 
 @dataclass(frozen=True)
@@ -163,7 +163,6 @@ def init_process_group(timeout_minutes: float = 30.0) -> LaunchEnv:
         torch.cuda.set_device(env.local_rank % torch.cuda.device_count())
     else:
         cpu_backend.enable()
-        host_memory.keep_freed_memory()
     if not dist.is_initialized():
         os.environ.setdefault("MASTER_ADDR", env.master_addr)
         os.environ.setdefault("MASTER_PORT", str(env.master_port))

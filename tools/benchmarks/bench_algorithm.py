@@ -10,8 +10,7 @@ rows on fresh leaf tensors, so no row builds an autograd graph it does not need.
 CPU time of this thread (``time.thread_time``), minimum over the repeats: on a shared machine,
 time spent waiting for a core is not work and would only add noise. Every row is timed eagerly
 and with the algorithm's kernels fused by ``torch.compile`` (``algorithm.compile_kernels``); the
-compile happens in each row's untimed warm-up call. The process keeps freed memory for reuse, as
-a CPU training process does (``megatron_prime/platform/host_memory.py``).
+compile happens in each row's untimed warm-up call.
 
     python tools/benchmarks/bench_algorithm.py [--threads 1] [--repeats 7]
 """
@@ -31,7 +30,6 @@ from megatron_prime.algorithm import (
     prm_loss,
 )
 from megatron_prime.algorithm.fusion import set_kernel_fusion
-from megatron_prime.platform.host_memory import keep_freed_memory
 
 
 def cpu_seconds(fn, repeats: int) -> float:
@@ -73,7 +71,6 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=7)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    keep_freed_memory()  # as a CPU training process does
 
     b = make_batch(args.responses, args.tokens)
     mask, K = b["mask"], args.group_size

@@ -46,7 +46,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=3, help="timed passes (medians are reported)")
     parser.add_argument("--interval-ms", type=float, default=1.0, help="RSS sampling interval")
     parser.add_argument("--mmap-threshold", type=int, default=65536,
-                        help="MALLOC_MMAP_THRESHOLD_ (bytes) for the spawned ranks (0: the trainer's settings, freed memory kept)")
+                        help="MALLOC_MMAP_THRESHOLD_ (bytes) for the spawned ranks (0: glibc's dynamic default)")
     return parser.parse_args(argv)
 
 

@@ -21,8 +21,8 @@ over ``--repeats`` rounds, it times on rank 0:
 
 for each bucket size, and reports times as ratios to the baseline.
 
-The rounds run twice: first with the allocator settings a CPU training process runs with (freed
-memory kept for reuse: ``megatron_prime/platform/host_memory.py``), then with a
+The rounds run twice: first with glibc's default allocator settings (what a training process
+runs with: freed blocks up to 32 MiB are reused, larger ones returned to the OS), then with a
 fixed mmap threshold (``--mmap-threshold``, default 64 KiB: every tensor above it is fresh memory
 from the OS and is returned on free), which makes resident memory track live tensor bytes. The
 second pass also reports the PEAK EXTRA RESIDENT MEMORY on rank 0 during each operation (VmRSS
@@ -199,7 +199,7 @@ def run(args: argparse.Namespace) -> None:
                     results[name].append(measure_on_every_rank(fn, interval, trim_first))
             return results
 
-        default_alloc = rounds("trainer's allocator settings", trim_first=False)
+        default_alloc = rounds("glibc default allocator", trim_first=False)
         set_mmap_threshold(args.mmap_threshold)
         fixed_threshold = rounds(f"mmap threshold {args.mmap_threshold} B", trim_first=True)
 
@@ -248,8 +248,8 @@ def report(args, hf_dir, arch, prepared, received_bytes, cases, default_alloc, f
     print(f"Megatron TP={TP} on 2 gloo ranks (CPU, 1 thread each) -> HFEngine on rank 0; "
           f"median of {args.repeats} rounds after a warm-up round, per allocator setting")
     print(f"largest tensor: {largest_name} {list(largest.shape)} = {largest_bytes / 2**20:.1f} MiB")
-    print(f"times are ratios to the baseline measured in the same pass: {base:.3f} s with the trainer's "
-          f"allocator settings, {base_fixed:.3f} s with the mmap threshold at {args.mmap_threshold} B (every tensor "
+    print(f"times are ratios to the baseline measured in the same pass: {base:.3f} s with glibc's default "
+          f"allocator, {base_fixed:.3f} s with the mmap threshold at {args.mmap_threshold} B (every tensor "
           f"fresh memory); memory = peak VmRSS growth on rank 0 in the second pass, sampled every "
           f"{args.interval_ms:g} ms\n")
     rows = []
