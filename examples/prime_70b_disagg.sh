@@ -48,7 +48,7 @@ DRY_RUN=0
 if [ "${1:-}" = "--dry-run" ]; then DRY_RUN=1; shift; fi
 cd "${SLURM_SUBMIT_DIR:-$(dirname "$0")/..}"
 source examples/slurm_job.sh
-NODES=${SLURM_JOB_NUM_NODES:-$(sed -n 's/^#SBATCH --nodes=\([0-9]*\).*/\1/p' "$0" | head -n1)}
+NODES=$(allocation_nodes)
 ROLLOUT_NODES=$((NODES - TRAIN_NODES))
 if [ "$ROLLOUT_NODES" -lt 1 ]; then
     echo "error: $NODES nodes leave none for rollout servers (TRAIN_NODES=$TRAIN_NODES)" >&2; exit 2
@@ -97,13 +97,10 @@ if [ "$DRY_RUN" = 1 ]; then
     echo "          ${TRAIN[*]}"
     echo "each training rank r = SLURM_PROCID (0..$((WORLD_SIZE - 1))); rendezvous MASTER_ADDR=$MASTER_ADDR" \
          "MASTER_PORT=20000 + SLURM_JOB_ID % 20000; rank 0 broadcasts weights on $MASTER_ADDR:$WEIGHT_SYNC_PORT"
-    exec "$PYTHON" -m megatron_prime.cli plan "$CONFIG" --gpus "$WORLD_SIZE" --gpus-per-node "$GPUS_PER_NODE" \
-        --gpu-mem "$GPU_MEM_GIB" --show-config "${OVERRIDES[@]}"
+    plan_and_exit
 fi
 
-export MASTER_ADDR MASTER_PORT=$((20000 + SLURM_JOB_ID % 20000))
-if [ -n "$NETWORK_IFNAME" ]; then export NCCL_SOCKET_IFNAME=$NETWORK_IFNAME GLOO_SOCKET_IFNAME=$NETWORK_IFNAME; fi
-export CUDA_DEVICE_MAX_CONNECTIONS=1 TORCH_NCCL_ASYNC_ERROR_HANDLING=1
+export_rendezvous
 mkdir -p "$OUT_DIR/servers"
 echo "job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}): training on ${TRAIN_HOSTS[*]}, servers on ${ROLLOUT_HOSTS[*]}"
 

@@ -23,13 +23,33 @@ run_forwarding_signals() {
     exit "$rc"
 }
 
+# allocation_nodes: the job's node count (SLURM's, or the script's #SBATCH header outside SLURM).
+allocation_nodes() {
+    echo "${SLURM_JOB_NUM_NODES:-$(sed -n 's/^#SBATCH --nodes=\([0-9]*\).*/\1/p' "$0" | head -n1)}"
+}
+
+# plan_and_exit: end a dry run with the memory plan and validated config of CONFIG + OVERRIDES on
+# WORLD_SIZE training GPUs.
+plan_and_exit() {
+    exec "$PYTHON" -m megatron_prime.cli plan "$CONFIG" --gpus "$WORLD_SIZE" --gpus-per-node "$GPUS_PER_NODE" \
+        --gpu-mem "$GPU_MEM_GIB" --show-config "${OVERRIDES[@]}"
+}
+
+# export_rendezvous: what every training rank shares besides its SLURM_PROCID / SLURM_NTASKS /
+# SLURM_LOCALID: MASTER_ADDR (set by the caller), the port, the NIC and the NCCL settings.
+export_rendezvous() {
+    export MASTER_ADDR MASTER_PORT=$((20000 + SLURM_JOB_ID % 20000))
+    if [ -n "$NETWORK_IFNAME" ]; then export NCCL_SOCKET_IFNAME=$NETWORK_IFNAME GLOO_SOCKET_IFNAME=$NETWORK_IFNAME; fi
+    export CUDA_DEVICE_MAX_CONNECTIONS=1 TORCH_NCCL_ASYNC_ERROR_HANDLING=1
+}
+
 # colocated_job [--dry-run] [key=value ...]: training and colocated rollout engines on every node of
 # the allocation, from CONFIG, MODEL_DIR, DATA_DIR, OUT_DIR, GPUS_PER_NODE, GPU_MEM_GIB,
 # CONTAINER_IMAGE, CONTAINER_MOUNTS, NETWORK_IFNAME and PYTHON.
 colocated_job() {
     local dry_run=0
     if [ "${1:-}" = "--dry-run" ]; then dry_run=1; shift; fi
-    NODES=${SLURM_JOB_NUM_NODES:-$(sed -n 's/^#SBATCH --nodes=\([0-9]*\).*/\1/p' "$0" | head -n1)}
+    NODES=$(allocation_nodes)
     WORLD_SIZE=$((NODES * GPUS_PER_NODE))
     OVERRIDES=(
         "model.hf_path=$MODEL_DIR"
@@ -50,15 +70,11 @@ colocated_job() {
         echo "          ${TRAIN[*]}"
         echo "each rank r = SLURM_PROCID (0..$((WORLD_SIZE - 1))) on GPU SLURM_LOCALID of node r / $GPUS_PER_NODE;" \
              "rendezvous MASTER_ADDR=<first node of SLURM_JOB_NODELIST> MASTER_PORT=20000 + SLURM_JOB_ID % 20000"
-        exec "$PYTHON" -m megatron_prime.cli plan "$CONFIG" --gpus "$WORLD_SIZE" --gpus-per-node "$GPUS_PER_NODE" \
-            --gpu-mem "$GPU_MEM_GIB" --show-config "${OVERRIDES[@]}"
+        plan_and_exit
     fi
 
-    # Rendezvous: every rank reads SLURM_PROCID / SLURM_NTASKS / SLURM_LOCALID; these two it shares.
     MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)
-    export MASTER_ADDR MASTER_PORT=$((20000 + SLURM_JOB_ID % 20000))
-    if [ -n "$NETWORK_IFNAME" ]; then export NCCL_SOCKET_IFNAME=$NETWORK_IFNAME GLOO_SOCKET_IFNAME=$NETWORK_IFNAME; fi
-    export CUDA_DEVICE_MAX_CONNECTIONS=1 TORCH_NCCL_ASYNC_ERROR_HANDLING=1
+    export_rendezvous
     mkdir -p "$OUT_DIR"
     echo "job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}) on $SLURM_JOB_NODELIST: $WORLD_SIZE ranks, master $MASTER_ADDR:$MASTER_PORT"
     run_forwarding_signals "${SRUN[@]}" "${TRAIN[@]}"
