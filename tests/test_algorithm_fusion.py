@@ -4,14 +4,13 @@ empty response, and a second batch shape (dynamic shapes: no recompile per step)
 
 from __future__ import annotations
 
-import shutil
-
 import pytest
 import torch
 from torch._dynamo.utils import counters
 
 from megatron_prime.algorithm import compute_advantages, implicit_process_rewards, policy_loss, prm_loss
 from megatron_prime.algorithm.fusion import kernel_fusion_enabled, set_kernel_fusion
+from tests.trainer_fixtures import requires_cpp_compiler
 
 K = 4
 
@@ -70,8 +69,7 @@ def fusion():
     set_kernel_fusion(False)
 
 
-@pytest.mark.skipif(not any(shutil.which(c) for c in ("c++", "g++", "clang++")),
-                    reason="torch.compile on CPU needs a C++ compiler")
+@requires_cpp_compiler
 def test_compiled_kernels_equal_eager(fusion):
     assert not kernel_fusion_enabled()  # the default: eager
     torch._dynamo.reset()

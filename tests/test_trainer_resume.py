@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -15,7 +14,7 @@ import time
 
 import pytest
 
-from tests.trainer_fixtures import make_trainer_fixture, overrides
+from tests.trainer_fixtures import make_trainer_fixture, overrides, requires_cpp_compiler
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN = """
@@ -299,8 +298,7 @@ def test_torchrun_preemption_and_resume_at_another_layout(fixture, tmp_path):
     assert "LAYOUT CHECK OK" in out
 
 
-@pytest.mark.skipif(not any(shutil.which(c) for c in ("c++", "g++", "clang++")),
-                    reason="torch.compile on CPU needs a C++ compiler")
+@requires_cpp_compiler
 def test_fused_kernels_train_as_eager(fixture, tmp_path, uninterrupted_fp32):
     """``algorithm.compile_kernels``: inside Megatron's passes (and the CPU backend's torch-function
     mode) the compiled losses and advantages give the eager run's first step."""

@@ -9,10 +9,18 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+
+import pytest
 
 CONTAINS7 = "test_contains7"
 TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False)
+
+
+# torch.compile (algorithm.compile_kernels) builds C++ kernels on CPU.
+requires_cpp_compiler = pytest.mark.skipif(not any(shutil.which(c) for c in ("c++", "g++", "clang++")),
+                                           reason="torch.compile on CPU needs a C++ compiler")
 
 
 def contains7(response: str, ground_truth: str) -> float:
