@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from megatron_prime.platform.distributed import detect_launch_env, expand_slurm_nodelist
+from tests.trainer_fixtures import requires_cpp_compiler
 
 
 def test_slurm_nodelist_expansion():
@@ -55,3 +56,22 @@ def test_cpu_backend_inactive_when_cuda_present():
               torch.ones(1).type())
     """)
     assert out == "False False True torch.FloatTensor"
+
+
+@requires_cpp_compiler
+def test_megatron_core_imports_without_dynamo_and_its_kernels_still_compile():
+    # megatron-core wraps its fused kernels in torch.compile at import; importing dynamo and
+    # inductor for that cost every process ~2.5 s. Deferred, a kernel that runs must still compile.
+    out = _run("""
+        import sys, torch
+        real_compile = torch.compile
+        import megatron_prime.bridge.convert  # imports megatron.core
+        dynamo_at_import = "torch._dynamo" in sys.modules
+        from megatron.core.fusions.fused_bias_swiglu import swiglu
+        y = torch.randn(4, 8)
+        out = swiglu(y)
+        from torch._dynamo.utils import counters
+        exact = torch.allclose(out, torch.nn.functional.silu(y[:, :4]) * y[:, 4:], atol=1e-6)
+        print(dynamo_at_import, torch.compile is real_compile, counters["stats"]["unique_graphs"], exact)
+    """)
+    assert out == "False True 1 True"
