@@ -64,7 +64,6 @@ def test_megatron_core_imports_without_dynamo_and_its_kernels_still_compile():
     # inductor for that cost every process ~2.5 s. Deferred, a kernel that runs must still compile.
     out = _run("""
         import sys, torch
-        real_compile = torch.compile
         import megatron_prime.bridge.convert  # imports megatron.core
         dynamo_at_import = "torch._dynamo" in sys.modules
         from megatron.core.fusions.fused_bias_swiglu import swiglu
@@ -72,6 +71,6 @@ def test_megatron_core_imports_without_dynamo_and_its_kernels_still_compile():
         out = swiglu(y)
         from torch._dynamo.utils import counters
         exact = torch.allclose(out, torch.nn.functional.silu(y[:, :4]) * y[:, 4:], atol=1e-6)
-        print(dynamo_at_import, torch.compile is real_compile, counters["stats"]["unique_graphs"], exact)
+        print(dynamo_at_import, counters["stats"]["unique_graphs"], exact)
     """)
-    assert out == "False True 1 True"
+    assert out == "False 1 True"

@@ -18,7 +18,6 @@ import torch
 import torch.distributed as dist
 
 from megatron_prime.platform import cpu_backend
-from megatron_prime.platform.megatron_import import import_megatron_core
 
 
 @dataclass(frozen=True)
@@ -178,7 +177,6 @@ def init_process_group(timeout_minutes: float = 30.0) -> LaunchEnv:
 
 def init_model_parallel(tp: int = 1, pp: int = 1, cp: int = 1, ep: int = 1, seed: int = 1234) -> None:
     """Megatron ``parallel_state`` over the initialised world, plus its model-parallel RNG."""
-    import_megatron_core()
     from megatron.core import parallel_state, tensor_parallel
 
     cpu_backend.enable()  # no-op with CUDA

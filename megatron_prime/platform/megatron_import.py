@@ -1,54 +1,72 @@
-"""Import megatron-core without paying for its fused kernels' compile wrappers up front.
+"""megatron-core's fused kernels compiled on their first call instead of wrapped at import.
 
-megatron-core decorates about thirty fused kernels with ``torch.compile`` as its modules are
-imported (``megatron.core.jit.jit_fuser``). Building those wrappers imports dynamo and inductor:
-about 2.5 s in every process (trainer ranks, converters, report commands), even when none of the
-kernels is ever called, as on the CPU path, which disables those fusions. megatron-core's own
-switch, ``megatron.core.jit.disable_jit_fuser``, cannot help: importing ``megatron.core.jit``
+megatron-core decorates about thirty fused kernels with ``megatron.core.jit.jit_fuser``, which is
+``torch.compile``, as its modules are imported. Building those wrappers imports dynamo and
+inductor: about 2.5 s in every process (trainer ranks, converters, report commands), even when
+none of the kernels ever runs, as on the CPU path, which turns those fusions off. megatron-core's
+own switch, ``megatron.core.jit.disable_jit_fuser``, comes too late: importing ``megatron.core.jit``
 imports the whole package first, decorators included.
 
-So while megatron-core is being imported, ``torch.compile`` applied to a plain function returns a
-wrapper that calls the real ``torch.compile`` on its first call. A kernel that runs compiles as it
-did before, with the same options, only later; one that never runs costs nothing.
+``defer_megatron_kernel_compiles`` (called once, by ``megatron_prime/__init__.py``) sets
+``jit_fuser`` the moment ``megatron.core.jit`` is executed, before any kernel is decorated, to a
+decorator that calls ``torch.compile`` with the same options on the kernel's first call. A kernel
+that runs compiles as before, only later; one that never runs costs nothing.
 """
 
 from __future__ import annotations
 
 import functools
+import importlib.abc
+import importlib.machinery
 import sys
-import types
 
-import torch
-
-
-def import_megatron_core() -> None:
-    """Import ``megatron.core`` (once per process) with its compile wrappers deferred."""
-    if "megatron.core" in sys.modules:
-        return
-    real_compile = torch.compile
-    torch.compile = functools.partial(_compile_on_first_call, real_compile)
-    try:
-        import megatron.core  # noqa: F401
-    finally:
-        torch.compile = real_compile
+_JIT_MODULE = "megatron.core.jit"
 
 
-def _compile_on_first_call(real_compile, model=None, **options):
-    if model is None:  # used as ``@torch.compile(**options)``
-        return lambda fn: _compile_on_first_call(real_compile, fn, **options)
-    if not isinstance(model, types.FunctionType):
-        return real_compile(model, **options)
+def defer_megatron_kernel_compiles() -> None:
+    """Install the import hook (a no-op once megatron-core's jit module is imported)."""
+    if _JIT_MODULE not in sys.modules and not any(isinstance(f, _JitFuserHook) for f in sys.meta_path):
+        sys.meta_path.insert(0, _JitFuserHook())
+
+
+class _JitFuserHook(importlib.abc.MetaPathFinder):
+    def find_spec(self, fullname, path, target=None):
+        if fullname != _JIT_MODULE:
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.machinery.PathFinder.find_spec(fullname, path, target)
+        if spec is None or spec.loader is None:
+            return spec
+        execute = spec.loader.exec_module
+
+        def exec_module(module):
+            execute(module)
+            import torch
+
+            if module.jit_fuser is torch.compile:  # not megatron-core's fallbacks (TorchScript, no-op)
+                module.jit_fuser = compile_on_first_call
+
+        spec.loader.exec_module = exec_module
+        return spec
+
+
+def compile_on_first_call(kernel=None, **options):
+    """``torch.compile(kernel, **options)``, built when ``kernel`` is first called."""
+    if kernel is None:  # used as ``@jit_fuser(**options)``
+        return functools.partial(compile_on_first_call, **options)
+    import torch
+
     compiled = None
 
-    @functools.wraps(model)
+    @functools.wraps(kernel)
     def compile_then_call(*args, **kwargs):
         nonlocal compiled
         if torch.compiler.is_compiling():
-            # inside a caller's compiled region dynamo inlines a compiled function's original
-            # code anyway; compiling here would nest a compile in a trace
-            return model(*args, **kwargs)
+            # inside a caller's compiled region dynamo inlines a compiled function's own code
+            # anyway; building a compile wrapper here would nest it in the trace
+            return kernel(*args, **kwargs)
         if compiled is None:
-            compiled = real_compile(model, **options)
+            compiled = torch.compile(kernel, **options)
         return compiled(*args, **kwargs)
 
     return compile_then_call
