@@ -64,16 +64,20 @@ def test_trainer_drops_and_reports_overlong_prompts(toy, capsys):
         load_prompts(cfg, toy["tokenizer"], render_prompt)
 
 
-def test_data_check_lists_overlong_rows(toy):
-    def check(*args):
-        return subprocess.run([sys.executable, "-m", "megatron_prime.cli", "data", "check", *args],
-                              capture_output=True, text=True, timeout=300)
+def test_data_check_lists_overlong_rows(toy, capsys):
+    from megatron_prime.data.cli import main
 
-    out = check("--tokenizer", toy["tokenizer_dir"], "--max-prompt-len", "10", toy["prompts"])
-    assert out.returncode == 1
-    assert f"{toy['prompts']} line 2: 14 tokens > 10" in out.stdout and "2 problem(s)" in out.stdout
-    out = check("--sft", "--tokenizer", toy["tokenizer_dir"], "--max-len", "30", toy["sft"])
-    assert out.returncode == 1 and f"{toy['sft']} line 2: 45 tokens > 30" in out.stdout
-    assert check("--tokenizer", toy["tokenizer_dir"], "--max-prompt-len", "20", toy["prompts"]).returncode == 0
-    usage = check("--tokenizer", toy["tokenizer_dir"], toy["prompts"])
+    def check(*args) -> tuple[int, str]:  # in this process: each command would import transformers again
+        code = main(["check", *args])
+        return code, capsys.readouterr().out
+
+    code, out = check("--tokenizer", toy["tokenizer_dir"], "--max-prompt-len", "10", toy["prompts"])
+    assert code == 1
+    assert f"{toy['prompts']} line 2: 14 tokens > 10" in out and "2 problem(s)" in out
+    code, out = check("--sft", "--tokenizer", toy["tokenizer_dir"], "--max-len", "30", toy["sft"])
+    assert code == 1 and f"{toy['sft']} line 2: 45 tokens > 30" in out
+    assert check("--tokenizer", toy["tokenizer_dir"], "--max-prompt-len", "20", toy["prompts"])[0] == 0
+    # The command itself, as a user runs it.
+    usage = subprocess.run([sys.executable, "-m", "megatron_prime.cli", "data", "check", "--tokenizer",
+                            toy["tokenizer_dir"], toy["prompts"]], capture_output=True, text=True, timeout=300)
     assert usage.returncode == 2 and "go together" in usage.stderr
