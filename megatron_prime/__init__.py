@@ -14,5 +14,5 @@ __version__ = "0.1.0"
 from megatron_prime.platform.megatron_import import defer_megatron_kernel_compiles  # noqa: E402
 
 # megatron-core wraps its fused kernels in torch.compile at import, which costs every process that
-# imports it ~2.5 s; compile each on its first call instead (none runs on the CPU path).
+# imports it 2.5-3 s; compile each on its first call instead (none runs on the CPU path).
 defer_megatron_kernel_compiles()

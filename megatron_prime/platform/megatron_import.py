@@ -1,8 +1,8 @@
 """megatron-core's fused kernels compiled on their first call instead of wrapped at import.
 
-megatron-core decorates about thirty fused kernels with ``megatron.core.jit.jit_fuser``, which is
+megatron-core decorates some forty fused kernels with ``megatron.core.jit.jit_fuser``, which is
 ``torch.compile``, as its modules are imported. Building those wrappers imports dynamo and
-inductor: about 2.5 s in every process (trainer ranks, converters, report commands), even when
+inductor: 2.5-3 s in every process (trainer ranks, converters, report commands), even when
 none of the kernels ever runs, as on the CPU path, which turns those fusions off. megatron-core's
 own switch, ``megatron.core.jit.disable_jit_fuser``, comes too late: importing ``megatron.core.jit``
 imports the whole package first, decorators included.
