@@ -5,7 +5,7 @@ of such processes. Times, alternating, medians of ``--repeats``:
 
 * ``import torch``: the floor (everything else builds on it),
 * ``import megatron_prime.training.trainer``, as every process imports it: megatron-core's fused
-  kernels are compiled on their first call (``megatron_prime/platform/megatron_import.py``),
+  kernels are compiled on their first call (``megatron_prime/__init__.py``),
 * the same after importing ``megatron.core`` first, which bypasses that hook: megatron-core wraps
   each kernel in ``torch.compile`` at import, which imports dynamo and inductor.
 
