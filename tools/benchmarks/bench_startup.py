@@ -32,13 +32,13 @@ CASES = {
     "the same, megatron-core imported first (compile wrappers at import)":
         "import megatron.core, megatron_prime.training.trainer",
 }
-DYNAMO = "; import sys; print('torch._inductor.compile_fx' in sys.modules)"
+PRINT_INDUCTOR_LOADED = "; import sys; print('torch._inductor.compile_fx' in sys.modules)"
 
 
 def start_up(code: str) -> tuple[float, str]:
     start = time.perf_counter()
-    out = subprocess.run([sys.executable, "-W", "ignore", "-c", code + DYNAMO], capture_output=True, text=True,
-                         check=True).stdout.strip()
+    out = subprocess.run([sys.executable, "-W", "ignore", "-c", code + PRINT_INDUCTOR_LOADED],
+                         capture_output=True, text=True, check=True).stdout.strip()
     return time.perf_counter() - start, out
 
 
