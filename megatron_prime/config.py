@@ -133,6 +133,14 @@ class TrainConfig:
     eval_limit: int = 0  # evaluate on the first N eval prompts (0: all)
     warn_verify_timeout_frac: float = 0.01  # warn when more answers than this hit the grader's time limit
     exit_after_minutes: float = 0.0  # checkpoint and exit 0 at the first step boundary after this (0: off)
+    # A rank that makes no progress (micro-batch, weight bucket, rollout round, checkpoint) for this long
+    # writes its phase and every thread's stack and exits non-zero; the process groups' timeouts follow
+    # it (0: off, and process groups time out after 30 minutes).
+    hang_timeout_minutes: float = 30.0
+    # After SIGTERM/SIGUSR1, a rank that makes no progress for this long is stuck (e.g. in a collective a
+    # peer never joins): stacks and a non-zero exit instead of waiting for SIGKILL. Keep it below the time
+    # the scheduler leaves between the signal and SIGKILL (the sbatch scripts: USR1 600 s before).
+    stop_grace_minutes: float = 5.0
     seed: int = 1234
 
     @property
@@ -401,6 +409,8 @@ def validate(cfg: Config, world_size: int | None = None, *, model_shape: ModelSh
     _check(t.prompts_per_step >= 1, "train.prompts_per_step", t.prompts_per_step, "must be >= 1")
     _check(t.max_rollout_rounds >= 1, "train.max_rollout_rounds", t.max_rollout_rounds, "must be >= 1")
     _check(t.exit_after_minutes >= 0, "train.exit_after_minutes", t.exit_after_minutes, "must be >= 0 (0: off)")
+    _check(t.hang_timeout_minutes >= 0, "train.hang_timeout_minutes", t.hang_timeout_minutes, "must be >= 0 (0: off)")
+    _check(t.stop_grace_minutes > 0, "train.stop_grace_minutes", t.stop_grace_minutes, "must be > 0")
     _check(t.warn_verify_timeout_frac >= 0, "train.warn_verify_timeout_frac", t.warn_verify_timeout_frac,
            "must be >= 0")
     _check(cfg.sft.checkpoint_interval >= 0, "sft.checkpoint_interval", cfg.sft.checkpoint_interval,

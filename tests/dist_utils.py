@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import socket
 import tempfile
+import time
 import traceback
 
 import torch
@@ -47,17 +48,27 @@ def _worker(rank, world_size, port, result_path, backend, fn, args):
         dist.destroy_process_group()
 
 
-def run_distributed(fn, *args, world_size: int = 2, backend: str = "gloo"):
+def run_distributed(fn, *args, world_size: int = 2, backend: str = "gloo", timeout_s: float = 900.0):
     """Run ``fn(rank, world_size, *args)`` on ``world_size`` ranks (gloo, or nccl for GPU tests);
-    return rank 0's result."""
+    return rank 0's result. Ranks still running after ``timeout_s`` are killed and the test fails
+    (a deadlock must fail the test, not hang the suite)."""
     with tempfile.TemporaryDirectory() as tmp:
         result_path = os.path.join(tmp, "result.pt")
-        mp.spawn(
+        context = mp.start_processes(
             _worker,
             args=(world_size, free_port(), result_path, backend, fn, args),
             nprocs=world_size,
-            join=True,
+            join=False,
+            start_method="spawn",
         )
+        deadline = time.monotonic() + timeout_s
+        while not context.join(timeout=max(0.0, deadline - time.monotonic())):
+            if time.monotonic() >= deadline:
+                for process in context.processes:
+                    if process.is_alive():
+                        process.kill()
+                raise TimeoutError(f"{getattr(fn, '__name__', fn)} on {world_size} ranks still running after "
+                                   f"{timeout_s:.0f} s: killed (a deadlock?)")
         if os.path.exists(result_path):
             return torch.load(result_path, weights_only=False)
         return None

@@ -181,11 +181,26 @@ def test_corrupt_checkpoints_fall_back_to_the_previous_one_and_stop_when_none_lo
     assert "resumed from step 0" in out
 
     steps = sorted(n for n in os.listdir(os.path.join(run_dir, "ckpt")) if n.startswith("step_"))
-    for name in steps:
+    for name in steps[:-1]:
         truncate_tensors(os.path.join(run_dir, "ckpt", name))
+    # The newest one's tensors are fine, but its trainer state would run code on loading.
+    import torch
+
+    marker = os.path.join(run_dir, "payload_ran")
+    newest_state = os.path.join(run_dir, "ckpt", steps[-1], "trainer_state.pt")
+    torch.save({"step": 2, "payload": CodeRunningPayload(marker)}, newest_state)
     out = run_failing(overrides(fixture, run_dir, "train.steps=4", *settings))
-    assert f"no checkpoint could be loaded: {steps[-1]} (" in out, out[-3000:]
+    assert f"no checkpoint could be loaded: {steps[-1]} (CheckpointError: {newest_state}: refused" in out, out[-3000:]
     assert all(f"{name} (" in out for name in steps), out[-3000:]
+    assert not os.path.exists(marker)
+
+
+class CodeRunningPayload:
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
 
 
 def torchrun(script, args: list[str], **kwargs) -> subprocess.Popen:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import pickle
 
 import torch
 from megatron.core import dist_checkpointing
@@ -58,6 +59,56 @@ def write_model_metadata(ckpt_dir: str, hf_meta_dir: str, meta: dict) -> None:
         json.dump({"format": "megatron-prime/torch_dist", "version": 1, **meta}, f)
 
 
+def load_plain_data(path: str):
+    """A file of plain data written with ``torch.save`` (tensors, numbers, strings, lists, dicts),
+    read with ``weights_only=True``: a crafted pickle cannot run code, it is refused naming the file."""
+    try:
+        return torch.load(path, weights_only=True)
+    except pickle.UnpicklingError as e:
+        reason = str(e).strip().splitlines()[0]
+        raise CheckpointError(f"{path}: refused: it holds more than plain data (tensors, numbers, strings, lists, "
+                              f"dicts), which loading could run as code ({reason})") from None
+
+
+# Everything torch's distributed-checkpoint metadata pickles reference (torch 2.4 - 2.13): its own
+# dataclasses and enums, torch's sizes, dtypes and layouts, paths. Constructing any of them runs
+# no code of the file's choosing (whole modules are not allowed: they also hold functions).
+_DCP = "torch.distributed.checkpoint."
+_DCP_METADATA_GLOBALS = {
+    *((_DCP + "metadata", name) for name in (
+        "Metadata", "TensorStorageMetadata", "BytesStorageMetadata", "TensorProperties", "ChunkStorageMetadata",
+        "MetadataIndex", "StorageMeta", "_MEM_FORMAT_ENCODING")),
+    *((_DCP + "planner", name) for name in (
+        "SavePlan", "WriteItem", "WriteItemType", "TensorWriteData", "LoadPlan", "ReadItem", "LoadItemType")),
+    (_DCP + "filesystem", "_StorageInfo"),
+    ("torch", "Size"), ("torch.serialization", "_get_layout"), ("collections", "OrderedDict"),
+    ("pathlib", "PosixPath"), ("pathlib", "PurePosixPath"),
+    *(("torch", name) for name in ("float64", "float32", "float16", "bfloat16", "int64", "int32", "int16",
+                                   "int8", "uint8", "bool", "float8_e4m3fn", "float8_e5m2", "complex64")),
+}
+
+
+class _MetadataOnly(pickle.Unpickler):
+    def find_class(self, module, name):
+        if (module, name) in _DCP_METADATA_GLOBALS:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"it references {module}.{name}")
+
+
+def check_dcp_metadata(ckpt_dir: str) -> None:
+    """torch reads a distributed checkpoint's ``.metadata`` with plain pickle, which would run any
+    code a crafted file names: read it first with an unpickler that knows only the checkpoint
+    metadata types, and refuse the directory otherwise (one line, naming the file)."""
+    path = os.path.join(ckpt_dir, ".metadata")
+    if not os.path.exists(path):
+        return  # dist_checkpointing reports a missing file itself
+    try:
+        with open(path, "rb") as f:
+            _MetadataOnly(f).load()
+    except (pickle.UnpicklingError, EOFError, AttributeError, ImportError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}: refused: not plain distributed-checkpoint metadata ({e})") from None
+
+
 def read_meta(mcore_dir: str) -> dict:
     path = os.path.join(mcore_dir, META_FILE)
     if not os.path.exists(path):
@@ -76,6 +127,7 @@ def read_arch(mcore_dir: str) -> HFArch:
 def load_model(model, mcore_dir: str) -> None:
     """Load a checkpoint written at any TP/PP into this rank's shards of ``model``."""
     read_arch(mcore_dir)
+    check_dcp_metadata(mcore_dir)
     inner = unwrap(model)
     requested = inner.sharded_state_dict()
     try:

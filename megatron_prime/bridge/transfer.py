@@ -38,6 +38,7 @@ from megatron_prime.bridge.mapping import (
 from megatron_prime.models.gpt import padded_vocab_size
 from megatron_prime.models.hf_config import HFArch
 from megatron_prime.models.wrappers import unwrap
+from megatron_prime.platform import watchdog
 
 Bucket = list[tuple[str, torch.Tensor]]
 
@@ -199,6 +200,7 @@ def export_hf_weights(model, arch: HFArch, bucket_bytes: int = 512 * 2**20,
     device = next(iter(params.values())).device
 
     for names in _param_buckets(arch, bucket_bytes, dtype.itemsize, tp_size):
+        watchdog.heartbeat()
         bucket: Bucket = []
         with torch.no_grad():
             gathers = {name: _start_gather(arch, param_spec(arch, name), params[name].detach(), to_all_ranks)

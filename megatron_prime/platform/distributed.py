@@ -7,6 +7,7 @@ nccl on GPU, gloo on CPU. On CPU the megatron-core CPU backend (``cpu_backend``)
 from __future__ import annotations
 
 import datetime
+import math
 import os
 import pickle
 import re
@@ -17,7 +18,7 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 
-from megatron_prime.platform import cpu_backend
+from megatron_prime.platform import cpu_backend, watchdog
 
 
 @dataclass(frozen=True)
@@ -175,7 +176,8 @@ def init_process_group(timeout_minutes: float = 30.0) -> LaunchEnv:
     return env
 
 
-def init_model_parallel(tp: int = 1, pp: int = 1, cp: int = 1, ep: int = 1, seed: int = 1234) -> None:
+def init_model_parallel(tp: int = 1, pp: int = 1, cp: int = 1, ep: int = 1, seed: int = 1234,
+                        timeout_minutes: float = 30.0) -> None:
     """Megatron ``parallel_state`` over the initialised world, plus its model-parallel RNG."""
     from megatron.core import parallel_state, tensor_parallel
 
@@ -187,13 +189,19 @@ def init_model_parallel(tp: int = 1, pp: int = 1, cp: int = 1, ep: int = 1, seed
         pipeline_model_parallel_size=pp,
         context_parallel_size=cp,
         expert_model_parallel_size=ep,
+        distributed_timeout_minutes=max(1, math.ceil(timeout_minutes)),
     )
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
 
 
-def setup(tp: int = 1, pp: int = 1, cp: int = 1, ep: int = 1, seed: int = 1234) -> LaunchEnv:
-    env = init_process_group()
-    init_model_parallel(tp, pp, cp, ep, seed)
+def setup(tp: int = 1, pp: int = 1, cp: int = 1, ep: int = 1, seed: int = 1234,
+          hang_timeout_minutes: float = 0.0) -> LaunchEnv:
+    """Process groups and Megatron's parallel state. Collectives time out after
+    ``hang_timeout_minutes`` (the watchdog's setting; 0: torch's default of 30 minutes)."""
+    timeout = hang_timeout_minutes or 30.0
+    env = init_process_group(timeout)
+    watchdog.share_with_peers(dist.distributed_c10d._get_default_store(), env.world_size)
+    init_model_parallel(tp, pp, cp, ep, seed, timeout)
     return env
 
 

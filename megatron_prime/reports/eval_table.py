@@ -130,7 +130,7 @@ def run_benchmarks(fleet, tokenizer, benchmarks: list[Benchmark], settings: Eval
                             {b.name: [i for i in range(len(b.rows)) if i not in done[b.name]] for b in loaded})
     per_step = chunk * len(fleet.groups)
     for b in loaded:
-        sampling = sampling_params(tokenizer, n=settings.samples, temperature=settings.temperature,
+        sampling = sampling_params(fleet, n=settings.samples, temperature=settings.temperature,
                                    top_p=settings.top_p, max_new_tokens=settings.max_new_tokens,
                                    seed=benchmark_seed(settings.seed, b.name))
         start, total = time.perf_counter(), len(b.rows)

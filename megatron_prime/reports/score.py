@@ -105,7 +105,7 @@ def responses_from_policy(policy: str, rows, n: int, *, temperature: float, max_
     fleet, tokenizer = start_fleet(policy, seed=seed, cache_dir=cache_dir)
     groups = []
     try:
-        sampling = sampling_params(tokenizer, n=n, temperature=temperature, max_new_tokens=max_new_tokens, seed=seed)
+        sampling = sampling_params(fleet, n=n, temperature=temperature, max_new_tokens=max_new_tokens, seed=seed)
         for start in range(0, len(rows), chunk):
             groups += fleet_graded_responses(fleet, rows[start:start + chunk], tokenizer, render_prompt, sampling,
                                              max_prompt_len=max_prompt_len, prompt_offset=start)

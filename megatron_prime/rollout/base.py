@@ -8,7 +8,8 @@ trusts these numbers for the loss (old log-probs are recomputed by Megatron); th
 the train/rollout mismatch metric and optional truncated importance sampling.
 
 Stop tokens: a response ends when it samples any of ``SamplingParams.stop_token_ids`` or
-the tokenizer's eos token(s). The stop token is *kept* in ``Response.token_ids`` (with its
+the model's end tokens (``end_token_ids``: the tokenizer's eos and the generation config's,
+as vLLM and SGLang read them; the trainer passes them as ``stop_token_ids`` to every engine). The stop token is *kept* in ``Response.token_ids`` (with its
 log-prob) and ``finish_reason`` is "stop"; hitting ``max_new_tokens`` first gives "length".
 
 Order: ``generate`` returns ``len(prompts) * n`` responses, prompt-major: the n samples of
@@ -19,6 +20,8 @@ from __future__ import annotations
 
 import abc
 import hashlib
+import json
+import os
 from dataclasses import dataclass
 from typing import Iterable, Literal, Sequence
 
@@ -38,6 +41,21 @@ class RolloutError(RuntimeError):
 
     def __reduce__(self):  # picklable, so other ranks can raise it too
         return (type(self), (self.engine, self.request, self.reason))
+
+
+def end_token_ids(model_dir: str, tokenizer) -> tuple[int, ...]:
+    """The tokens that end a response of the model in ``model_dir``: the tokenizer's eos and the
+    generation config's ``eos_token_id`` (an id or a list: chat models list their end-of-turn token
+    there), from ``generation_config.json``, else ``config.json`` — what vLLM and SGLang stop at."""
+    ids = [getattr(tokenizer, "eos_token_id", None)]
+    for name in ("generation_config.json", "config.json"):
+        path = os.path.join(model_dir, name)
+        if os.path.isfile(path):
+            with open(path) as f:
+                eos = json.load(f).get("eos_token_id")
+            ids += eos if isinstance(eos, list) else [eos]
+            break
+    return tuple(sorted({int(t) for t in ids if t is not None}))
 
 
 @dataclass

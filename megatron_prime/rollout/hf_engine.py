@@ -37,8 +37,8 @@ class HFEngine(RolloutEngine):
     ``PreTrainedModel`` (used as is, moved to ``device``/``dtype``).
     ``tokenizer``: used for ``Response.text`` and its eos; loaded from the directory when
     omitted and present there; without one, ``text`` is "".
-    ``eos_token_ids``: tokens that always stop a response; default: the tokenizer's eos,
-    else the model's generation/config eos.
+    ``eos_token_ids``: tokens that always stop a response; default: the tokenizer's eos and the
+    model's generation config eos (``base.end_token_ids``, as vLLM and SGLang).
     """
 
     name = "hf"
@@ -90,14 +90,12 @@ class HFEngine(RolloutEngine):
         self._params = dict(self.model.named_parameters(remove_duplicate=False))
 
     def _default_eos(self) -> tuple[int, ...]:
-        for source in (
-            getattr(self.tokenizer, "eos_token_id", None),
-            getattr(getattr(self.model, "generation_config", None), "eos_token_id", None),
-            getattr(self.model.config, "eos_token_id", None),
-        ):
-            if source is not None:
-                return tuple(source) if isinstance(source, (list, tuple)) else (int(source),)
-        return ()
+        # transformers fills the generation config from generation_config.json, else config.json
+        config = getattr(self.model, "generation_config", None) or self.model.config
+        ids = [getattr(self.tokenizer, "eos_token_id", None)]
+        eos = getattr(config, "eos_token_id", None)
+        ids += list(eos) if isinstance(eos, (list, tuple)) else [eos]
+        return tuple(sorted({int(t) for t in ids if t is not None}))
 
     def _new_cache(self):
         from transformers import DynamicCache

@@ -11,6 +11,11 @@ Each step directory appears in one rename once every rank has written (so a visi
 complete); ``policy/`` and ``prm/`` are also plain model checkpoints that
 ``checkpoints_convert/mcore_to_hf.py`` converts. A directory that fails to load (corrupt or
 truncated files) is skipped with a warning and the previous one is used.
+
+Loading runs no code from the files: our own files hold plain data only (tensors, numbers,
+strings, lists, dicts) and are read with ``torch.load(weights_only=True)``; the distributed
+checkpoint's ``.metadata`` (which torch reads with plain pickle) is first checked to reference
+nothing but torch's checkpoint metadata types (``mcore_io.check_dcp_metadata``).
 """
 
 from __future__ import annotations
@@ -26,8 +31,9 @@ from megatron.core import dist_checkpointing, parallel_state
 
 from megatron_prime.bridge.atomic_dir import DistributedAtomicDir
 from megatron_prime.bridge.hf_io import CheckpointError
-from megatron_prime.bridge.mcore_io import read_meta, write_model_metadata
+from megatron_prime.bridge.mcore_io import check_dcp_metadata, load_plain_data, read_meta, write_model_metadata
 from megatron_prime.models.wrappers import unwrap
+from megatron_prime.platform import watchdog
 from megatron_prime.platform.distributed import any_rank, is_rank0
 from megatron_prime.training.models import TrainableModel
 
@@ -107,6 +113,7 @@ def save_checkpoint(root: str, step: int, models: dict[str, TrainableModel], tra
     final = step_dir(root, step)
     with DistributedAtomicDir(final) as tmp:
         for name, tm in models.items():
+            watchdog.heartbeat()
             path = os.path.join(tmp, name)
             if is_rank0():
                 os.makedirs(path)
@@ -202,20 +209,21 @@ def load_checkpoint(path: str, models: dict[str, TrainableModel]) -> dict:
     """Load one step directory into ``models``; returns the trainer state (on every rank)."""
     for name, tm in models.items():
         sub = os.path.join(path, name)
+        check_dcp_metadata(sub)
         state = dist_checkpointing.load(_model_state(tm, is_loading=True), sub)
         unwrap(tm.model).load_state_dict(state["model"])
         with torch.no_grad():  # the loader copies into parameters in place
             tm.optimizer.load_state_dict(state["optimizer"])
         _restore_adam_step(tm, state["optimizer"])
-        tm.scheduler.load_state_dict(torch.load(os.path.join(sub, "scheduler.pt"), weights_only=False))
+        tm.scheduler.load_state_dict(load_plain_data(os.path.join(sub, "scheduler.pt")))
     rank = dist.get_rank() if dist.is_initialized() else 0
     rng_path = os.path.join(path, "rng", f"rank_{rank:05d}.pt")
     if os.path.exists(rng_path):  # absent when resuming on a different number of ranks
-        rng = torch.load(rng_path, weights_only=False)
+        rng = load_plain_data(rng_path)
         torch.set_rng_state(rng["torch"])
         if rng["cuda"] is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state(rng["cuda"])
-    return torch.load(os.path.join(path, "trainer_state.pt"), weights_only=False)
+    return load_plain_data(os.path.join(path, "trainer_state.pt"))
 
 
 def resume(root: str, resume_from: str, models: dict[str, TrainableModel]) -> dict | None:

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from megatron_prime.platform.distributed import broadcast_object
 from megatron_prime.rewards import score_batch
 from megatron_prime.rollout.base import Response, SamplingParams
-from megatron_prime.training.rollout_collect import stop_token_ids, tokenize_prompts
+from megatron_prime.training.rollout_collect import tokenize_prompts
 from megatron_prime.training.rollout_fleet import RolloutFleet
 
 
@@ -22,10 +22,11 @@ class GradedResponse:
     score: float  # the row's verifier: math 0/1, code the fraction of tests passed
 
 
-def sampling_params(tokenizer, *, n: int, temperature: float, max_new_tokens: int, seed: int | None = None,
-                    top_p: float = 1.0, top_k: int = -1) -> SamplingParams:
+def sampling_params(fleet: RolloutFleet, *, n: int, temperature: float, max_new_tokens: int,
+                    seed: int | None = None, top_p: float = 1.0, top_k: int = -1) -> SamplingParams:
+    """Sampling on ``fleet``'s engines, which stop at the model's end tokens."""
     return SamplingParams(n=n, temperature=temperature, top_p=top_p, top_k=top_k, max_new_tokens=max_new_tokens,
-                          stop_token_ids=stop_token_ids(tokenizer), seed=seed)
+                          stop_token_ids=fleet.end_tokens, seed=seed)
 
 
 def scores(rows, responses, n: int = 1) -> list[float]:
@@ -56,29 +57,13 @@ def fleet_graded_responses(fleet: RolloutFleet, rows, tokenizer, render, samplin
     return None if parts is None else [group for p in parts if p is not None for group in p]
 
 
-def greedy_responses(engine, rows, tokenizer, render, *, max_prompt_len: int, max_new_tokens: int):
-    prompts = tokenize_prompts(rows, tokenizer, max_prompt_len, render)
-    sampling = sampling_params(tokenizer, n=1, temperature=0.0, max_new_tokens=max_new_tokens)
-    return engine.generate([ids for ids, _ in prompts], sampling)
-
-
-def greedy_accuracy(engine, rows, tokenizer, render, *, max_prompt_len: int, max_new_tokens: int) -> float:
-    """Fraction of ``rows`` whose greedy response the row's verifier accepts (mean reward)."""
-    if not rows:
-        return float("nan")
-    responses = greedy_responses(engine, rows, tokenizer, render, max_prompt_len=max_prompt_len,
-                                 max_new_tokens=max_new_tokens)
-    values = scores(rows, responses)
-    return sum(values) / len(values)
-
-
 def fleet_greedy_accuracy(fleet: RolloutFleet, rows, tokenizer, render, *, max_prompt_len: int,
                           max_new_tokens: int) -> float:
     """``greedy_accuracy`` with the rows spread over the fleet's engines; the same value on every
     rank. ``rows`` must be the same on every rank."""
     if not rows:
         return float("nan")
-    sampling = sampling_params(tokenizer, n=1, temperature=0.0, max_new_tokens=max_new_tokens)
+    sampling = sampling_params(fleet, n=1, temperature=0.0, max_new_tokens=max_new_tokens)
     groups = fleet_graded_responses(fleet, rows, tokenizer, render, sampling, max_prompt_len=max_prompt_len)
     values = None if groups is None else [g[0].score for g in groups]
     return broadcast_object(None if values is None else sum(values) / len(values))

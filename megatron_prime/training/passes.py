@@ -24,6 +24,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron_prime.algorithm import accumulate_metrics
 from megatron_prime.models.forward import attention_mask_4d, broadcast_from_last_stage, position_ids_for
 from megatron_prime.models.wrappers import unwrap
+from megatron_prime.platform import watchdog
 from megatron_prime.training.batch import RolloutBatch, micro_batch_rows
 from megatron_prime.training.vocab_parallel import output_layer_logprobs
 
@@ -144,8 +145,12 @@ def run_pass(
         return loss, torch.tensor(int(count), dtype=torch.int), out
 
     def forward_step(data_iterator, model_chunk):
+        watchdog.heartbeat()
         mb = next(data_iterator)
-        output = model_chunk(mb["input_ids"], mb["position_ids"], mb["attention_mask"])
+        # Only around the model call: the schedule's finalize_model_grads must see the last stage
+        # as it is, or a tied output layer skips the embedding all-reduce the first stage is in.
+        with hidden_states_out(inner):
+            output = model_chunk(mb["input_ids"], mb["position_ids"], mb["attention_mask"])
         return output, partial(loss_func, mb)
 
     if forward_only:
@@ -153,7 +158,7 @@ def run_pass(
     else:
         model.train()
     context = torch.no_grad() if forward_only else torch.enable_grad()
-    with context, hidden_states_out(inner):
+    with context:
         outputs = get_forward_backward_func()(
             forward_step_func=forward_step,
             data_iterator=iter(micro_batches),

@@ -33,7 +33,7 @@ from megatron_prime.algorithm import (
 )
 from megatron_prime.config import Config
 from megatron_prime.models.hf_config import HFArch
-from megatron_prime.platform import distributed
+from megatron_prime.platform import distributed, watchdog
 from megatron_prime.platform.distributed import broadcast_object
 from megatron_prime.training.batch import RolloutBatch, build_rollout_batch
 from megatron_prime.training.data_parallel import dp_rank_and_size, dp_rows, gather_dp_rows, reduce_metric_pairs
@@ -70,7 +70,8 @@ class PhaseTimer:
     @contextmanager
     def __call__(self, name: str):
         t0 = time.perf_counter()
-        yield
+        with watchdog.phase(name):  # what a hang report names
+            yield
         self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t0
 
     def metrics(self) -> dict[str, float]:
@@ -87,7 +88,7 @@ def prime_step(ctx: PrimeContext, step: int) -> tuple[dict[str, float], list[Gro
 
     # 1-3. Rollout K responses per prompt on the engines, verify, accuracy filter (rank 0 decides).
     offload = cfg.train.offload and torch.cuda.is_available()
-    with offloaded(ctx.policy, ctx.prm, enabled=offload):
+    with offloaded(ctx.policy, ctx.prm, enabled=offload), watchdog.phase("rollout"):
         groups, stats = collect_groups(ctx.fleet, ctx.sampler, ctx.buffer, ctx.tokenizer, cfg, step, ctx.render)
         ctx.fleet.sleep()  # the engines give their memory back while Megatron trains
     if stats is not None:

@@ -14,6 +14,7 @@ import torch
 from megatron_prime.algorithm import PromptBuffer, filter_groups
 from megatron_prime.config import Config
 from megatron_prime.data import PromptRow
+from megatron_prime.platform import watchdog
 from megatron_prime.platform.distributed import broadcast_object, is_rank0, on_rank0
 from megatron_prime.rewards import score_batch
 from megatron_prime.rollout.base import SamplingParams
@@ -72,11 +73,6 @@ def tokenize_prompts(rows, tokenizer, max_prompt_len: int, render) -> list[tuple
     return out
 
 
-def stop_token_ids(tokenizer) -> tuple[int, ...]:
-    """Responses end at the tokenizer's eos (engines also stop at the model's own eos)."""
-    return tuple(t for t in [tokenizer.eos_token_id] if t is not None)
-
-
 def generate_and_verify(fleet: RolloutFleet, rows, tokenizer, cfg: Config, seed: int, render,
                         stats: CollectStats | None, num_workers: int = 4) -> list[Group] | None:
     """K responses for each of ``rows`` (the same rows on every rank), generated and verified
@@ -88,7 +84,7 @@ def generate_and_verify(fleet: RolloutFleet, rows, tokenizer, cfg: Config, seed:
         r = cfg.rollout
         sampling = SamplingParams(
             n=r.n, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k, max_new_tokens=cfg.data.max_response_len,
-            stop_token_ids=stop_token_ids(tokenizer), seed=seed,
+            stop_token_ids=fleet.end_tokens, seed=seed,
             prompt_offset=offset,  # global prompt index: samples independent of the engine count
         )
         start = time.perf_counter()
@@ -157,6 +153,7 @@ def collect_groups(fleet: RolloutFleet, sampler, buffer: PromptBuffer, tokenizer
         rows = broadcast_object(next_round() if more else None)
         if rows is None:
             break
+        watchdog.heartbeat()
         groups = generate_and_verify(fleet, rows, tokenizer, cfg, round_seed(cfg.train.seed, step, rounds),
                                      render, stats)
         rounds += 1

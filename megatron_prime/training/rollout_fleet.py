@@ -35,7 +35,7 @@ from megatron_prime.models.hf_config import HFArch
 from megatron_prime.platform import distributed
 from megatron_prime.platform.distributed import all_gather_object, picklable_error, run_everywhere
 from megatron_prime.rollout import RolloutEngine, RolloutError, build_engine
-from megatron_prime.rollout.base import MEMORY_TAGS, SamplingParams
+from megatron_prime.rollout.base import MEMORY_TAGS, SamplingParams, end_token_ids
 
 VLLM_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}  # the engine computes in the trainer's dtype
 
@@ -65,6 +65,7 @@ class RolloutFleet:
     policy: Any  # the (wrapped) Megatron policy whose weights the engines receive
     arch: HFArch
     export_to_all_ranks: bool  # every rank feeds an engine (colocated) or rank 0 only (remote)
+    end_tokens: tuple[int, ...] = ()  # what every response stops at (``rollout.base.end_token_ids``)
     bucket_bytes: int = 512 * 2**20
     max_restarts: int = 1
     released: list[str] = field(default_factory=list)  # memory tags the engines released
@@ -202,6 +203,7 @@ def build_fleet(cfg: Config, tokenizer, policy, arch: HFArch) -> RolloutFleet:
     """Start this rank's engine (collective: every rank calls it) and describe the fleet."""
     r = cfg.rollout
     rank, world = _world()
+    end_tokens = end_token_ids(cfg.model.hf_path, tokenizer)
     if r.mode == "remote":
         groups = [[0]]
 
@@ -218,7 +220,7 @@ def build_fleet(cfg: Config, tokenizer, policy, arch: HFArch) -> RolloutFleet:
             return engine
 
         return RolloutFleet(groups, run_everywhere(start), policy, arch, export_to_all_ranks=False,
-                            bucket_bytes=r.bucket_mb * 2**20, max_restarts=r.max_restarts)
+                            end_tokens=end_tokens, bucket_bytes=r.bucket_mb * 2**20, max_restarts=r.max_restarts)
 
     ranks_per_engine = 1 if r.engine == "hf" else r.tp
     groups = engine_groups(world, ranks_per_engine)
@@ -249,4 +251,4 @@ def build_fleet(cfg: Config, tokenizer, policy, arch: HFArch) -> RolloutFleet:
                             max_model_len=cfg.data.max_prompt_len + cfg.data.max_response_len)
 
     return RolloutFleet(groups, run_everywhere(start), policy, arch, export_to_all_ranks=True,
-                        bucket_bytes=r.bucket_mb * 2**20, max_restarts=r.max_restarts)
+                        end_tokens=end_tokens, bucket_bytes=r.bucket_mb * 2**20, max_restarts=r.max_restarts)

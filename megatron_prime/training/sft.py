@@ -19,6 +19,7 @@ from megatron_prime.data.lengths import describe_dropped, split_overlong_sft
 from megatron_prime.models.hf_config import read_hf_config
 from megatron_prime.models.wrappers import unwrap
 from megatron_prime.platform import distributed
+from megatron_prime.platform import watchdog
 from megatron_prime.platform.distributed import is_rank0
 from megatron_prime.training import checkpoint
 from megatron_prime.training.batch import build_rollout_batch
@@ -26,7 +27,7 @@ from megatron_prime.training.data_parallel import dp_rows, reduce_metric_pairs
 from megatron_prime.training.models import build_trainable
 from megatron_prime.training.passes import run_pass
 from megatron_prime.training.preemption import StopRequest
-from megatron_prime.training.trainer import load_initial_weights, model_options
+from megatron_prime.training.trainer import load_initial_weights, model_options, start_watchdog
 from megatron_prime.training.validation import validate_run
 
 
@@ -87,11 +88,17 @@ def sft(cfg: Config) -> dict:
     """Supervised fine-tuning with periodic atomic checkpoints (``sft.output_dir/checkpoints``,
     every ``sft.checkpoint_interval`` steps): a rerun resumes from the newest (``checkpoint.resume``),
     and a stop signal or ``train.exit_after_minutes`` checkpoints and stops at a step boundary."""
+    launch = distributed.detect_launch_env()
+    validate_run(cfg, world_size=launch.world_size, stage="sft")
+    with start_watchdog(cfg, launch.rank), StopRequest(cfg.train.exit_after_minutes) as stop:
+        distributed.setup(cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.cp, cfg.parallel.ep, cfg.train.seed,
+                          hang_timeout_minutes=cfg.train.hang_timeout_minutes)
+        return _sft(cfg, stop)
+
+
+def _sft(cfg: Config, stop: StopRequest) -> dict:
     from transformers import AutoTokenizer
 
-    validate_run(cfg, world_size=distributed.detect_launch_env().world_size, stage="sft")
-    distributed.setup(cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.cp, cfg.parallel.ep, cfg.train.seed)
-    stop = StopRequest(cfg.train.exit_after_minutes)
     s = cfg.sft
     ckpt_root = os.path.join(s.output_dir, "checkpoints")
     if is_rank0():
@@ -122,11 +129,13 @@ def sft(cfg: Config) -> dict:
             print(f"[sft] resumed from step {state['step']} ({ckpt_root})", flush=True)
 
     def save(step: int) -> None:
-        checkpoint.save_checkpoint(ckpt_root, step, {"policy": policy}, {"sft": batches.state_dict()},
-                                   cfg.model.hf_path, cfg.checkpoint.keep_last, cfg.model.dtype)
+        with watchdog.phase("checkpoint"):
+            checkpoint.save_checkpoint(ckpt_root, step, {"policy": policy}, {"sft": batches.state_dict()},
+                                       cfg.model.hf_path, cfg.checkpoint.keep_last, cfg.model.dtype)
 
     start, history, stopped = time.time(), [], None
     for step in range(start_step, s.steps):
+        watchdog.set_step(step)
         picked = batches.next()
         batch = build_rollout_batch(
             prompts=[prompts[i] for i in picked], responses=[responses[i] for i in picked],
@@ -134,9 +143,10 @@ def sft(cfg: Config) -> dict:
             truncated=[False] * len(picked), group_size=1, pad_id=pad,
         ).to(distributed.device())
         policy.zero_grad()
-        result = run_pass(policy.model, batch.rows(dp_rows(batch.size)), temperature=1.0,
-                          token_budget=cfg.train.micro_batch_tokens, loss_fn=loss_fn)
-        info = policy.step()
+        with watchdog.phase("sft_update"):
+            result = run_pass(policy.model, batch.rows(dp_rows(batch.size)), temperature=1.0,
+                              token_budget=cfg.train.micro_batch_tokens, loss_fn=loss_fn)
+            info = policy.step()
         nll = metric_means(reduce_metric_pairs(result.metrics)).get("sft/nll", float("nan"))
         history.append(nll)
         if is_rank0() and (step % s.log_every == 0 or step == s.steps - 1):
@@ -155,12 +165,13 @@ def sft(cfg: Config) -> dict:
                 print(f"[sft] stopping after step {step} ({stopped}); run the same command again to resume",
                       flush=True)
             break
-    stop.close()
+    watchdog.set_step(None)
 
     mcore_dir = os.path.join(s.output_dir, "mcore")
     hf_dir = os.path.join(s.output_dir, "hf")
     if stopped is None:
-        save_model(policy.model, mcore_dir, cfg.model.hf_path, extra_meta={"dtype": cfg.model.dtype})
-        write_hf(unwrap(policy.model), arch, hf_dir, cfg.model.hf_path)
+        with watchdog.phase("export"):
+            save_model(policy.model, mcore_dir, cfg.model.hf_path, extra_meta={"dtype": cfg.model.dtype})
+            write_hf(unwrap(policy.model), arch, hf_dir, cfg.model.hf_path)
     return {"mcore": mcore_dir, "hf": hf_dir, "final_nll": history[-1] if history else None, "history": history,
             "stopped": stopped}

@@ -3,6 +3,7 @@ PRIME steps with metrics, evaluation, checkpoints (exact resume) and a final HF 
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass
 
@@ -14,7 +15,7 @@ from megatron_prime.bridge.hf_io import SafetensorsSource
 from megatron_prime.bridge.mcore_io import META_FILE, load_model
 from megatron_prime.bridge.transfer import load_hf_weights
 from megatron_prime.config import Config, ConfigError, config_to_dict
-from megatron_prime.data import DatasetError, PromptSampler, load_prompt_dataset, render_prompt
+from megatron_prime.data import DatasetError, PromptRow, PromptSampler, load_prompt_dataset, render_prompt
 from megatron_prime.data.lengths import describe_dropped, split_overlong_prompts
 from megatron_prime.models.gpt import ModelOptions, resolve_use_te
 from megatron_prime.models.hf_config import read_hf_config
@@ -24,6 +25,8 @@ from megatron_prime.platform.distributed import broadcast_object, is_rank0, on_r
 from megatron_prime.training import checkpoint
 from megatron_prime.training.evaluate import fleet_greedy_accuracy
 from megatron_prime.training.models import TrainableModel, build_frozen, build_trainable
+from megatron_prime.platform import watchdog
+from megatron_prime.platform.watchdog import Watchdog
 from megatron_prime.training.preemption import StopRequest
 from megatron_prime.training.prime_step import PrimeContext, prime_step
 from megatron_prime.training.rollout_fleet import build_fleet
@@ -148,17 +151,29 @@ def _trainable(ctx: PrimeContext) -> dict:
 
 def run_eval(ctx: PrimeContext, eval_rows) -> float:
     """Greedy accuracy with the engines' current (synced) weights; the same value on all ranks."""
-    return fleet_greedy_accuracy(ctx.fleet, eval_rows, ctx.tokenizer, ctx.render,
-                                 max_prompt_len=ctx.cfg.data.max_prompt_len,
-                                 max_new_tokens=ctx.cfg.data.max_response_len)
+    with watchdog.phase("evaluation"):
+        return fleet_greedy_accuracy(ctx.fleet, eval_rows, ctx.tokenizer, ctx.render,
+                                     max_prompt_len=ctx.cfg.data.max_prompt_len,
+                                     max_new_tokens=ctx.cfg.data.max_response_len)
 
 
 def train(cfg: Config) -> dict:
     """Run PRIME training; returns a summary (eval accuracy before/after, final paths, and
     ``stopped``: why the run stopped early at a step boundary, if it did)."""
-    validate_run(cfg, world_size=distributed.detect_launch_env().world_size)
-    distributed.setup(cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.cp, cfg.parallel.ep, cfg.train.seed)
-    stop = StopRequest(cfg.train.exit_after_minutes)  # from here on a signal stops at a step boundary
+    launch = distributed.detect_launch_env()
+    validate_run(cfg, world_size=launch.world_size)
+    with start_watchdog(cfg, launch.rank), StopRequest(cfg.train.exit_after_minutes) as stop:
+        # from here on a signal stops at a step boundary, and a rank that hangs ends the run
+        distributed.setup(cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.cp, cfg.parallel.ep, cfg.train.seed,
+                          hang_timeout_minutes=cfg.train.hang_timeout_minutes)
+        return _train(cfg, stop)
+
+
+def start_watchdog(cfg: Config, rank: int) -> Watchdog:
+    return Watchdog(60.0 * cfg.train.hang_timeout_minutes, 60.0 * cfg.train.stop_grace_minutes, rank=rank)
+
+
+def _train(cfg: Config, stop: StopRequest) -> dict:
     torch.manual_seed(cfg.train.seed)
     set_kernel_fusion(cfg.algorithm.compile_kernels)
     if is_rank0():
@@ -180,7 +195,8 @@ def train(cfg: Config) -> dict:
         start_step = state["step"] + 1
         if is_rank0():
             ctx.sampler.load_state_dict(state["sampler"])
-        ctx.buffer.load_state_dict(state["buffer"])
+        # plain dicts in the checkpoint (it holds data only: nothing in it can run code on loading)
+        ctx.buffer.load_state_dict({"prompts": [PromptRow(**row) for row in state["buffer"]["prompts"]]})
         if is_rank0():
             print(f"resumed from step {state['step']} ({cfg.checkpoint.dir})", flush=True)
     ctx.fleet.sync()  # the engines start from the (possibly resumed) policy
@@ -200,13 +216,15 @@ def train(cfg: Config) -> dict:
 
     def save(step: int) -> None:
         trainer_state = {"sampler": ctx.sampler.state_dict() if is_rank0() else None,
-                         "buffer": ctx.buffer.state_dict()}
-        checkpoint.save_checkpoint(cfg.checkpoint.dir, step, _trainable(ctx), trainer_state,
-                                   cfg.model.hf_path, cfg.checkpoint.keep_last, cfg.model.dtype,
-                                   reference=sources.reference)
+                         "buffer": {"prompts": [dataclasses.asdict(row) for row in ctx.buffer.state_dict()["prompts"]]}}
+        with watchdog.phase("checkpoint"):
+            checkpoint.save_checkpoint(cfg.checkpoint.dir, step, _trainable(ctx), trainer_state,
+                                       cfg.model.hf_path, cfg.checkpoint.keep_last, cfg.model.dtype,
+                                       reference=sources.reference)
 
     # Step s is logged as step s + 1 (step 0 holds the evaluation before training).
     for step in range(start_step, cfg.train.steps):
+        watchdog.set_step(step)
         metrics, groups = prime_step(ctx, step)
         last = step == cfg.train.steps - 1
         if has_eval and (last or (cfg.train.eval_every and (step + 1) % cfg.train.eval_every == 0)):
@@ -230,7 +248,7 @@ def train(cfg: Config) -> dict:
                 print(f"stopping after step {step} ({reason}); checkpoint {checkpoint.step_dir(cfg.checkpoint.dir, step)} "
                       "is complete: run the same command again to resume", flush=True)
             break
-    stop.close()
+    watchdog.set_step(None)
 
     if "stopped" not in summary:
         if has_eval and "eval_after" not in summary:  # every step was done before this run
@@ -238,7 +256,8 @@ def train(cfg: Config) -> dict:
         if cfg.checkpoint.export_hf:
             for name, tm in _trainable(ctx).items():
                 out = os.path.join(cfg.checkpoint.export_dir, name)
-                write_hf(unwrap(tm.model), ctx.arch, out, cfg.model.hf_path)
+                with watchdog.phase("export"):
+                    write_hf(unwrap(tm.model), ctx.arch, out, cfg.model.hf_path)
                 summary[f"export_{name}"] = out
     if logger:
         logger.close()
