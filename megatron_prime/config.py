@@ -82,7 +82,8 @@ class AlgorithmConfig:
     beta: float = 0.05  # implicit PRM reward scale (paper Eq. 3)
     estimator: str = "prime_rloo"  # see megatron_prime.algorithm registry; "rloo" = outcome-only
     gamma: float = 1.0
-    lam: float = 1.0  # GAE lambda
+    # the return of the process rewards: "sum" (paper Eq. 5) or "min" (PURE's min-form credit assignment)
+    process_return: Literal["sum", "min"] = "sum"
     process_coef: float = 1.0
     outcome_coef: float = 1.0
     whiten: bool = False
@@ -132,6 +133,8 @@ class TrainConfig:
     eval_every: int = 0  # greedy accuracy on data.eval_files every N steps (0: start and end only)
     eval_limit: int = 0  # evaluate on the first N eval prompts (0: all)
     warn_verify_timeout_frac: float = 0.01  # warn when more answers than this hit the grader's time limit
+    # warn when more responses than this (mean over 10 steps) get an advantage against their outcome
+    warn_advantage_flip_frac: float = 0.1
     exit_after_minutes: float = 0.0  # checkpoint and exit 0 at the first step boundary after this (0: off)
     # A rank that makes no progress (micro-batch, weight bucket, rollout round, checkpoint) for this long
     # writes its phase and every thread's stack and exits non-zero; the process groups' timeouts follow
@@ -401,16 +404,20 @@ def validate(cfg: Config, world_size: int | None = None, *, model_shape: ModelSh
     if world_size is not None and r.mode == "colocated":
         _check(world_size % r.tp == 0, "rollout.tp", r.tp,
                f"colocated engines take rollout.tp consecutive ranks each: must divide the world size ({world_size})")
+    _check(a.estimator not in ("gae", "ppo"), "algorithm.estimator", a.estimator,
+           "PPO with a learned value model (GAE) is not offered: the trainer builds no critic; use prime_rloo, "
+           "prime_rloo_k_scaled, prime_official, rloo, grpo, reinforce or reinforce_pp")
     if estimators is not None:
         _check(a.estimator in estimators, "algorithm.estimator", a.estimator, f"one of {', '.join(sorted(estimators))}")
-    _check(a.estimator != "gae", "algorithm.estimator", a.estimator,
-           "GAE needs a value model, which the trainer does not build; use prime_rloo, prime_rloo_k_scaled, "
-           "prime_official, rloo, grpo, reinforce or reinforce_pp")
+    _check(a.process_return == "sum" or a.gamma == 1.0, "algorithm.process_return", a.process_return,
+           f"the min-form return has no discount: it needs algorithm.gamma=1 (got {a.gamma})")
     _check(t.prompts_per_step >= 1, "train.prompts_per_step", t.prompts_per_step, "must be >= 1")
     _check(t.max_rollout_rounds >= 1, "train.max_rollout_rounds", t.max_rollout_rounds, "must be >= 1")
     _check(t.exit_after_minutes >= 0, "train.exit_after_minutes", t.exit_after_minutes, "must be >= 0 (0: off)")
     _check(t.hang_timeout_minutes >= 0, "train.hang_timeout_minutes", t.hang_timeout_minutes, "must be >= 0 (0: off)")
     _check(t.stop_grace_minutes > 0, "train.stop_grace_minutes", t.stop_grace_minutes, "must be > 0")
+    _check(0 <= t.warn_advantage_flip_frac <= 1, "train.warn_advantage_flip_frac", t.warn_advantage_flip_frac,
+           "must be in [0, 1]")
     _check(t.warn_verify_timeout_frac >= 0, "train.warn_verify_timeout_frac", t.warn_verify_timeout_frac,
            "must be >= 0")
     _check(cfg.sft.checkpoint_interval >= 0, "sft.checkpoint_interval", cfg.sft.checkpoint_interval,

@@ -9,6 +9,8 @@ import json
 import os
 import sys
 import time
+import warnings
+from collections import deque
 
 # Console summary: (metric key, short label, format)
 CONSOLE_KEYS = (
@@ -20,6 +22,7 @@ CONSOLE_KEYS = (
     ("policy/pg_loss", "pg", "{:+.4f}"),
     ("policy/clip_frac", "clip", "{:.3f}"),
     ("policy/entropy", "ent", "{:.3f}"),
+    ("advantage/flip_frac", "flip", "{:.2f}"),
     ("response/length_mean", "len", "{:.1f}"),
     ("time/step", "s/step", "{:.1f}"),
 )
@@ -74,3 +77,26 @@ class MetricsLogger:
             self.writer.close()
         if self.wandb is not None:
             self.wandb.finish()
+
+
+class SustainedWarning:
+    """A console warning when a metric's mean over the last ``window`` steps stays above ``limit``
+    (at most once per ``window`` steps): a trend worth a person's attention, not one noisy step."""
+
+    def __init__(self, key: str, limit: float, message: str, window: int = 10):
+        self.key, self.limit, self.message, self.window = key, limit, message, window
+        self.recent: deque[float] = deque(maxlen=window)
+        self.quiet_until = -1
+
+    def update(self, step: int, metrics: dict[str, float]) -> bool:
+        """Record ``metrics[key]`` (if present); warn and return True when the window's mean is above."""
+        if self.key not in metrics:
+            return False
+        self.recent.append(float(metrics[self.key]))
+        mean = sum(self.recent) / len(self.recent)
+        if len(self.recent) < self.window or mean <= self.limit or step < self.quiet_until:
+            return False
+        self.quiet_until = step + self.window
+        warnings.warn(f"step {step}: {self.key} averaged {mean:.3f} over the last {self.window} steps, above "
+                      f"{self.limit:g}: {self.message}", stacklevel=2)
+        return True

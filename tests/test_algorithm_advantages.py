@@ -15,8 +15,8 @@ from megatron_prime.algorithm import (
     ADVANTAGE_ESTIMATORS,
     compute_advantages,
     discounted_reverse_cumsum,
-    gae_advantages,
     grpo_advantages,
+    min_form_returns,
     normalize_by_max_return,
     prime_official_advantages,
     prime_rloo_advantages,
@@ -60,6 +60,13 @@ def _reverse_discounted(xs, gamma):
     return out
 
 
+def _process_return(xs, gamma, form):
+    """The return of shaped process rewards: discounted sum (Eq. 5) or the min of the future ones."""
+    if form == "sum":
+        return _reverse_discounted(xs, gamma)
+    return [min(xs[k:]) for k in range(len(xs))]
+
+
 def _mean_std(xs):
     """Mean and unbiased std; a single sample has std 0 (an empty list: mean 0, std 0)."""
     if not xs:
@@ -84,7 +91,7 @@ def _write(out, mask, i, values):
         out[i, t] = v
 
 
-def naive_prime_rloo(rewards, outcome, mask, K, gamma, pc, oc, whiten, k_scaled=False):
+def naive_prime_rloo(rewards, outcome, mask, K, gamma, pc, oc, whiten, form="sum", k_scaled=False):
     B = outcome.shape[0]
     out = torch.zeros(mask.shape, dtype=F64)
     token_rewards = [[rewards[i, t].item() for t in _valid_positions(mask, i)] for i in range(B)]
@@ -100,13 +107,13 @@ def naive_prime_rloo(rewards, outcome, mask, K, gamma, pc, oc, whiten, k_scaled=
             if k_scaled and K > 1:
                 s = r * K / (K - 1) - sum(means[j] for j in group) / (K - 1)
             shaped.append(s)
-        process = _reverse_discounted(shaped, gamma)
+        process = _process_return(shaped, gamma, form)
         outcome_term = outcome[i].item() - outcome_baseline
         _write(out, mask, i, [pc * p + oc * outcome_term for p in process])
     return _naive_whiten(out, mask) if whiten else out
 
 
-def naive_prime_official(rewards, outcome, mask, K, gamma, pc, oc):
+def naive_prime_official(rewards, outcome, mask, K, gamma, pc, oc, form="sum"):
     """The official PRIME pipeline step by step, one response at a time (valid tokens only)."""
     B = outcome.shape[0]
     token_rewards = [[rewards[i, t].item() for t in _valid_positions(mask, i)] for i in range(B)]
@@ -125,16 +132,18 @@ def naive_prime_official(rewards, outcome, mask, K, gamma, pc, oc):
             outcome_rloo = outcome[i].item() - sum(outcome[j].item() for j in others) / (K - 1)
         else:
             process, outcome_rloo = list(token_rewards[i]), outcome[i].item()
-        combined = [pc * x for x in process]
-        if combined:
-            combined[-1] += oc * outcome_rloo
-        # 3. one discounted return of both sources
-        _write(out, mask, i, _reverse_discounted(combined, gamma))
+        outcome_rewards = [0.0] * len(process)
+        if outcome_rewards:
+            outcome_rewards[-1] = oc * outcome_rloo
+        # 3. the returns of both sources (one discounted sum of both, for sum-form)
+        returns = [pc * p + q for p, q in zip(_process_return(process, gamma, form),
+                                              _reverse_discounted(outcome_rewards, gamma))]
+        _write(out, mask, i, returns)
     # 4. always whitened over the batch
     return _naive_whiten(out, mask)
 
 
-def naive_grpo(rewards, outcome, mask, K, gamma, pc, oc, whiten, eps=1e-6):
+def naive_grpo(rewards, outcome, mask, K, gamma, pc, oc, whiten, form="sum", eps=1e-6):
     B = outcome.shape[0]
     out = torch.zeros(mask.shape, dtype=F64)
     for start in range(0, B, K):
@@ -144,39 +153,18 @@ def naive_grpo(rewards, outcome, mask, K, gamma, pc, oc, whiten, eps=1e-6):
         r_mean, r_std = _mean_std(pooled)
         for i in group:
             normalised = [(rewards[i, t].item() - r_mean) / (r_std + eps) for t in _valid_positions(mask, i)]
-            process = _reverse_discounted(normalised, gamma)
+            process = _process_return(normalised, gamma, form)
             outcome_term = (outcome[i].item() - o_mean) / (o_std + eps)
             _write(out, mask, i, [pc * p + oc * outcome_term for p in process])
     return _naive_whiten(out, mask) if whiten else out
 
 
-def naive_reinforce(rewards, outcome, mask, gamma, pc, oc):
+def naive_reinforce(rewards, outcome, mask, gamma, pc, oc, form="sum"):
     out = torch.zeros(mask.shape, dtype=F64)
     for i in range(outcome.shape[0]):
-        process = _reverse_discounted([rewards[i, t].item() for t in _valid_positions(mask, i)], gamma)
+        process = _process_return([rewards[i, t].item() for t in _valid_positions(mask, i)], gamma, form)
         _write(out, mask, i, [pc * p + oc * outcome[i].item() for p in process])
     return out
-
-
-def naive_gae(rewards, outcome, mask, values, gamma, lam, pc, oc):
-    adv = torch.zeros(mask.shape, dtype=F64)
-    ret = torch.zeros(mask.shape, dtype=F64)
-    for i in range(outcome.shape[0]):
-        pos = _valid_positions(mask, i)
-        n = len(pos)
-        r = [pc * rewards[i, t].item() for t in pos]
-        if n:
-            r[-1] += oc * outcome[i].item()
-        v = [values[i, t].item() for t in pos]
-        a, running = [0.0] * n, 0.0
-        for k in reversed(range(n)):
-            next_value = v[k + 1] if k + 1 < n else 0.0
-            delta = r[k] + gamma * next_value - v[k]
-            running = delta + gamma * lam * running
-            a[k] = running
-        _write(adv, mask, i, a)
-        _write(ret, mask, i, [a[k] + v[k] for k in range(n)])
-    return adv, ret
 
 
 # --- random batches ---------------------------------------------------------------------------
@@ -193,9 +181,7 @@ def batches(draw, max_groups=3, max_k=4, max_len=9):
     else:
         mask = torch.rand(B, T, generator=g) < 0.7
     rewards = torch.randn(B, T, generator=g, dtype=F64)
-    values = torch.randn(B, T, generator=g, dtype=F64)
     rewards[~mask] = NAN
-    values[~mask] = NAN
     kind = draw(st.sampled_from(["binary", "fractional", "all_equal"]))
     if kind == "binary":
         outcome = torch.randint(0, 2, (B,), generator=g).to(F64)
@@ -203,18 +189,30 @@ def batches(draw, max_groups=3, max_k=4, max_len=9):
         outcome = torch.rand(B, generator=g, dtype=F64)
     else:
         outcome = torch.full((B,), float(torch.randint(0, 2, (), generator=g)), dtype=F64)
+    process_return = draw(st.sampled_from(["sum", "min"]))
     return dict(
         token_rewards=rewards,
         outcome=outcome,
         mask=mask,
-        values=values,
         group_size=K,
-        gamma=draw(st.sampled_from([1.0, 0.0, 0.5, 0.97])),
-        lam=draw(st.sampled_from([1.0, 0.0, 0.95])),
+        gamma=1.0 if process_return == "min" else draw(st.sampled_from([1.0, 0.0, 0.5, 0.97])),
         process_coef=draw(st.sampled_from([1.0, 0.0, 2.5])),
         outcome_coef=draw(st.sampled_from([1.0, 0.0, 0.5])),
         whiten=draw(st.booleans()),
+        process_return=process_return,
     )
+
+
+def positional(b, *names):
+    """The naive references' positional arguments, from a batch dict."""
+    return tuple(b[name] for name in names)
+
+
+def keywords(b, *names):
+    return {name: b[name] for name in names}
+
+
+CORE = ("token_rewards", "outcome", "mask", "group_size", "gamma", "process_coef", "outcome_coef")
 
 
 # --- discounted reverse cumsum (the shared scan) --------------------------------------------------
@@ -267,7 +265,7 @@ def test_prime_rloo_hand_example_gamma_1():
     # reverse cumsum:  resp1 [0.3, 0.1, -0.1]  resp2 [0.5, 0.15]  resp3 [-0.35]
     # + outcome term:  resp1 [0.8, 0.6, 0.4]   resp2 [-0.5, -0.85] resp3 [0.15]
     rewards, mask = t(HAND_REWARDS)
-    adv = prime_rloo_advantages(rewards, HAND_OUTCOME, mask, group_size=3)
+    adv = prime_rloo_advantages(token_rewards=rewards, outcome=HAND_OUTCOME, mask=mask, group_size=3)
     assert_rows(adv, mask, [[0.8, 0.6, 0.4], [-0.5, -0.85], [0.15]])
 
 
@@ -281,7 +279,8 @@ def test_prime_rloo_hand_example_gamma_half_and_coefs():
     #   resp2: [0.85 - 0.5, 0.3 - 0.5] = [0.35, -0.2]
     #   resp3: [-0.7 + 0.25] = [-0.45]
     rewards, mask = t(HAND_REWARDS)
-    adv = prime_rloo_advantages(rewards, HAND_OUTCOME, mask, 3, gamma=0.5, process_coef=2.0, outcome_coef=0.5)
+    adv = prime_rloo_advantages(token_rewards=rewards, outcome=HAND_OUTCOME, mask=mask, group_size=3, gamma=0.5,
+                                process_coef=2.0, outcome_coef=0.5)
     assert_rows(adv, mask, [[0.8, 0.55, 0.05], [0.35, -0.2], [-0.45]])
 
 
@@ -301,32 +300,53 @@ def test_prime_rloo_k_scaled_variant_hand_example():
 def test_rloo_is_prime_rloo_without_process_rewards():
     # Outcome-only RLOO: only the outcome terms 0.5, -1, 0.5 on every token.
     rewards, mask = t(HAND_REWARDS)
-    adv = rloo_advantages(HAND_OUTCOME, mask, group_size=3)
+    adv = rloo_advantages(outcome=HAND_OUTCOME, mask=mask, group_size=3)
     assert_rows(adv, mask, [[0.5, 0.5, 0.5], [-1.0, -1.0], [0.5]])
     # One switch away: the same numbers from PRIME with process_coef = 0, or with no PRM at all.
-    assert torch.equal(adv, prime_rloo_advantages(rewards, HAND_OUTCOME, mask, 3, process_coef=0.0))
-    assert torch.equal(adv, prime_rloo_advantages(None, HAND_OUTCOME, mask, 3))
+    common = dict(outcome=HAND_OUTCOME, mask=mask, group_size=3)
+    assert torch.equal(adv, prime_rloo_advantages(token_rewards=rewards, process_coef=0.0, **common))
+    assert torch.equal(adv, prime_rloo_advantages(token_rewards=None, **common))
     via_registry = compute_advantages(
         "rloo", token_rewards=rewards, outcome=HAND_OUTCOME, mask=mask, group_size=3
     )
     assert torch.equal(adv, via_registry)
 
 
+def test_prime_rloo_min_form_hand_example():
+    # The same r - b as above: resp1 [0.2, 0.2, -0.1]  resp2 [0.35, 0.15]  resp3 [-0.35]
+    # min over s >= t:  resp1 [-0.1, -0.1, -0.1]  resp2 [0.15, 0.15]  resp3 [-0.35]
+    #   (sum-form gave resp1 [0.3, 0.1, -0.1]: the bad last step now caps every earlier token)
+    # + outcome terms 0.5, -1, 0.5:  resp1 [0.4, 0.4, 0.4]  resp2 [-0.85, -0.85]  resp3 [0.15]
+    rewards, mask = t(HAND_REWARDS)
+    adv = prime_rloo_advantages(token_rewards=rewards, outcome=HAND_OUTCOME, mask=mask, group_size=3,
+                                process_return="min")
+    assert_rows(adv, mask, [[0.4, 0.4, 0.4], [-0.85, -0.85], [0.15]])
+    # A rising run: r - b = [-0.2, 0.5, 0.1] has future minima [-0.2, 0.1, 0.1] (sum-form: [0.4, 0.6, 0.1])
+    rising, mask = t([[-0.2, 0.5, 0.1]])
+    assert_rows(min_form_returns(rising, mask), mask, [[-0.2, 0.1, 0.1]])
+
+
+def test_min_form_skips_holes_and_padding():
+    # x = [3, (masked), -1, 2] -> [-1, 0, -1, 2]; an empty row stays 0
+    x = torch.tensor([[3.0, NAN, -1.0, 2.0], [NAN, NAN, NAN, NAN]], dtype=F64)
+    mask = torch.tensor([[1, 0, 1, 1], [0, 0, 0, 0]])
+    expected = torch.tensor([[-1.0, 0.0, -1.0, 2.0], [0.0, 0.0, 0.0, 0.0]], dtype=F64)
+    torch.testing.assert_close(min_form_returns(x, mask), expected)
+
+
+def test_min_form_needs_gamma_1():
+    rewards, mask = t(HAND_REWARDS)
+    with pytest.raises(ValueError, match="gamma must be 1"):
+        prime_rloo_advantages(token_rewards=rewards, outcome=HAND_OUTCOME, mask=mask, group_size=3, gamma=0.9,
+                              process_return="min")
+
+
 @settings(max_examples=50, deadline=None)
 @given(batches(), st.booleans())
 def test_prime_rloo_matches_naive(b, k_scaled):
-    args = (
-        b["token_rewards"],
-        b["outcome"],
-        b["mask"],
-        b["group_size"],
-        b["gamma"],
-        b["process_coef"],
-        b["outcome_coef"],
-        b["whiten"],
-    )
-    actual = prime_rloo_advantages(*args, k_scaled_tokens=k_scaled)
-    torch.testing.assert_close(actual, naive_prime_rloo(*args, k_scaled=k_scaled), **EXACT)
+    actual = prime_rloo_advantages(**keywords(b, *CORE, "whiten", "process_return"), k_scaled_tokens=k_scaled)
+    expected = naive_prime_rloo(*positional(b, *CORE, "whiten", "process_return"), k_scaled=k_scaled)
+    torch.testing.assert_close(actual, expected, **EXACT)
 
 
 # --- the official PRIME pipeline ----------------------------------------------------------------
@@ -368,7 +388,8 @@ def test_prime_official_hand_example_gamma_1():
     assert_rows(adv, mask, [[7.2 / scale, 2.2 / scale, 15.2 / scale], [-21.8 / scale, -2.8 / scale]])
     # The beta placement does not matter: the raw log-ratios q = r / 0.05 give the same advantages.
     torch.testing.assert_close(
-        prime_official_advantages(rewards / 0.05, OFFICIAL_OUTCOME, mask, 2), adv, **EXACT
+        prime_official_advantages(token_rewards=rewards / 0.05, outcome=OFFICIAL_OUTCOME, mask=mask, group_size=2),
+        adv, **EXACT,
     )
 
 
@@ -378,11 +399,12 @@ def test_prime_official_outcome_on_last_token_with_gamma_below_1():
     #   mean 0.25/5 = 0.05; deviations [0.2, 0.45, 0.95, -0.55, -1.05];
     #   squares 0.04 + 0.2025 + 0.9025 + 0.3025 + 1.1025 = 2.55 -> unbiased var 0.6375
     rewards, mask = t(OFFICIAL_REWARDS)
-    adv = prime_official_advantages(rewards, OFFICIAL_OUTCOME, mask, 2, gamma=0.5, process_coef=0.0)
+    common = dict(outcome=OFFICIAL_OUTCOME, mask=mask, group_size=2, gamma=0.5)
+    adv = prime_official_advantages(token_rewards=rewards, process_coef=0.0, **common)
     s = math.sqrt(0.6375 + 1e-8)
     assert_rows(adv, mask, [[0.2 / s, 0.45 / s, 0.95 / s], [-0.55 / s, -1.05 / s]])
     # No process rewards at all is the same thing.
-    torch.testing.assert_close(prime_official_advantages(None, OFFICIAL_OUTCOME, mask, 2, gamma=0.5), adv)
+    torch.testing.assert_close(prime_official_advantages(token_rewards=None, **common), adv)
 
 
 def test_prime_official_hand_example_gamma_half():
@@ -391,18 +413,30 @@ def test_prime_official_hand_example_gamma_half():
     #   resp2: R1 = 5/12, R0 = -19/12 + 5/24 = -33/24
     # then whitened over the batch (checked with the naive whitening loop).
     rewards, mask = t(OFFICIAL_REWARDS)
-    adv = prime_official_advantages(rewards, OFFICIAL_OUTCOME, mask, 2, gamma=0.5)
+    adv = prime_official_advantages(token_rewards=rewards, outcome=OFFICIAL_OUTCOME, mask=mask, group_size=2,
+                                    gamma=0.5)
     returns, _ = t([[17 / 48, -3 / 24, 46 / 24], [-33 / 24, 5 / 12]])
+    torch.testing.assert_close(adv, _naive_whiten(returns, mask), **EXACT)
+
+
+def test_prime_official_min_form_hand_example():
+    # Steps 1-2 as in the gamma = 1 example: process resp1 [5, -13, 11]/12, resp2 [-19, 17]/12;
+    # outcome +1 / -1 on the last tokens.
+    # min-form process returns: resp1 [-13, -13, 11]/12, resp2 [-19, 17]/12
+    # + outcome returns (gamma = 1: on every token): resp1 [-1, -1, 23]/12, resp2 [-31, 5]/12
+    rewards, mask = t(OFFICIAL_REWARDS)
+    adv = prime_official_advantages(token_rewards=rewards, outcome=OFFICIAL_OUTCOME, mask=mask, group_size=2,
+                                    process_return="min")
+    returns, _ = t([[-1 / 12, -1 / 12, 23 / 12], [-31 / 12, 5 / 12]])
     torch.testing.assert_close(adv, _naive_whiten(returns, mask), **EXACT)
 
 
 @settings(max_examples=50, deadline=None)
 @given(batches())
 def test_prime_official_matches_naive(b):
-    args = (b["token_rewards"], b["outcome"], b["mask"], b["group_size"], b["gamma"])
-    coefs = (b["process_coef"], b["outcome_coef"])
     torch.testing.assert_close(
-        prime_official_advantages(*args, *coefs), naive_prime_official(*args, *coefs), **EXACT
+        prime_official_advantages(**keywords(b, *CORE, "process_return")),
+        naive_prime_official(*positional(b, *CORE, "process_return")), **EXACT
     )
 
 
@@ -410,10 +444,10 @@ def test_prime_official_matches_naive(b):
 @given(batches(), st.sampled_from([1e-3, 0.05, 1.0, 7.3, 1e4]))
 def test_prime_official_is_invariant_to_the_token_rewards_scale(b, scale):
     # beta * q and q (any positive scale) give the same advantages: the normalisation divides it out.
-    args = (b["outcome"], b["mask"], b["group_size"], b["gamma"], b["process_coef"], b["outcome_coef"])
+    args = keywords(b, "outcome", "mask", "group_size", "gamma", "process_coef", "outcome_coef", "process_return")
     torch.testing.assert_close(
-        prime_official_advantages(scale * b["token_rewards"], *args),
-        prime_official_advantages(b["token_rewards"], *args),
+        prime_official_advantages(token_rewards=scale * b["token_rewards"], **args),
+        prime_official_advantages(token_rewards=b["token_rewards"], **args),
         rtol=1e-10,
         atol=1e-10,
     )
@@ -426,8 +460,10 @@ def test_prime_official_at_gamma_1_is_whitened_k_scaled_rloo_of_normalised_rewar
     # official pipeline is normalisation -> prime_rloo_k_scaled -> whitening.
     mask, K = b["mask"], b["group_size"]
     normalised = normalize_by_max_return(b["token_rewards"], mask)
-    expected = prime_rloo_advantages(normalised, b["outcome"], mask, K, 1.0, 2.0, 0.5, True, k_scaled_tokens=True)
-    actual = prime_official_advantages(b["token_rewards"], b["outcome"], mask, K, 1.0, 2.0, 0.5)
+    common = dict(outcome=b["outcome"], mask=mask, group_size=K, gamma=1.0, process_coef=2.0, outcome_coef=0.5,
+                  process_return=b["process_return"])
+    expected = prime_rloo_advantages(token_rewards=normalised, whiten=True, k_scaled_tokens=True, **common)
+    actual = prime_official_advantages(token_rewards=b["token_rewards"], **common)
     torch.testing.assert_close(actual, expected, rtol=1e-9, atol=1e-9)
 
 # --- GRPO -------------------------------------------------------------------------------------
@@ -439,7 +475,7 @@ def test_grpo_hand_example():
     #   resp1 [-1 + 0.70710678, 0 + 0.70710678] = [-0.29289322, 0.70710678]
     #   resp2 [1 - 0.70710678] = [0.29289322]
     rewards, mask = t([[1.0, 2.0], [3.0]])
-    adv = grpo_advantages(rewards, torch.tensor([1.0, 0.0], dtype=F64), mask, group_size=2)
+    adv = grpo_advantages(token_rewards=rewards, outcome=torch.tensor([1.0, 0.0], dtype=F64), mask=mask, group_size=2)
     expected, _ = t([[-0.29289322, 0.70710678], [0.29289322]])
     torch.testing.assert_close(adv, torch.where(mask, expected, 0.0), rtol=0, atol=2e-6)  # eps = 1e-6
 
@@ -448,7 +484,7 @@ def test_grpo_outcome_only_hand_example():
     # K = 4, outcomes [1, 0, 0, 1]: mean 0.5, unbiased std sqrt(4 * 0.25 / 3) = 0.57735027
     # advantages +-0.5 / 0.57735027 = +-0.86602540 on every token
     mask = torch.ones(4, 2, dtype=torch.bool)
-    adv = grpo_advantages(None, torch.tensor([1.0, 0.0, 0.0, 1.0]), mask, group_size=4)
+    adv = grpo_advantages(token_rewards=None, outcome=torch.tensor([1.0, 0.0, 0.0, 1.0]), mask=mask, group_size=4)
     expected = torch.tensor([0.8660254, -0.8660254, -0.8660254, 0.8660254])[:, None].expand(4, 2)
     torch.testing.assert_close(adv, expected, rtol=0, atol=2e-6)
 
@@ -456,17 +492,8 @@ def test_grpo_outcome_only_hand_example():
 @settings(max_examples=50, deadline=None)
 @given(batches())
 def test_grpo_matches_naive(b):
-    args = (
-        b["token_rewards"],
-        b["outcome"],
-        b["mask"],
-        b["group_size"],
-        b["gamma"],
-        b["process_coef"],
-        b["outcome_coef"],
-        b["whiten"],
-    )
-    torch.testing.assert_close(grpo_advantages(*args), naive_grpo(*args), **EXACT)
+    names = (*CORE, "whiten", "process_return")
+    torch.testing.assert_close(grpo_advantages(**keywords(b, *names)), naive_grpo(*positional(b, *names)), **EXACT)
 
 
 # --- REINFORCE and REINFORCE++ ------------------------------------------------------------------
@@ -474,7 +501,7 @@ def test_reinforce_hand_example():
     # gamma = 0.5, r_phi = [0.1, 0.2, 0.3], outcome 1 on every token:
     #   G2 = 0.3, G1 = 0.2 + 0.5*0.3 = 0.35, G0 = 0.1 + 0.5*0.35 = 0.275;  + 1 -> [1.275, 1.35, 1.3]
     rewards, mask = t([[0.1, 0.2, 0.3]])
-    adv = reinforce_advantages(rewards, torch.tensor([1.0], dtype=F64), mask, gamma=0.5)
+    adv = reinforce_advantages(token_rewards=rewards, outcome=torch.tensor([1.0], dtype=F64), mask=mask, gamma=0.5)
     assert_rows(adv, mask, [[1.275, 1.35, 1.3]])
 
 
@@ -483,7 +510,7 @@ def test_reinforce_pp_hand_example():
     # batch over valid tokens {3, 2, 1}: mean 2, unbiased var (1 + 0 + 1)/2 = 1
     #   -> [(3-2)/1, (2-2)/1] = [1, 0] and [(1-2)/1] = [-1]      (eps = 1e-8 inside the sqrt)
     rewards, mask = t([[1.0, 2.0], [1.0]])
-    adv = reinforce_pp_advantages(rewards, torch.zeros(2, dtype=F64), mask)
+    adv = reinforce_pp_advantages(token_rewards=rewards, outcome=torch.zeros(2, dtype=F64), mask=mask)
     expected, _ = t([[1.0, 0.0], [-1.0]])
     torch.testing.assert_close(adv, torch.where(mask, expected, 0.0), rtol=0, atol=1e-7)
 
@@ -491,60 +518,14 @@ def test_reinforce_pp_hand_example():
 @settings(max_examples=50, deadline=None)
 @given(batches())
 def test_reinforce_and_reinforce_pp_match_naive(b):
-    core = (b["token_rewards"], b["outcome"], b["mask"], b["gamma"], b["process_coef"], b["outcome_coef"])
-    expected = naive_reinforce(*core)
-    torch.testing.assert_close(reinforce_advantages(*core), expected, **EXACT)
+    names = ("token_rewards", "outcome", "mask", "gamma", "process_coef", "outcome_coef", "process_return")
+    core = keywords(b, *names)
+    expected = naive_reinforce(*positional(b, *names))
+    torch.testing.assert_close(reinforce_advantages(**core), expected, **EXACT)
     torch.testing.assert_close(
-        reinforce_advantages(*core, whiten=True), _naive_whiten(expected, b["mask"]), **EXACT
+        reinforce_advantages(**core, whiten=True), _naive_whiten(expected, b["mask"]), **EXACT
     )
-    torch.testing.assert_close(reinforce_pp_advantages(*core), _naive_whiten(expected, b["mask"]), **EXACT)
-
-
-# --- GAE --------------------------------------------------------------------------------------
-def test_gae_hand_example():
-    # gamma = 0.9, lam = 0.5 (gamma*lam = 0.45); r_phi = [0.1, 0, -0.1] plus outcome 1 on the last
-    # token -> r = [0.1, 0, 0.9]; values V = [0.5, 0.6, 0.8], V after the end = 0.
-    #   delta0 = 0.1 + 0.9*0.6 - 0.5 = 0.14
-    #   delta1 = 0   + 0.9*0.8 - 0.6 = 0.12
-    #   delta2 = 0.9 + 0         - 0.8 = 0.1
-    #   A2 = 0.1, A1 = 0.12 + 0.45*0.1 = 0.165, A0 = 0.14 + 0.45*0.165 = 0.21425
-    #   returns = A + V = [0.71425, 0.765, 0.9]
-    rewards, mask = t([[0.1, 0.0, -0.1]])
-    values, _ = t([[0.5, 0.6, 0.8]])
-    adv, ret = gae_advantages(rewards, torch.tensor([1.0], dtype=F64), mask, values, gamma=0.9, lam=0.5)
-    assert_rows(adv, mask, [[0.21425, 0.165, 0.1]])
-    assert_rows(ret, mask, [[0.71425, 0.765, 0.9]])
-
-
-@settings(max_examples=50, deadline=None)
-@given(batches())
-def test_gae_matches_naive(b):
-    core = (
-        b["token_rewards"],
-        b["outcome"],
-        b["mask"],
-        b["values"],
-        b["gamma"],
-        b["lam"],
-        b["process_coef"],
-        b["outcome_coef"],
-    )
-    adv, ret = gae_advantages(*core)
-    expected_adv, expected_ret = naive_gae(*core)
-    torch.testing.assert_close(adv, expected_adv, **EXACT)
-    torch.testing.assert_close(ret, expected_ret, **EXACT)
-    whitened, ret_whitened = gae_advantages(*core, whiten=True)
-    torch.testing.assert_close(whitened, _naive_whiten(expected_adv, b["mask"]), **EXACT)
-    torch.testing.assert_close(ret_whitened, expected_ret, **EXACT)  # value targets are never whitened
-
-
-def test_gae_with_zero_values_and_no_discount_is_reinforce():
-    g = torch.Generator().manual_seed(3)
-    rewards = torch.randn(4, 6, generator=g, dtype=F64)
-    mask = torch.rand(4, 6, generator=g) < 0.7
-    outcome = torch.rand(4, generator=g, dtype=F64)
-    adv, _ = gae_advantages(rewards, outcome, mask, torch.zeros(4, 6, dtype=F64), gamma=1.0, lam=1.0)
-    torch.testing.assert_close(adv, reinforce_advantages(rewards, outcome, mask), **EXACT)
+    torch.testing.assert_close(reinforce_pp_advantages(**core), _naive_whiten(expected, b["mask"]), **EXACT)
 
 
 # --- properties of every estimator ---------------------------------------------------------------
@@ -572,7 +553,6 @@ def test_padding_length_does_not_change_any_result(b, extra):
     padded = dict(
         b,
         token_rewards=torch.cat([b["token_rewards"], garbage], 1),
-        values=torch.cat([b["values"], garbage], 1),
         mask=torch.cat([b["mask"], torch.zeros(B, extra, dtype=torch.bool)], 1),
     )
     before, after = _all_estimators(b), _all_estimators(padded)
@@ -589,7 +569,7 @@ def test_rloo_outcome_terms_sum_to_zero_within_a_group(b):
     if K == 1:
         return  # no leave-one-out baseline exists
     mask = torch.ones(b["outcome"].shape[0], 1, dtype=torch.bool)  # every response has a token
-    outcome_term = rloo_advantages(b["outcome"], mask, K)[:, 0]
+    outcome_term = rloo_advantages(outcome=b["outcome"], mask=mask, group_size=K)[:, 0]
     torch.testing.assert_close(
         outcome_term.view(-1, K).sum(dim=1),
         torch.zeros(outcome_term.shape[0] // K, dtype=F64),
@@ -612,10 +592,8 @@ def test_degenerate_groups_do_not_produce_nan(outcome_value, group_size, whiten)
         token_rewards=rewards,
         outcome=outcome,
         mask=mask,
-        values=torch.zeros(B, T),
         group_size=group_size,
         gamma=1.0,
-        lam=1.0,
         process_coef=1.0,
         outcome_coef=1.0,
         whiten=whiten,
@@ -635,17 +613,20 @@ def test_k1_baselines_are_empty():
     rewards, mask = t([[0.2, 0.4], [0.1]])
     outcome = torch.tensor([1.0, 0.0], dtype=F64)
     torch.testing.assert_close(
-        prime_rloo_advantages(rewards, outcome, mask, 1), reinforce_advantages(rewards, outcome, mask)
+        prime_rloo_advantages(token_rewards=rewards, outcome=outcome, mask=mask, group_size=1),
+        reinforce_advantages(token_rewards=rewards, outcome=outcome, mask=mask),
     )
-    torch.testing.assert_close(grpo_advantages(None, outcome, mask, 1), torch.zeros(2, 2, dtype=F64))
+    torch.testing.assert_close(grpo_advantages(token_rewards=None, outcome=outcome, mask=mask, group_size=1),
+                               torch.zeros(2, 2, dtype=F64))
 
 
 @settings(max_examples=25, deadline=None)
 @given(batches())
 def test_whitening_is_over_all_valid_tokens_of_the_batch(b):
-    adv = prime_rloo_advantages(b["token_rewards"], b["outcome"], b["mask"], b["group_size"], whiten=True)
+    common = keywords(b, "token_rewards", "outcome", "mask", "group_size")
+    adv = prime_rloo_advantages(whiten=True, **common)
     valid = adv[b["mask"]]
-    raw = prime_rloo_advantages(b["token_rewards"], b["outcome"], b["mask"], b["group_size"])[b["mask"]]
+    raw = prime_rloo_advantages(**common)[b["mask"]]
     if valid.numel() > 1:
         # mean 0 and std 1 over the batch's valid tokens (up to the eps = 1e-8 added to the variance)
         assert valid.mean().abs().item() < 1e-9
@@ -656,9 +637,7 @@ def test_whitening_is_over_all_valid_tokens_of_the_batch(b):
 
 def test_registry_errors():
     mask = torch.ones(4, 3)
-    with pytest.raises(ValueError, match="unknown advantage estimator 'ppo'"):
-        compute_advantages("ppo", token_rewards=None, outcome=torch.zeros(4), mask=mask, group_size=2)
-    with pytest.raises(ValueError, match="needs `values`"):
+    with pytest.raises(ValueError, match="unknown advantage estimator 'gae'"):
         compute_advantages("gae", token_rewards=None, outcome=torch.zeros(4), mask=mask, group_size=2)
     with pytest.raises(ValueError, match="whole number of groups"):
         compute_advantages("prime_rloo", token_rewards=None, outcome=torch.zeros(4), mask=mask, group_size=3)
@@ -674,15 +653,12 @@ def test_float32_matches_float64():
     mask = torch.arange(T)[None, :] < lengths[:, None]
     rewards = 0.05 * torch.randn(B, T, generator=g, dtype=F64)
     outcome = torch.randint(0, 2, (B,), generator=g).to(F64)
-    values = torch.randn(B, T, generator=g, dtype=F64)
     b64 = dict(
         token_rewards=rewards,
         outcome=outcome,
         mask=mask,
-        values=values,
         group_size=4,
         gamma=0.99,
-        lam=0.95,
         process_coef=1.0,
         outcome_coef=1.0,
         whiten=False,

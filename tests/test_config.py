@@ -68,8 +68,10 @@ def test_missing_config_file():
 @pytest.mark.parametrize(
     "overrides, message",
     [
-        (["algorithm.estimator=ppo"], r"algorithm.estimator.*'ppo'.*one of gae, grpo, prime_official, prime_rloo"),
-        (["algorithm.estimator=gae"], r"GAE needs a value model"),
+        (["algorithm.estimator=vtrace"], r"algorithm.estimator.*'vtrace'.*one of grpo, prime_official, prime_rloo"),
+        (["algorithm.estimator=gae"], r"PPO with a learned value model \(GAE\) is not offered"),
+        (["algorithm.process_return=min", "algorithm.gamma=0.9"], r"algorithm.process_return.*needs algorithm.gamma=1"),
+        (["algorithm.process_return=max"], r"algorithm.process_return.*one of 'sum', 'min'"),
         (["rollout.mode=remote"], r"rollout.remote_urls"),
         (["rollout.mode=remote", "rollout.remote_urls=[http://h:30000]"], r"rollout.engine.*'hf'.*use rollout.engine=sglang"),
         (["rollout.tp=2"], r"rollout.tp.*= 2.*hf engine runs on one device"),

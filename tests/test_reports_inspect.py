@@ -40,7 +40,7 @@ class Counter(HTMLParser):
 
     def __init__(self):
         super().__init__()
-        self.responses = self.correct = self.hidden_responses = self.coloured = self.plain = 0
+        self.responses = self.correct = self.flipped = self.hidden_responses = self.coloured = self.plain = 0
         self.external = []
 
     def handle_starttag(self, tag, attrs):
@@ -49,6 +49,7 @@ class Counter(HTMLParser):
         if tag == "div" and "response" in classes:
             self.responses += 1
             self.correct += "correct" in classes
+            self.flipped += "flipped" in classes
             self.hidden_responses += "hidden" in a
         if tag == "span" and "tok" in classes:
             assert a["style"].startswith("background:rgb(")
@@ -117,6 +118,13 @@ def test_sample_records_carry_what_the_page_needs(run):
         assert text == r["response"] and (r["tokens"][-1] == "<eos>") == (not r["truncated"])
     assert any(v != 0.0 for r in records for v in r["process_rewards"])
     assert [r["group"] for r in records] == [g for g in range(8) for _ in range(4)]
+    # flipped: the mean advantage against the sign of the RLOO outcome term (prime_rloo, Eq. 5)
+    for g in range(8):
+        group = records[4 * g: 4 * g + 4]
+        for r in group:
+            outcome_term = r["outcome"] - sum(o["outcome"] for o in group if o is not r) / 3
+            mean_advantage = sum(r["advantages"]) / len(r["advantages"])
+            assert r["flipped"] == (outcome_term != 0 and mean_advantage * outcome_term < 0)
 
 
 def test_token_strings_keep_sentencepiece_spaces():
@@ -145,7 +153,7 @@ def test_page_in_headless_chromium(run, tmp_path):
     assert (source.responses, source.coloured, source.plain) == (len(records), tokens, 0)
     # Self-contained: nothing fetched from anywhere.
     assert source.external == [] and not re.search(r"https?://|url\(|@import", page)
-    assert page.count("<svg") == 6
+    assert page.count("<svg") == 7
 
     profile = str(tmp_path / "profile")
     dom = count(headless(f"file://{out}", profile, "--dump-dom").stdout)
@@ -155,6 +163,11 @@ def test_page_in_headless_chromium(run, tmp_path):
     # The filter (opened as report.html#incorrect) hides every correct response.
     filtered = count(headless(f"file://{out}#incorrect", profile, "--dump-dom").stdout)
     assert filtered.hidden_responses == correct and filtered.responses == len(records)
+    # ... and report.html#flipped every response whose advantage agrees with its outcome.
+    flipped = sum(bool(r["flipped"]) for r in records)
+    assert dom.flipped == flipped
+    filtered = count(headless(f"file://{out}#flipped", profile, "--dump-dom").stdout)
+    assert filtered.hidden_responses == len(records) - flipped
 
     shot = tmp_path / "report.png"
     headless(f"file://{out}", profile, f"--screenshot={shot}", "--window-size=1280,1600")

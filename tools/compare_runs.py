@@ -23,8 +23,13 @@ response sampled in the step, before the filter), held-out greedy accuracy (``ev
 the implicit PRM's accuracy on each fresh batch before it is updated on it (``prm/accuracy``: the
 honest generalisation signal), one thin line per run and seed and, with several seeds, a bold mean
 per method. The table gives, per run and seed and the mean per method: held-out accuracy before and
-after, the training reward at the end, the PRM's fresh-batch accuracy over the last quarter, and
-the first step at which the run reaches the final training reward of the same seed's RLOO run.
+after, the training reward at the end, the PRM's fresh-batch accuracy over the last quarter, the
+first step at which the run reaches the final training reward of the same seed's RLOO run, and the
+mean over training of the fraction of responses whose advantage contradicts their outcome
+(``advantage/flip_frac``, runs with process rewards).
+
+``--task multistep`` runs the toy task's multi-step preset (a+b*c-d*e+f*g, every intermediate result
+written out) instead of the demo's a+b*c.
 """
 
 from __future__ import annotations
@@ -37,9 +42,12 @@ import statistics
 import sys
 from dataclasses import dataclass, field
 
+from megatron_prime.data.toy import PRESETS as TOY_PRESETS
+
 TRAIN_KEY = "outcome/accuracy_sampled"
 EVAL_KEY = "eval/accuracy"
 PRM_KEY = "prm/accuracy"
+FLIP_KEY = "advantage/flip_frac"
 RUN_INFO = "compare_run.json"  # written next to scalars.jsonl by run mode
 BASELINE = "RLOO"
 DEFAULT_METHODS = {"PRIME": ["algorithm.estimator=prime_rloo"], BASELINE: ["algorithm.estimator=rloo"]}
@@ -55,6 +63,7 @@ class Run:
     train: dict[int, float] = field(default_factory=dict)  # step -> training reward
     eval: dict[int, float] = field(default_factory=dict)  # step -> held-out accuracy
     prm: dict[int, float] = field(default_factory=dict)  # step -> PRM fresh-batch accuracy
+    flip: dict[int, float] = field(default_factory=dict)  # step -> responses whose advantage contradicts the outcome
 
 
 # ---- reading logs -----------------------------------------------------------------------------
@@ -82,7 +91,7 @@ def load_run(log_dir: str, label: str, seed: int | None) -> Run:
     # The trainer logs step s's metrics at s + 1 (= updates done); step 0 is the evaluation before
     # training and the final evaluation is in the last step's record.
     for step, row in records.items():
-        for key, curve in ((TRAIN_KEY, run.train), (EVAL_KEY, run.eval), (PRM_KEY, run.prm)):
+        for key, curve in ((TRAIN_KEY, run.train), (EVAL_KEY, run.eval), (PRM_KEY, run.prm), (FLIP_KEY, run.flip)):
             if key in row:
                 curve[step] = float(row[key])
     return run
@@ -135,7 +144,7 @@ def run_comparison(args: argparse.Namespace) -> list[str]:
         seed_dir = os.path.join(args.out, f"seed{seed}")
         seed_dirs.append(seed_dir)
         print(f"[compare] seed {seed}: toy task, tiny model and SFT in {seed_dir}", flush=True)
-        cfg, _ = demo_configs(seed_dir, seed, args.config, overrides)
+        cfg, _ = demo_configs(seed_dir, seed, args.config, overrides, args.task)
         cfg.model.hf_path = sft(cfg)["hf"]  # shared by both methods of this seed
         for method, method_overrides in args.methods.items():
             run_dir = os.path.join(seed_dir, method.lower())
@@ -261,7 +270,8 @@ def summary_row(r: Run, runs: list[Run], window: int) -> list:
     target = baseline_target(runs, r.seed, window)
     reached = steps_to_reach(r.train, target, window) if target is not None and r.train else None
     return [r.label, "-" if r.seed is None else str(r.seed), max(r.train, default=0), before, final,
-            last_fraction_mean(r.train, 0.1), last_fraction_mean(r.prm, 0.25) if r.prm else None, reached]
+            last_fraction_mean(r.train, 0.1), last_fraction_mean(r.prm, 0.25) if r.prm else None, reached,
+            last_fraction_mean(r.flip, 1.0) if r.flip else None]
 
 
 def print_table(runs: list[Run], window: int) -> None:
@@ -277,9 +287,10 @@ def print_table(runs: list[Run], window: int) -> None:
             never = sum(row[7] is None for row in group)
             reached = avg(7)
             rows.append([label, "mean", "", avg(3), avg(4), avg(5), avg(6),
-                         None if reached is None else f"{reached:.1f}" + (f" ({never} never)" if never else "")])
+                         None if reached is None else f"{reached:.1f}" + (f" ({never} never)" if never else ""),
+                         avg(8)])
     header = ["run", "seed", "steps", "eval before", "eval final", "train reward (last 10%)",
-              "PRM fresh acc (last 25%)", f"steps to {BASELINE}'s final train reward"]
+              "PRM fresh acc (last 25%)", f"steps to {BASELINE}'s final train reward", "flip frac (mean)"]
 
     def cell(i, x):
         if x is None:
@@ -331,6 +342,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=80, help="run mode: training steps per run (default 80)")
     parser.add_argument("--out", default="outputs/compare", help="run mode: output dir (default outputs/compare)")
     parser.add_argument("--config", default=None, help="run mode: config YAML (default: the tiny CPU demo config)")
+    parser.add_argument("--task", default="default", choices=sorted(TOY_PRESETS),
+                        help="run mode: the toy task's preset (default: the demo's a+b*c)")
     parser.add_argument("--override", nargs="*", default=[], metavar="KEY=VALUE",
                         help="run mode: config overrides for every run, e.g. sft.steps=300 train.eval_every=10")
     parser.add_argument("--method", action="append", type=parse_method, metavar="LABEL=KEY=VALUE,...",

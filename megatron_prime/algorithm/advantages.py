@@ -11,8 +11,10 @@ Shared conventions
   or on how many padding columns there are.
 * PRIME's rule for mixing the two rewards (paper Sec. 3.3): returns are computed for the process
   and the outcome rewards *separately* and then summed. The process return is the (discounted)
-  reverse cumulative sum over the response; the outcome term is placed, undiscounted, on every
-  token, exactly as in Eq. 5. ``process_coef`` and ``outcome_coef`` weight the two terms.
+  reverse cumulative sum over the response (``process_return="sum"``, Eq. 5) or, with
+  ``process_return="min"``, the minimum of the future process rewards (PURE's min-form credit
+  assignment, ``min_form_returns``); the outcome term is placed, undiscounted, on every token,
+  exactly as in Eq. 5. ``process_coef`` and ``outcome_coef`` weight the two terms.
 * ``gamma`` discounts per *valid* token: masked positions inside a response are skipped
   (see ``masked_ops.discounted_reverse_cumsum``).
 * ``whiten=True`` standardises the final advantages with the masked mean and unbiased std over
@@ -24,13 +26,18 @@ PRIME comes in three variants (the README's table lists every difference and its
 token scaling; ``prime_official`` is the official code's whole default advantage pipeline
 (process-reward normalisation, K/(K-1) scaling, outcome on the last token, whitening).
 
-The registry ``ADVANTAGE_ESTIMATORS`` maps config names to these functions behind one uniform
-keyword signature; the trainer calls ``compute_advantages(name, ...)``.
+Every estimator takes keyword arguments only. The registry ``ADVANTAGE_ESTIMATORS`` maps config
+names to the functions themselves; ``compute_advantages(name, ...)`` passes each the inputs it
+declares (an outcome-only estimator never sees the process rewards, say).
+
+PPO with a learned value model (GAE) is not offered: the trainer builds no critic.
 """
 
 from __future__ import annotations
 
-from typing import Callable
+import functools
+import inspect
+from typing import Callable, Literal
 
 import torch
 
@@ -38,9 +45,7 @@ from megatron_prime.algorithm.fusion import fused
 from megatron_prime.algorithm.masked_ops import (
     as_bool_mask,
     check_groups,
-    compaction_order,
     discounted_reverse_cumsum,
-    is_right_padded,
     leave_one_out_mean,
     masked_mean_var,
     masked_whiten,
@@ -141,7 +146,45 @@ def _undiscounted_rloo_advantages(
     return zero_invalid(returns.mul_(process_coef).add_(outcome_column), valid)
 
 
+ProcessReturn = Literal["sum", "min"]
+PROCESS_RETURNS = ("sum", "min")
+
+
+def min_form_returns(rewards: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Min-form credit assignment (PURE, Cheng et al. 2025, arXiv 2504.15275):
+
+        G_t = min_{s >= t, s valid} r_s
+
+    The return of a token is the *worst* process reward from it to the end of the response, not
+    their sum. A single bad step caps the return of every token before it, and many small positive
+    rewards cannot add up to outweigh the outcome term, which is the reward-hacking channel PURE
+    attributes to the summed ("sum-form") return of Eq. 5. PURE reaches it by re-weighting the
+    rewards so that their sum approximates the minimum; this takes the minimum exactly. There is no
+    discount (it is defined for gamma = 1). Masked positions inside a response are skipped; zero
+    on padding, and on every position of an empty response.
+    """
+    valid = as_bool_mask(mask)
+    if rewards.dim() != 2 or rewards.shape != valid.shape:
+        raise ValueError(f"rewards {tuple(rewards.shape)} and mask {tuple(valid.shape)} must be the same [batch, T]")
+    largest = torch.finfo(rewards.dtype).max
+    future_min = rewards.masked_fill(~valid, largest).flip(-1).cummin(-1).values.flip(-1)
+    return zero_invalid(future_min, valid)
+
+
+def process_returns(rewards: torch.Tensor, mask: torch.Tensor, gamma: float, form: ProcessReturn) -> torch.Tensor:
+    """The return of shaped process rewards: Eq. 5's discounted sum of the future rewards
+    (``"sum"``) or PURE's minimum of them (``"min"``, gamma must be 1). Zero on padding."""
+    if form == "sum":
+        return discounted_reverse_cumsum(rewards, mask, gamma)
+    if form == "min":
+        if gamma != 1.0:
+            raise ValueError(f"process_return='min' has no discount: gamma must be 1, got {gamma}")
+        return min_form_returns(rewards, mask)
+    raise ValueError(f"process_return must be one of {PROCESS_RETURNS}, got {form!r}")
+
+
 def prime_rloo_advantages(
+    *,
     token_rewards: torch.Tensor | None,
     outcome: torch.Tensor,
     mask: torch.Tensor,
@@ -150,7 +193,7 @@ def prime_rloo_advantages(
     process_coef: float = 1.0,
     outcome_coef: float = 1.0,
     whiten: bool = False,
-    *,
+    process_return: ProcessReturn = "sum",
     k_scaled_tokens: bool = False,
 ) -> torch.Tensor:
     """PRIME's advantage, paper Eq. 5 (RLOO with implicit process rewards):
@@ -167,6 +210,9 @@ def prime_rloo_advantages(
 
     Departures from Eq. 5: none with the defaults; ``process_coef``/``outcome_coef`` weight the
     two terms and ``whiten`` standardises the result (both are outside Eq. 5).
+    ``process_return="min"`` replaces the bracket's discounted sum over s >= t by its minimum over
+    s >= t (PURE's min-form, ``min_form_returns``); the leave-one-out baseline is a constant of the
+    response, so that is min_{s>=t} r_phi(y_s^i) minus the same baseline.
     Departures from the official PRIME code (github PRIME-RL/PRIME, its default config): it
     normalises the process rewards by the batch's largest |reverse cumsum| first, uses the K/(K-1)
     token form below, places the outcome on the last token (discounted when gamma < 1) and always
@@ -189,9 +235,10 @@ def prime_rloo_advantages(
     if not _uses_process(token_rewards, process_coef):
         return _combine(valid, outcome_term, outcome_coef, whiten=whiten)
     rewards = token_rewards.to(dtype)
-    if gamma != 1.0:
+    if gamma != 1.0 or process_return != "sum":
         shaped = _rloo_token_rewards(rewards, valid, group_size, k_scaled_tokens)
-        return _combine(valid, outcome_term, outcome_coef, reverse_returns(shaped, valid, gamma), process_coef, whiten)
+        return _combine(valid, outcome_term, outcome_coef, process_returns(shaped, valid, gamma, process_return),
+                        process_coef, whiten)
     scale, baseline = _rloo_token_baseline(rewards, valid, group_size, k_scaled_tokens)
     advantages = _undiscounted_rloo_advantages(rewards, valid, scale, baseline, process_coef,
                                                (outcome_coef * outcome_term)[:, None])
@@ -217,6 +264,7 @@ def normalize_by_max_return(token_rewards: torch.Tensor, mask: torch.Tensor) -> 
 
 
 def prime_official_advantages(
+    *,
     token_rewards: torch.Tensor | None,
     outcome: torch.Tensor,
     mask: torch.Tensor,
@@ -224,6 +272,7 @@ def prime_official_advantages(
     gamma: float = 1.0,
     process_coef: float = 1.0,
     outcome_coef: float = 1.0,
+    process_return: ProcessReturn = "sum",
 ) -> torch.Tensor:
     """The official PRIME code's default advantage pipeline (github PRIME-RL/PRIME, ``rloo``
     estimator with ``prime_norm=batch_norm``, token granularity), on the implicit rewards:
@@ -235,6 +284,9 @@ def prime_official_advantages(
       3. G_t = sum_{s >= t} gamma^(s-t) [process_coef * process_s + outcome_coef * outcome_s]
          (one gamma for both sources, as the official default).
       4. A = (G - mean) / sqrt(var + 1e-8) over every valid token of the batch (always).
+    With ``process_return="min"`` the process part of G is the minimum of the future process
+    rewards of step 2 (``min_form_returns``) and the outcome part its own (discounted) return.
+    Whitening is always on: ``whiten`` is not a parameter.
 
     Departures from Eq. 5: the normalisation (1); the K/(K-1) token form (2), which keeps A_0 and
     changes later tokens; the outcome term discounted from the last token, gamma^(|y|-1-t) times
@@ -254,23 +306,28 @@ def prime_official_advantages(
     dtype = _result_dtype(outcome, token_rewards)
 
     outcome_rloo = outcome.to(dtype) - leave_one_out_mean(outcome.to(dtype), group_size)
+    process_shaped = None
     if _uses_process(token_rewards, process_coef):
         process = normalize_by_max_return(token_rewards.to(dtype), valid)
-        rewards = _rloo_token_rewards(process, valid, group_size, k_scaled=True)
+        process_shaped = _rloo_token_rewards(process, valid, group_size, k_scaled=True)
         if process_coef != 1.0:
-            rewards.mul_(process_coef)
-    else:
-        rewards = torch.zeros(valid.shape, dtype=dtype, device=valid.device)
+            process_shaped.mul_(process_coef)
+    summed = process_shaped if process_shaped is not None and process_return == "sum" else None
+    rewards = summed if summed is not None else torch.zeros(valid.shape, dtype=dtype, device=valid.device)
     # The outcome on each response's last valid token (none for an empty response).
     last = valid.shape[-1] - 1 - valid.flip(-1).to(torch.uint8).argmax(dim=-1)
     has_tokens = valid.any(dim=-1)
     rows = torch.arange(valid.shape[0], device=valid.device)
     rewards.index_put_((rows, last), torch.where(has_tokens, outcome_coef * outcome_rloo, 0.0), accumulate=True)
     # The scans are linear, so one scan of the summed rewards is the sum of the two returns.
-    return masked_whiten(reverse_returns(rewards, valid, gamma), valid)
+    returns = reverse_returns(rewards, valid, gamma)
+    if process_shaped is not None and summed is None:
+        returns = returns + process_returns(process_shaped, valid, gamma, process_return)
+    return masked_whiten(returns, valid)
 
 
 def rloo_advantages(
+    *,
     outcome: torch.Tensor,
     mask: torch.Tensor,
     group_size: int,
@@ -283,10 +340,12 @@ def rloo_advantages(
     The official code's pipeline without process rewards (outcome on the last token, whitened) is
     ``prime_official_advantages`` with ``process_coef=0``; at gamma = 1 it equals this whitened.
     """
-    return prime_rloo_advantages(None, outcome, mask, group_size, outcome_coef=outcome_coef, whiten=whiten)
+    return prime_rloo_advantages(token_rewards=None, outcome=outcome, mask=mask, group_size=group_size,
+                                 outcome_coef=outcome_coef, whiten=whiten)
 
 
 def grpo_advantages(
+    *,
     token_rewards: torch.Tensor | None,
     outcome: torch.Tensor,
     mask: torch.Tensor,
@@ -295,7 +354,7 @@ def grpo_advantages(
     process_coef: float = 1.0,
     outcome_coef: float = 1.0,
     whiten: bool = False,
-    *,
+    process_return: ProcessReturn = "sum",
     eps: float = 1e-6,
 ) -> torch.Tensor:
     """GRPO (group mean/std normalisation) with implicit process rewards.
@@ -308,7 +367,8 @@ def grpo_advantages(
     of *all* valid process rewards of its group (all tokens of the K responses), and the advantage
     of a token is the sum of the normalised rewards from it to the end. Stds are unbiased (n - 1);
     a single sample has std 0. K = 1 therefore gives a zero outcome term, not NaN; groups whose
-    outcomes are all equal get a zero outcome term.
+    outcomes are all equal get a zero outcome term. ``process_return="min"``: the minimum of the
+    future normalised rewards instead of their sum.
     """
     _check_shapes(outcome, mask, token_rewards)
     num_groups = check_groups(mask.shape[0], group_size)
@@ -319,38 +379,41 @@ def grpo_advantages(
     mean, var = masked_mean_var(grouped, torch.ones_like(grouped, dtype=torch.bool), dim=1)
     outcome_term = ((grouped - mean) / (var.sqrt() + eps)).reshape(-1)
 
-    process_return = None
     if _uses_process(token_rewards, process_coef):
         # Pool every valid token of the group: [G, K*T] rows with their mask.
         group_rewards = token_rewards.to(dtype).reshape(num_groups, -1)
         group_valid = valid.reshape(num_groups, -1)
         token_mean, token_var = masked_mean_var(group_rewards, group_valid, dim=1)
         normalised = ((group_rewards - token_mean) / (token_var.sqrt() + eps)).reshape(valid.shape)
-        process_return = discounted_reverse_cumsum(normalised, valid, gamma)
-
-    return _combine(valid, outcome_term, outcome_coef, process_return, process_coef, whiten)
+        process_part = process_returns(normalised, valid, gamma, process_return)
+        return _combine(valid, outcome_term, outcome_coef, process_part, process_coef, whiten)
+    return _combine(valid, outcome_term, outcome_coef, whiten=whiten)
 
 
 def reinforce_returns(
+    *,
     token_rewards: torch.Tensor | None,
     outcome: torch.Tensor,
     mask: torch.Tensor,
     gamma: float = 1.0,
     process_coef: float = 1.0,
     outcome_coef: float = 1.0,
+    process_return: ProcessReturn = "sum",
 ) -> torch.Tensor:
     """PRIME's combined return without a baseline:
-    G_t = process_coef * sum_{s>=t} gamma^(s-t) r_phi(y_s) + outcome_coef * r_o(y) on every token."""
+    G_t = process_coef * sum_{s>=t} gamma^(s-t) r_phi(y_s) + outcome_coef * r_o(y) on every token
+    (with ``process_return="min"``: process_coef * min_{s>=t} r_phi(y_s) + outcome_coef * r_o(y))."""
     _check_shapes(outcome, mask, token_rewards)
     valid = as_bool_mask(mask)
     dtype = _result_dtype(outcome, token_rewards)
-    process_return = None
     if _uses_process(token_rewards, process_coef):
-        process_return = discounted_reverse_cumsum(token_rewards.to(dtype), valid, gamma)
-    return _combine(valid, outcome.to(dtype), outcome_coef, process_return, process_coef)
+        process_part = process_returns(token_rewards.to(dtype), valid, gamma, process_return)
+        return _combine(valid, outcome.to(dtype), outcome_coef, process_part, process_coef)
+    return _combine(valid, outcome.to(dtype), outcome_coef)
 
 
 def reinforce_advantages(
+    *,
     token_rewards: torch.Tensor | None,
     outcome: torch.Tensor,
     mask: torch.Tensor,
@@ -358,155 +421,46 @@ def reinforce_advantages(
     process_coef: float = 1.0,
     outcome_coef: float = 1.0,
     whiten: bool = False,
+    process_return: ProcessReturn = "sum",
 ) -> torch.Tensor:
     """REINFORCE (Williams 1992) with implicit process rewards: A_t = G_t of ``reinforce_returns``,
     no baseline."""
-    returns = reinforce_returns(token_rewards, outcome, mask, gamma, process_coef, outcome_coef)
+    returns = reinforce_returns(token_rewards=token_rewards, outcome=outcome, mask=mask, gamma=gamma,
+                                process_coef=process_coef, outcome_coef=outcome_coef, process_return=process_return)
     return masked_whiten(returns, mask) if whiten else returns
 
 
 def reinforce_pp_advantages(
+    *,
     token_rewards: torch.Tensor | None,
     outcome: torch.Tensor,
     mask: torch.Tensor,
     gamma: float = 1.0,
     process_coef: float = 1.0,
     outcome_coef: float = 1.0,
+    process_return: ProcessReturn = "sum",
 ) -> torch.Tensor:
     """REINFORCE++ (Hu 2025): the REINFORCE return G_t, normalised over the whole batch,
-    A_t = (G_t - mean) / std with the masked mean and unbiased std over every valid token.
-    REINFORCE++'s KL-in-reward term lives in ``policy_loss`` (``kl_coef``) in this code base."""
+    A_t = (G_t - mean) / std with the masked mean and unbiased std over every valid token
+    (always: ``whiten`` is not a parameter). REINFORCE++'s KL-in-reward term lives in
+    ``policy_loss`` (``kl_coef``) in this code base."""
     valid = as_bool_mask(mask)
-    returns = reinforce_returns(token_rewards, outcome, mask, gamma, process_coef, outcome_coef)
+    returns = reinforce_returns(token_rewards=token_rewards, outcome=outcome, mask=mask, gamma=gamma,
+                                process_coef=process_coef, outcome_coef=outcome_coef, process_return=process_return)
     return masked_whiten(returns, valid)
 
 
-def gae_advantages(
-    token_rewards: torch.Tensor | None,
-    outcome: torch.Tensor,
-    mask: torch.Tensor,
-    values: torch.Tensor,
-    gamma: float = 1.0,
-    lam: float = 1.0,
-    process_coef: float = 1.0,
-    outcome_coef: float = 1.0,
-    whiten: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """GAE (Schulman et al. 2016) for PPO with a value model, the implicit reward as the reward.
-
-    Per-token reward r_t = process_coef * r_phi(y_t), plus outcome_coef * r_o(y) on the last valid
-    token. With V the value model's ``values`` ([B, T], V(s_t) before emitting y_t) and
-    V after the last valid token = 0:
-        delta_t = r_t + gamma * V_{t+1} - V_t,    A_t = sum_{l>=0} (gamma * lam)^l delta_{t+l}
-    Returns ``(advantages, returns)`` with returns = A + V (the value targets), taken before any
-    whitening. With gamma = lam = 1 and V = 0, A equals ``reinforce_advantages``.
-    "Next" means the next valid token: masked positions inside a response are skipped.
-    """
-    _check_shapes(outcome, mask, token_rewards, values)
-    valid = as_bool_mask(mask)
-    dtype = values.dtype
-    rewards = torch.zeros(mask.shape, dtype=dtype, device=mask.device)
-    if _uses_process(token_rewards, process_coef):
-        rewards = process_coef * zero_invalid(token_rewards.to(dtype), valid)
-
-    # Work in a layout where each row's valid tokens come first, so "next token" is t + 1 and
-    # the last valid token sits at length - 1. Right padding already is that layout.
-    order = None if is_right_padded(valid) else compaction_order(valid)
-
-    def compact(x: torch.Tensor) -> torch.Tensor:
-        return x if order is None else x.gather(-1, order)
-
-    c_valid = compact(valid)
-    c_values = zero_invalid(compact(values), c_valid)
-    lengths = valid.sum(dim=-1)
-    rows = torch.arange(mask.shape[0], device=mask.device)
-    outcome_at_end = torch.where(lengths > 0, outcome_coef * outcome.to(dtype), 0.0)
-    c_rewards = compact(rewards).index_put(
-        (rows, (lengths - 1).clamp(min=0)), outcome_at_end, accumulate=True
-    )
-
-    next_values = torch.nn.functional.pad(c_values[:, 1:], (0, 1))  # 0 past the last valid token
-    deltas = c_rewards + gamma * next_values - c_values
-    c_advantages = discounted_reverse_cumsum(deltas, c_valid, gamma * lam)
-
-    advantages = (
-        c_advantages if order is None else torch.empty_like(c_advantages).scatter_(-1, order, c_advantages)
-    )
-    advantages = zero_invalid(advantages, valid)
-    returns = zero_invalid(advantages + values, valid)
-    return (masked_whiten(advantages, valid) if whiten else advantages), returns
-
-
 # --- registry -----------------------------------------------------------------------------------
-# Uniform keyword signature used by the trainer; each entry ignores the arguments its estimator
-# has no use for (documented per entry).
 AdvantageEstimator = Callable[..., torch.Tensor]
 
-
-def _prime_rloo(*, token_rewards, outcome, mask, group_size, gamma, process_coef, outcome_coef, whiten, **_):
-    return prime_rloo_advantages(
-        token_rewards, outcome, mask, group_size, gamma, process_coef, outcome_coef, whiten
-    )
-
-
-def _prime_rloo_k_scaled(
-    *, token_rewards, outcome, mask, group_size, gamma, process_coef, outcome_coef, whiten, **_
-):
-    return prime_rloo_advantages(
-        token_rewards,
-        outcome,
-        mask,
-        group_size,
-        gamma,
-        process_coef,
-        outcome_coef,
-        whiten,
-        k_scaled_tokens=True,
-    )
-
-
-def _prime_official(*, token_rewards, outcome, mask, group_size, gamma, process_coef, outcome_coef, **_):
-    # Always whitened, as the official code: `whiten` would only repeat that.
-    return prime_official_advantages(token_rewards, outcome, mask, group_size, gamma, process_coef, outcome_coef)
-
-
-def _rloo(*, outcome, mask, group_size, outcome_coef, whiten, **_):
-    return rloo_advantages(outcome, mask, group_size, outcome_coef, whiten)
-
-
-def _grpo(*, token_rewards, outcome, mask, group_size, gamma, process_coef, outcome_coef, whiten, **_):
-    return grpo_advantages(
-        token_rewards, outcome, mask, group_size, gamma, process_coef, outcome_coef, whiten
-    )
-
-
-def _reinforce(*, token_rewards, outcome, mask, gamma, process_coef, outcome_coef, whiten, **_):
-    return reinforce_advantages(token_rewards, outcome, mask, gamma, process_coef, outcome_coef, whiten)
-
-
-def _reinforce_pp(*, token_rewards, outcome, mask, gamma, process_coef, outcome_coef, **_):
-    # Already batch-normalised; `whiten` would only repeat that.
-    return reinforce_pp_advantages(token_rewards, outcome, mask, gamma, process_coef, outcome_coef)
-
-
-def _gae(*, token_rewards, outcome, mask, values, gamma, lam, process_coef, outcome_coef, whiten, **_):
-    if values is None:
-        raise ValueError("advantage estimator 'gae' needs `values` from a value model")
-    advantages, _returns = gae_advantages(
-        token_rewards, outcome, mask, values, gamma, lam, process_coef, outcome_coef, whiten
-    )
-    return advantages
-
-
 ADVANTAGE_ESTIMATORS: dict[str, AdvantageEstimator] = {
-    "prime_rloo": _prime_rloo,  # Eq. 5, the paper's method
-    "prime_rloo_k_scaled": _prime_rloo_k_scaled,  # official code's K/(K-1) token scaling
-    "prime_official": _prime_official,  # official code's default pipeline; ignores whiten
-    "rloo": _rloo,  # outcome-only RLOO, the paper's baseline (ignores token_rewards)
-    "grpo": _grpo,
-    "reinforce": _reinforce,  # ignores group_size
-    "reinforce_pp": _reinforce_pp,  # ignores group_size and whiten
-    "gae": _gae,  # needs values; ignores group_size; use gae_advantages for value targets
+    "prime_rloo": prime_rloo_advantages,  # Eq. 5, the paper's method
+    "prime_rloo_k_scaled": functools.partial(prime_rloo_advantages, k_scaled_tokens=True),  # official K/(K-1) tokens
+    "prime_official": prime_official_advantages,  # the official code's default pipeline (always whitened)
+    "rloo": rloo_advantages,  # outcome-only RLOO, the paper's baseline
+    "grpo": grpo_advantages,
+    "reinforce": reinforce_advantages,
+    "reinforce_pp": reinforce_pp_advantages,  # always batch-normalised
 }
 
 # Estimators that never read process rewards: a trainer may skip the PRM forward for them.
@@ -521,13 +475,15 @@ def compute_advantages(
     mask: torch.Tensor,
     group_size: int,
     gamma: float = 1.0,
-    lam: float = 1.0,
-    values: torch.Tensor | None = None,
     process_coef: float = 1.0,
     outcome_coef: float = 1.0,
     whiten: bool = False,
+    process_return: ProcessReturn = "sum",
 ) -> torch.Tensor:
-    """Advantages ``[B, T]`` from the estimator registered as ``name`` (see ADVANTAGE_ESTIMATORS).
+    """Advantages ``[B, T]`` from the estimator registered as ``name`` (see ADVANTAGE_ESTIMATORS),
+    given the inputs it declares: an estimator without a ``whiten`` parameter always whitens (or
+    never needs to), one without ``token_rewards`` uses outcomes only, one without ``group_size``
+    has no group baseline.
 
     Runs without autograd: advantages are constants of the policy loss, and in PRIME's
     single-forward mode ``token_rewards`` come from the PRM forward that also builds the PRM
@@ -539,16 +495,8 @@ def compute_advantages(
         raise ValueError(
             f"unknown advantage estimator {name!r}; choose one of {sorted(ADVANTAGE_ESTIMATORS)}"
         ) from None
+    inputs = dict(token_rewards=token_rewards, outcome=outcome, mask=mask, group_size=group_size, gamma=gamma,
+                  process_coef=process_coef, outcome_coef=outcome_coef, whiten=whiten, process_return=process_return)
+    accepted = inspect.signature(estimator).parameters
     with torch.no_grad():
-        return estimator(
-            token_rewards=token_rewards,
-            outcome=outcome,
-            mask=mask,
-            group_size=group_size,
-            gamma=gamma,
-            lam=lam,
-            values=values,
-            process_coef=process_coef,
-            outcome_coef=outcome_coef,
-            whiten=whiten,
-        )
+        return estimator(**{key: value for key, value in inputs.items() if key in accepted})

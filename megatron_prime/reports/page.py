@@ -26,6 +26,10 @@ PLOTS = (
     ("PRM fresh-batch accuracy", [("prm/accuracy", "before its update on the batch")], "0.5 is chance"),
     ("Advantage", [("advantage/mean", "mean"), ("advantage/std", "std"), ("advantage/min", "min"),
                    ("advantage/max", "max")], ""),
+    ("Advantage against the outcome", [("advantage/flip_frac", "flipped (of responses with an outcome term)"),
+                                       ("advantage/flip_incorrect_up", "incorrect pushed up"),
+                                       ("advantage/flip_correct_down", "correct pushed down")],
+     "flipped: mean advantage and outcome term of opposite signs"),
     ("Response length (tokens)", [("response/length_mean", "mean")], ""),
     ("Sequence reward", [("process_reward/sequence_mean", "mean of beta * sum_t q_t")], ""),
 )
@@ -49,6 +53,7 @@ h1 { font-size: 20px; margin: 0 0 4px; } h2 { font-size: 17px; margin: 28px 0 8p
 .response.correct { border-left-color: #2a9d3a; } .response.incorrect { border-left-color: #c0392b; }
 .rhead { font-size: 13px; color: #333; margin-bottom: 2px; }
 .verdict { font-weight: 600; } .correct .verdict { color: #2a7d32; } .incorrect .verdict { color: #b03020; }
+.response.flipped { background: #fff3e0; } .flip { font-weight: 600; color: #a05a00; }
 .tokens { font-family: ui-monospace, Menlo, Consolas, monospace; white-space: pre-wrap; word-break: break-all; line-height: 1.7; }
 .tok, .ptok { padding: 1px 0; }
 """
@@ -66,7 +71,7 @@ document.querySelectorAll('.filters button').forEach(function (button) {
     });
   });
 });
-// report.html#correct or #incorrect opens with that filter on
+// report.html#correct, #incorrect or #flipped opens with that filter on
 var initial = document.querySelector('.filters button[data-filter="' + location.hash.slice(1) + '"]');
 if (initial) { initial.click(); }
 """
@@ -243,10 +248,16 @@ def response_html(sample: dict, number: int, scale: float) -> str:
     length = len(tokens) if tokens is not None else len(sample.get("response", ""))
     unit = "tokens" if tokens is not None else "characters"
     flags = " · truncated" if sample.get("truncated") else ""
-    return (f'<div class="response {"correct" if correct else "incorrect"}" data-outcome="{outcome:g}">'
+    classes = "correct" if correct else "incorrect"
+    flip = ""
+    if sample.get("flipped"):
+        classes += " flipped"
+        pushed = "pushed down although correct" if correct else "pushed up although incorrect"
+        flip = f' · <span class="flip" title="mean advantage and outcome term of opposite signs">⚠ {pushed}</span>'
+    return (f'<div class="response {classes}" data-outcome="{outcome:g}">'
             f'<div class="rhead">#{number} <span class="verdict">{"✓ correct" if correct else "✗ incorrect"}</span>'
             f' · outcome {outcome:.2f} · sequence reward {_signed(sample.get("sequence_reward"))}'
-            f' · advantage {_signed(sample.get("advantage"))} · {length} {unit}{flags}</div>'
+            f' · advantage {_signed(sample.get("advantage"))} · {length} {unit}{flags}{flip}</div>'
             f'<div class="tokens">{body}</div></div>')
 
 
@@ -300,6 +311,7 @@ def build_page(run_dir: str, step: int | None = None, max_prompts: int = 32) -> 
              "<h2>Training scalars</h2>", scalar_plots(run.scalars)]
     if shown:
         correct = sum(float(s.get("outcome", 0)) >= 1.0 - 1e-9 for s in shown)
+        flipped = sum(bool(s.get("flipped")) for s in shown)
         parts += [
             f"<h2>Responses of step {step}: {len(groups)} prompts, {len(shown)} responses</h2>",
             '<div class="legend"><span>implicit process reward r<sub>t</sub> = β·(log π<sub>φ</sub> − log π<sub>ref</sub>)</span>'
@@ -309,7 +321,8 @@ def build_page(run_dir: str, step: int | None = None, max_prompts: int = 32) -> 
             '<div class="filters">'
             f'<button class="on" data-filter="all">all ({len(shown)})</button>'
             f'<button data-filter="correct">correct ({correct})</button>'
-            f'<button data-filter="incorrect">incorrect ({len(shown) - correct})</button></div>',
+            f'<button data-filter="incorrect">incorrect ({len(shown) - correct})</button>'
+            f'<button data-filter="flipped" title="advantage against the outcome">flipped ({flipped})</button></div>',
         ]
         for group in groups:
             mean = sum(float(s.get("outcome", 0)) for s in group) / len(group)

@@ -3,6 +3,7 @@ greedy accuracy on the held-out split before and after, with a summary table."""
 
 from __future__ import annotations
 
+import json
 import os
 import time
 
@@ -15,7 +16,7 @@ TINY_MODEL = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4, n
                   num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=True)
 
 
-def make_tiny_model(tokenizer_dir: str, out_dir: str, seed: int) -> str:
+def make_tiny_model(tokenizer_dir: str, out_dir: str, seed: int, max_positions: int = 64) -> str:
     """A randomly initialised Qwen2 with the toy tokenizer, saved as a Hugging Face checkpoint."""
     import torch
     import transformers
@@ -24,7 +25,7 @@ def make_tiny_model(tokenizer_dir: str, out_dir: str, seed: int) -> str:
     torch.manual_seed(seed)
     config = transformers.Qwen2Config(
         vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id, **TINY_MODEL,
+        pad_token_id=tokenizer.pad_token_id, **{**TINY_MODEL, "max_position_embeddings": max_positions},
     )
     model = transformers.Qwen2ForCausalLM(config)
     model.save_pretrained(out_dir)
@@ -32,12 +33,23 @@ def make_tiny_model(tokenizer_dir: str, out_dir: str, seed: int) -> str:
     return out_dir
 
 
-def demo_configs(out: str, seed: int, config_path: str | None, overrides: list[str]) -> tuple[Config, str]:
+def demo_configs(out: str, seed: int, config_path: str | None, overrides: list[str],
+                 task_preset: str = "default") -> tuple[Config, str]:
+    """The demo's config (the tiny CPU config, its paths filled in) and the tiny model's initial HF
+    checkpoint, for the toy task ``task_preset`` (``data.toy.PRESETS``). A preset other than the
+    default sizes the prompt and response limits (and the model's positions) to its problems."""
     from megatron_prime.data import build_toy_task
 
-    task = build_toy_task(os.path.join(out, "data"), seed=seed)
-    init_hf = make_tiny_model(str(task.tokenizer), os.path.join(out, "init_hf"), seed)
-    paths = [
+    task = build_toy_task(os.path.join(out, "data"), seed=seed, difficulty=task_preset)
+    lengths, positions = [], 64
+    if task_preset != "default":
+        meta = json.loads(task.meta.read_text())
+        # room for a wrong answer a little longer than the longest right one, and for eos
+        prompt_len, response_len = meta["max_prompt_chars"], meta["max_response_chars"] + 8
+        lengths = [f"data.max_prompt_len={prompt_len}", f"data.max_response_len={response_len}"]
+        positions = 64 * -(-(prompt_len + response_len) // 64)
+    init_hf = make_tiny_model(str(task.tokenizer), os.path.join(out, "init_hf"), seed, positions)
+    paths = [*lengths,
         f"model.hf_path={init_hf}",
         f"sft.train_file={task.sft}",
         f"sft.output_dir={os.path.join(out, 'sft')}",
@@ -54,13 +66,13 @@ def demo_configs(out: str, seed: int, config_path: str | None, overrides: list[s
 
 
 def run_demo(out: str = "outputs/demo", seed: int = 1, config_path: str | None = None,
-             overrides: list[str] = ()) -> dict:
+             overrides: list[str] = (), task_preset: str = "default") -> dict:
     from megatron_prime.training.sft import sft
     from megatron_prime.training.trainer import train
 
     t0 = time.time()
     print(f"[demo] building the toy task and a tiny model under {out}", flush=True)
-    cfg, _ = demo_configs(out, seed, config_path, overrides)
+    cfg, _ = demo_configs(out, seed, config_path, overrides, task_preset)
     print(f"[demo] SFT: {cfg.sft.steps} steps, batch {cfg.sft.batch_size}", flush=True)
     sft_result = sft(cfg)
     t_sft = time.time() - t0

@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from megatron_prime.config import ConfigError, load_config
+from megatron_prime.data.toy import PRESETS as TOY_PRESETS
 
 
 def _config_args(argv, prog, description):
@@ -56,12 +57,14 @@ def demo(argv) -> int:
     p.add_argument("--out", default="outputs/demo")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--config", default=None, help="default: examples/configs/tiny_cpu.yaml")
+    p.add_argument("--task", default="default", choices=sorted(TOY_PRESETS),
+                   help="the toy task's preset (multistep: a+b*c-d*e+f*g, every intermediate result written)")
     p.add_argument("overrides", nargs="*")
     args = p.parse_args(argv)
 
     def run():
         from megatron_prime.training.demo import run_demo
 
-        run_demo(args.out, args.seed, args.config, args.overrides)
+        run_demo(args.out, args.seed, args.config, args.overrides, args.task)
 
     return _guard(run)

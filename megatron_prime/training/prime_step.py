@@ -25,6 +25,7 @@ from megatron_prime.algorithm import (
     OUTCOME_ONLY_ESTIMATORS,
     PromptBuffer,
     accumulate_metrics,
+    advantage_flips,
     compute_advantages,
     implicit_process_rewards,
     metric_means,
@@ -137,11 +138,15 @@ def prime_step(ctx: PrimeContext, step: int) -> tuple[dict[str, float], list[Gro
         token_rewards = implicit_process_rewards(prm_logprobs, ref_logprobs, mask, a.beta)
 
     # 5. Advantages on the whole batch (paper Eq. 5 for "prime_rloo").
-    advantages = compute_advantages(
-        a.estimator, token_rewards=token_rewards, outcome=batch.outcome, mask=mask,
-        group_size=cfg.rollout.n, gamma=a.gamma, lam=a.lam,
-        process_coef=a.process_coef, outcome_coef=a.outcome_coef, whiten=a.whiten,
-    )
+    estimator_args = dict(outcome=batch.outcome, mask=mask, group_size=cfg.rollout.n, gamma=a.gamma,
+                          process_return=a.process_return, process_coef=a.process_coef,
+                          outcome_coef=a.outcome_coef, whiten=a.whiten)
+    advantages = compute_advantages(a.estimator, token_rewards=token_rewards, **estimator_args)
+    flipped = None
+    if token_rewards is not None:  # where the process rewards overrule the verifier
+        outcome_only = compute_advantages(a.estimator, token_rewards=None, **estimator_args)
+        flipped, flip_metrics = advantage_flips(advantages, outcome_only, mask)
+        metrics.update(flip_metrics)
     local.extras["advantages"] = advantages[dp_rows(batch.size)]
 
     # 6. Old log-probs, recomputed by Megatron (never trusted from the rollout engine).
@@ -160,7 +165,7 @@ def prime_step(ctx: PrimeContext, step: int) -> tuple[dict[str, float], list[Gro
     metrics.update(_step_metrics(batch, stats, token_rewards, advantages, old_logprobs))
     metrics.update(timer.metrics())
     metrics["perf/tokens_per_s"] = float(mask.sum()) / max(metrics["time/step"], 1e-9)
-    _attach_token_values(groups, cfg.rollout.n, mask, token_rewards, advantages)
+    _attach_token_values(groups, cfg.rollout.n, mask, token_rewards, advantages, flipped)
     return broadcast_object(metrics), groups
 
 
@@ -173,8 +178,9 @@ def _warn_on_timeouts(step: int, stats, limit: float) -> None:
                       "the implicit PRM", stacklevel=2)
 
 
-def _attach_token_values(groups: list[Group], k: int, mask, token_rewards, advantages) -> None:
-    """Per-token process rewards and advantages of each response, for the sample log."""
+def _attach_token_values(groups: list[Group], k: int, mask, token_rewards, advantages, flipped) -> None:
+    """Per-token process rewards and advantages of each response, and whether its advantage
+    contradicts its outcome, for the sample log."""
     lengths = mask.sum(dim=1).long().cpu().tolist()
 
     def per_response(values, rows):
@@ -184,6 +190,7 @@ def _attach_token_values(groups: list[Group], k: int, mask, token_rewards, advan
         rows = slice(g * k, (g + 1) * k)
         group.process_rewards = None if token_rewards is None else per_response(token_rewards, rows)
         group.advantages = per_response(advantages, rows)
+        group.flipped = None if flipped is None else flipped[rows].tolist()
 
 
 def update_prm(ctx: PrimeContext, local: RolloutBatch, pass_args: dict):

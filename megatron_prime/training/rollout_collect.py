@@ -37,6 +37,7 @@ class Group:
     # (None for outcome-only estimators) and the advantages the policy was trained with.
     process_rewards: list[list[float]] | None = None
     advantages: list[list[float]] | None = None
+    flipped: list[bool] | None = None  # advantage sign against the outcome term's (algorithm.credit)
 
 
 @dataclass

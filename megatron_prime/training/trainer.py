@@ -25,6 +25,7 @@ from megatron_prime.platform.distributed import broadcast_object, is_rank0, on_r
 from megatron_prime.training import checkpoint
 from megatron_prime.training.evaluate import fleet_greedy_accuracy
 from megatron_prime.training.models import TrainableModel, build_frozen, build_trainable
+from megatron_prime.metrics import SustainedWarning
 from megatron_prime.platform import watchdog
 from megatron_prime.platform.watchdog import Watchdog
 from megatron_prime.training.preemption import StopRequest
@@ -222,6 +223,11 @@ def _train(cfg: Config, stop: StopRequest) -> dict:
                                        cfg.model.hf_path, cfg.checkpoint.keep_last, cfg.model.dtype,
                                        reference=sources.reference)
 
+    flips = SustainedWarning(
+        "advantage/flip_frac", cfg.train.warn_advantage_flip_frac,
+        "the process rewards overrule the verifier on that many responses (incorrect ones pushed up, correct "
+        "ones pushed down; samples flagged 'flipped' on the run page, megatron-prime inspect). Consider "
+        "algorithm.process_return=min, or a smaller algorithm.beta or algorithm.process_coef")
     # Step s is logged as step s + 1 (step 0 holds the evaluation before training).
     for step in range(start_step, cfg.train.steps):
         watchdog.set_step(step)
@@ -232,6 +238,7 @@ def _train(cfg: Config, stop: StopRequest) -> dict:
             if last:
                 summary["eval_after"] = metrics["eval/accuracy"]
         if logger:
+            flips.update(step, metrics)
             logger.log(step + 1, metrics)
             if cfg.logging.sample_every and step % cfg.logging.sample_every == 0:
                 logger.log_samples(step, _samples(groups, ctx.tokenizer))
@@ -288,6 +295,7 @@ def _samples(groups, tokenizer) -> list[dict]:
                 "sequence_reward": None if rewards is None else sum(rewards[i]),
                 "advantages": None if advantages is None else advantages[i],
                 "advantage": advantages[i][0] if advantages and advantages[i] else None,
+                "flipped": None if group.flipped is None else group.flipped[i],
             })
     return out
 

@@ -55,7 +55,6 @@ def make_batch(responses: int, tokens: int, seed: int = 0) -> dict[str, torch.Te
         logprobs=old + 0.05 * torch.randn(responses, tokens, generator=g),
         rollout=old + 0.05 * torch.randn(responses, tokens, generator=g),
         entropy=torch.rand(responses, tokens, generator=g),
-        values=torch.randn(responses, tokens, generator=g),
         outcome=torch.randint(0, 2, (responses,), generator=g).float(),
     )
 
@@ -127,7 +126,7 @@ def main() -> None:
             def estimator(name=name, gamma=gamma):
                 return compute_advantages(
                     name, token_rewards=fixed_rewards, outcome=b["outcome"], mask=mask, group_size=K,
-                    gamma=gamma, lam=0.95, values=b["values"],
+                    gamma=gamma,
                 )
 
             rows.append((f"compute_advantages({name!r}, gamma={gamma})", estimator))
