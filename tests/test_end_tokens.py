@@ -63,7 +63,7 @@ def test_end_token_listed_only_in_the_generation_config_ends_responses(tmp_path)
     # The trainer's fleet passes the same tokens to whichever engine it runs.
     from megatron_prime.config import Config
     from megatron_prime.models.hf_config import read_hf_config
-    from megatron_prime.training.rollout_fleet import build_fleet
+    from megatron_prime.fleet.fleet import build_fleet
 
     cfg = Config()
     cfg.model.hf_path = model_dir

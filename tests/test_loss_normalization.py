@@ -88,10 +88,10 @@ def _trainer_grads(rank, world_size, hf_dir, data):
     from megatron_prime.models.gpt import ModelOptions
     from megatron_prime.models.hf_config import read_hf_config
     from megatron_prime.platform import distributed
-    from megatron_prime.training.batch import build_rollout_batch
-    from megatron_prime.training.data_parallel import dp_rows
-    from megatron_prime.training.models import build_trainable
-    from megatron_prime.training.passes import run_pass
+    from megatron_prime.passes.batch import build_rollout_batch
+    from megatron_prime.passes.data_parallel import dp_rows
+    from megatron_prime.passes.trainable import build_trainable
+    from megatron_prime.passes.forward_backward import run_pass
     from megatron_prime.training.prime_step import PrimeContext, update_policy, update_prm
 
     distributed.init_model_parallel()  # tp = pp = 1: two data-parallel ranks

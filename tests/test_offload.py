@@ -13,9 +13,9 @@ def _offload_round_trip(rank, world_size, fixture, root):
     from megatron_prime.config import load_config
     from megatron_prime.platform import distributed
     from megatron_prime.training import prime_step as ps
-    from megatron_prime.training.offload import offloaded
-    from megatron_prime.training.passes import run_pass
-    from megatron_prime.training.rollout_collect import collect_groups
+    from megatron_prime.passes.offload import offloaded
+    from megatron_prime.passes.forward_backward import run_pass
+    from megatron_prime.fleet.collect import collect_groups
     from megatron_prime.training.trainer import build_context
 
     register_test_verifier()

@@ -14,7 +14,7 @@ TEMPERATURE = 0.7
 
 
 def _batch(seed=0):
-    from megatron_prime.training.batch import build_rollout_batch
+    from megatron_prime.passes.batch import build_rollout_batch
 
     g = torch.Generator().manual_seed(seed)
     prompts, responses = [], []
@@ -61,8 +61,8 @@ def _compare(rank, world_size, layouts):
     from megatron_prime.models.hf_config import HFArch
     from megatron_prime.platform import distributed
     from megatron_prime.platform.distributed import all_gather_object
-    from megatron_prime.training.models import build_trainable
-    from megatron_prime.training.passes import run_pass
+    from megatron_prime.passes.trainable import build_trainable
+    from megatron_prime.passes.forward_backward import run_pass
 
     results = {}
     for tp, sequence_parallel, tied in layouts:

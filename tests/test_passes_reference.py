@@ -45,9 +45,9 @@ def _passes(rank, world_size, hf_dir):
     from megatron_prime.models.gpt import ModelOptions
     from megatron_prime.models.hf_config import read_hf_config
     from megatron_prime.platform import distributed
-    from megatron_prime.training.batch import build_rollout_batch
-    from megatron_prime.training.models import build_frozen, build_trainable
-    from megatron_prime.training.passes import run_pass
+    from megatron_prime.passes.batch import build_rollout_batch
+    from megatron_prime.passes.trainable import build_frozen, build_trainable
+    from megatron_prime.passes.forward_backward import run_pass
 
     arch = read_hf_config(hf_dir)
     batch = build_rollout_batch(PROMPTS, RESPONSES, [1.0, 0.0, 1.0], None, [False] * 3, group_size=3, pad_id=VOCAB - 1)

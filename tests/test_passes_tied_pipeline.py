@@ -27,9 +27,9 @@ def _train(rank, world_size, hf_dir):
     from megatron_prime.models.hf_config import read_hf_config
     from megatron_prime.platform import distributed
     from megatron_prime.platform.distributed import all_gather_object
-    from megatron_prime.training.batch import build_rollout_batch
-    from megatron_prime.training.models import build_trainable
-    from megatron_prime.training.passes import run_pass
+    from megatron_prime.passes.batch import build_rollout_batch
+    from megatron_prime.passes.trainable import build_trainable
+    from megatron_prime.passes.forward_backward import run_pass
 
     arch = read_hf_config(hf_dir)
     assert arch.tie_embeddings

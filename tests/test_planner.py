@@ -67,7 +67,7 @@ def _state_checks(rank, world_size, cases):
     from megatron_prime.models.gpt import ModelOptions
     from megatron_prime.planner.state_memory import frozen_state_bytes, stage_parameters, trainable_state_bytes
     from megatron_prime.platform import distributed
-    from megatron_prime.training.models import build_frozen, build_trainable
+    from megatron_prime.passes.trainable import build_frozen, build_trainable
 
     results = []
     for family, tp, pp, dtype, dist_opt in cases:
@@ -121,7 +121,7 @@ def _activation_check(dtype, tp, sp, sequences=2, seq_len=128):
         model_activation_bytes,
     )
     from megatron_prime.platform import distributed
-    from megatron_prime.training.models import build_trainable
+    from megatron_prime.passes.trainable import build_trainable
 
     distributed.init_model_parallel(tp=tp)
     arch = arch_from_dict(ACTIVATION_SHAPE)

@@ -22,8 +22,8 @@ from megatron_prime.data import PromptRow, render_prompt
 from megatron_prime.rewards import register_verifier
 from megatron_prime.rewards.registry import known_verifiers
 from megatron_prime.rollout.base import Response, RolloutEngine
-from megatron_prime.training.rollout_collect import collect_groups
-from megatron_prime.training.rollout_fleet import RolloutFleet
+from megatron_prime.fleet.collect import collect_groups
+from megatron_prime.fleet.fleet import RolloutFleet
 
 SCRIPTED = "test_scripted_answer"
 K = 4

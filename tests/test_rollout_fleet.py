@@ -77,8 +77,8 @@ def _two_engines(rank, world_size, fixture, root):
 
     from megatron_prime.data import load_prompt_dataset
     from megatron_prime.rollout import RolloutError
-    from megatron_prime.training.evaluate import fleet_graded_responses, sampling_params
-    from megatron_prime.training.rollout_collect import tokenize_prompts
+    from megatron_prime.fleet.grading import fleet_graded_responses, sampling_params
+    from megatron_prime.fleet.collect import tokenize_prompts
 
     register_test_verifier()
     out = {}

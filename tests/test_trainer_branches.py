@@ -40,8 +40,8 @@ def _rewards_of(ctx, prm_state: dict, groups) -> torch.Tensor:
     """Implicit rewards of the step's responses from a fresh forward of a PRM holding ``prm_state``."""
     from megatron_prime.algorithm import implicit_process_rewards
     from megatron_prime.models.wrappers import unwrap
-    from megatron_prime.training.models import build_frozen
-    from megatron_prime.training.passes import run_pass
+    from megatron_prime.passes.trainable import build_frozen
+    from megatron_prime.passes.forward_backward import run_pass
     from megatron_prime.training.prime_step import _to_batch
     from megatron_prime.training.trainer import model_options
 

@@ -236,10 +236,10 @@ from tests.trainer_fixtures import register_test_verifier
 from megatron_prime.bridge.mcore_io import load_model
 from megatron_prime.config import load_config
 from megatron_prime.platform import distributed
-from megatron_prime.training.models import build_frozen
-from megatron_prime.training.passes import run_pass
+from megatron_prime.passes.trainable import build_frozen
+from megatron_prime.passes.forward_backward import run_pass
 from megatron_prime.training.prime_step import _to_batch
-from megatron_prime.training.rollout_collect import collect_groups
+from megatron_prime.fleet.collect import collect_groups
 from megatron_prime.training.trainer import build_context, load_initial_weights, model_options
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from megatron_prime.training.vocab_parallel import output_layer_logprobs
+from megatron_prime.passes.vocab_parallel import output_layer_logprobs
 from tests.dist_utils import run_distributed
 
 torch.set_num_threads(1)

@@ -36,8 +36,8 @@ megatron-core 0.16.1 and 0.19.2: 3-10% over for a 4-layer model); the Transforme
 Pipeline parallelism (1F1B schedule): stage r holds ``min(pp - r, micro-batches)`` micro-batches
 in flight, so the first stage holds pp × (layers / pp) = all layers' worth of one micro-batch.
 
-Logits of the log-prob passes (last stage; counted from ``training/passes.py`` and
-``training/vocab_parallel.py``), V' = padded vocabulary / t, T tokens, c = min(T, 4096) (the chunk):
+Logits of the log-prob passes (last stage; counted from ``passes/forward_backward.py`` and
+``passes/vocab_parallel.py``), V' = padded vocabulary / t, T tokens, c = min(T, 4096) (the chunk):
 forward only, the output layer's logits and their gathered response positions (≤ T rows), plus
 three float32 chunk temporaries: ``2·B·T·V' + 12·c·V'``; training adds the gradient of the
 gathered logits and of the full logits: ``3·B·T·V' + 12·c·V'`` (the forward's full logits are

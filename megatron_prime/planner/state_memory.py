@@ -1,6 +1,6 @@
 """Bytes of parameters, gradients and optimizer state on one rank, as megatron-core lays them out.
 
-Exact for the models ``training.models`` builds (checked against the allocated tensors on CPU at
+Exact for the models ``passes.trainable`` builds (checked against the allocated tensors on CPU at
 TP=1, TP=2 and PP=2 in ``tests/test_planner.py``):
 
 - The parameters of one pipeline stage are listed in ``GPTModel.named_parameters()`` order:
@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from megatron_prime.models.hf_config import HFArch
 
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
-GRAD_BYTES = 4  # gradients are reduced in float32 (grad_reduce_in_fp32=True in training.models)
+GRAD_BYTES = 4  # gradients are reduced in float32 (grad_reduce_in_fp32=True in passes.trainable)
 ADAM_STATE_BYTES = 8  # exp_avg + exp_avg_sq, float32
 MAIN_PARAM_BYTES = 4  # float32 master copy of a half-precision parameter
 

@@ -50,7 +50,7 @@ def start_fleet(model_dir: str, *, engine: str = "hf", tp: int = 1, mem_fraction
     from megatron_prime.config import Config
     from megatron_prime.models.hf_config import read_hf_config
     from megatron_prime.platform import distributed
-    from megatron_prime.training.rollout_fleet import build_fleet
+    from megatron_prime.fleet.fleet import build_fleet
 
     if not os.path.isdir(model_dir):
         raise ReportError(f"{model_dir}: no such checkpoint directory")

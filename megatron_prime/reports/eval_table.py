@@ -122,7 +122,7 @@ def run_benchmarks(fleet, tokenizer, benchmarks: list[Benchmark], settings: Eval
     every rank calls this with the same arguments."""
     from megatron_prime.data import render_prompt
     from megatron_prime.platform.distributed import broadcast_object, is_rank0, on_rank0
-    from megatron_prime.training.evaluate import fleet_graded_responses, sampling_params
+    from megatron_prime.fleet.grading import fleet_graded_responses, sampling_params
 
     loaded = [b for b in benchmarks if b.rows]
     done = on_rank0(lambda: _resume(partial_path, settings, loaded))

@@ -81,7 +81,7 @@ def responses_from_file(path: str, rows, tokenizer, n: int, max_prompt_len: int,
     """Responses for ``rows`` (the first rows of a file of ``num_rows``) read from ``path``."""
     from megatron_prime.data import render_prompt
     from megatron_prime.rewards import score_batch
-    from megatron_prime.training.rollout_collect import tokenize_prompts
+    from megatron_prime.fleet.collect import tokenize_prompts
 
     texts = read_responses(path, num_rows or len(rows), n, used=len(rows))
     prompts = tokenize_prompts(rows, tokenizer, max_prompt_len, render_prompt)
@@ -100,7 +100,7 @@ def responses_from_policy(policy: str, rows, n: int, *, temperature: float, max_
                           log=print) -> list[list[Scored]]:
     from megatron_prime.data import render_prompt
     from megatron_prime.reports.engines import start_fleet
-    from megatron_prime.training.evaluate import fleet_graded_responses, sampling_params
+    from megatron_prime.fleet.grading import fleet_graded_responses, sampling_params
 
     fleet, tokenizer = start_fleet(policy, seed=seed, cache_dir=cache_dir)
     groups = []

@@ -6,7 +6,7 @@ workers); weight and cache routes go to every worker directly (the router has no
 or memory routes). Weights travel by NCCL broadcast from the trainer's global rank 0 on
 a group it forms with every TP rank of every server (``/init_weights_update_group``),
 one flattened single-dtype bucket per ``/update_weights_from_distributed`` call.
-Constructed by the trainer on global rank 0 only (``training/rollout_fleet.py``).
+Constructed by the trainer on global rank 0 only (``fleet/fleet.py``).
 
 Written against SGLang ``SGLANG_VERSION`` (routes and bodies are in
 ``sglang_engine.SGLANG_HTTP_USED``, checked by ``tests/test_sglang_contract.py``, which

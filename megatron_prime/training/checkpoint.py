@@ -35,7 +35,7 @@ from megatron_prime.bridge.mcore_io import check_dcp_metadata, load_plain_data, 
 from megatron_prime.models.wrappers import unwrap
 from megatron_prime.platform import watchdog
 from megatron_prime.platform.distributed import any_rank, is_rank0
-from megatron_prime.training.models import TrainableModel
+from megatron_prime.passes.trainable import TrainableModel
 
 STEP_PATTERN = re.compile(r"^step_(\d{8})$")
 # DistributedAtomicDir's temporary ".step_N.tmp-XXXX", and ".step_N.old-XXXX/step_N": a replaced step

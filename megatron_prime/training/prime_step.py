@@ -5,7 +5,7 @@
     -> implicit process rewards -> advantages -> old log-probs -> policy update -> weight sync
 
 Rank 0 samples prompts and applies the filter; the rollout fleet spreads generation and
-verification over its engines (``rollout_fleet.py``); the batch is shared and every data-parallel
+verification over its engines (``fleet/fleet.py``); the batch is shared and every data-parallel
 rank takes its rows. Per-token tensors are gathered back over data-parallel
 ranks so advantages are computed on the whole batch (whitening and batch-normalised estimators
 see every response), identically on every rank.
@@ -36,13 +36,13 @@ from megatron_prime.config import Config
 from megatron_prime.models.hf_config import HFArch
 from megatron_prime.platform import distributed, watchdog
 from megatron_prime.platform.distributed import broadcast_object
-from megatron_prime.training.batch import RolloutBatch, build_rollout_batch
-from megatron_prime.training.data_parallel import dp_rank_and_size, dp_rows, gather_dp_rows, reduce_metric_pairs
-from megatron_prime.training.models import TrainableModel
-from megatron_prime.training.offload import offloaded
-from megatron_prime.training.passes import run_pass
-from megatron_prime.training.rollout_collect import Group, collect_groups
-from megatron_prime.training.rollout_fleet import RolloutFleet
+from megatron_prime.passes.batch import RolloutBatch, build_rollout_batch
+from megatron_prime.passes.data_parallel import dp_rank_and_size, dp_rows, gather_dp_rows, reduce_metric_pairs
+from megatron_prime.passes.trainable import TrainableModel
+from megatron_prime.passes.offload import offloaded
+from megatron_prime.passes.forward_backward import run_pass
+from megatron_prime.fleet.collect import Group, collect_groups
+from megatron_prime.fleet.fleet import RolloutFleet
 
 
 @dataclass

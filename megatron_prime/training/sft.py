@@ -22,10 +22,10 @@ from megatron_prime.platform import distributed
 from megatron_prime.platform import watchdog
 from megatron_prime.platform.distributed import is_rank0
 from megatron_prime.training import checkpoint
-from megatron_prime.training.batch import build_rollout_batch
-from megatron_prime.training.data_parallel import dp_rows, reduce_metric_pairs
-from megatron_prime.training.models import build_trainable
-from megatron_prime.training.passes import run_pass
+from megatron_prime.passes.batch import build_rollout_batch
+from megatron_prime.passes.data_parallel import dp_rows, reduce_metric_pairs
+from megatron_prime.passes.trainable import build_trainable
+from megatron_prime.passes.forward_backward import run_pass
 from megatron_prime.training.preemption import StopRequest
 from megatron_prime.training.trainer import load_initial_weights, model_options, start_watchdog
 from megatron_prime.training.validation import validate_run

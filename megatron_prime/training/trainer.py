@@ -23,14 +23,14 @@ from megatron_prime.models.wrappers import unwrap
 from megatron_prime.platform import distributed
 from megatron_prime.platform.distributed import broadcast_object, is_rank0, on_rank0
 from megatron_prime.training import checkpoint
-from megatron_prime.training.evaluate import fleet_greedy_accuracy
-from megatron_prime.training.models import TrainableModel, build_frozen, build_trainable
+from megatron_prime.fleet.grading import fleet_greedy_accuracy
+from megatron_prime.passes.trainable import TrainableModel, build_frozen, build_trainable
 from megatron_prime.metrics import SustainedWarning
 from megatron_prime.platform import watchdog
 from megatron_prime.platform.watchdog import Watchdog
 from megatron_prime.training.preemption import StopRequest
 from megatron_prime.training.prime_step import PrimeContext, prime_step
-from megatron_prime.training.rollout_fleet import build_fleet
+from megatron_prime.fleet.fleet import build_fleet
 from megatron_prime.training.validation import validate_run
 
 

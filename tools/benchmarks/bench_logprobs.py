@@ -1,4 +1,4 @@
-"""Benchmark the memory and time of the Megatron log-prob passes (``training/passes.run_pass``).
+"""Benchmark the memory and time of the Megatron log-prob passes (``passes.forward_backward.run_pass``).
 
 A Qwen2-shaped GPT with the real Qwen2.5 vocabulary (151,936) and a small hidden size is built
 in Megatron (random weights, fp32) at TP=1 (one rank) and TP=2 (two gloo ranks, spawned by this
@@ -51,7 +51,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def make_batch(args, seed: int = 0):
-    from megatron_prime.training.batch import build_rollout_batch
+    from megatron_prime.passes.batch import build_rollout_batch
 
     g = torch.Generator().manual_seed(seed)
     prompts, responses = [], []
@@ -74,8 +74,8 @@ def run(args: argparse.Namespace, tp: int) -> list | None:
     from megatron_prime.models.gpt import ModelOptions
     from megatron_prime.models.hf_config import HFArch
     from megatron_prime.platform import distributed
-    from megatron_prime.training.models import build_trainable
-    from megatron_prime.training.passes import run_pass
+    from megatron_prime.passes.trainable import build_trainable
+    from megatron_prime.passes.forward_backward import run_pass
 
     distributed.setup(tp=tp)
     heads = max(2, args.hidden // 16)

@@ -15,7 +15,7 @@ from contextlib import contextmanager
 
 import torch
 
-from megatron_prime.training.models import TrainableModel
+from megatron_prime.passes.trainable import TrainableModel
 
 
 @contextmanager

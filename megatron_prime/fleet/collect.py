@@ -18,7 +18,7 @@ from megatron_prime.platform import watchdog
 from megatron_prime.platform.distributed import broadcast_object, is_rank0, on_rank0
 from megatron_prime.rewards import score_batch
 from megatron_prime.rollout.base import SamplingParams
-from megatron_prime.training.rollout_fleet import RolloutFleet
+from megatron_prime.fleet.fleet import RolloutFleet
 
 
 @dataclass

@@ -10,8 +10,8 @@ from dataclasses import dataclass
 from megatron_prime.platform.distributed import broadcast_object
 from megatron_prime.rewards import score_batch
 from megatron_prime.rollout.base import Response, SamplingParams
-from megatron_prime.training.rollout_collect import tokenize_prompts
-from megatron_prime.training.rollout_fleet import RolloutFleet
+from megatron_prime.fleet.collect import tokenize_prompts
+from megatron_prime.fleet.fleet import RolloutFleet
 
 
 @dataclass

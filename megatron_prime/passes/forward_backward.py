@@ -25,8 +25,8 @@ from megatron_prime.algorithm import accumulate_metrics
 from megatron_prime.models.forward import attention_mask_4d, broadcast_from_last_stage, position_ids_for
 from megatron_prime.models.wrappers import unwrap
 from megatron_prime.platform import watchdog
-from megatron_prime.training.batch import RolloutBatch, micro_batch_rows
-from megatron_prime.training.vocab_parallel import output_layer_logprobs
+from megatron_prime.passes.batch import RolloutBatch, micro_batch_rows
+from megatron_prime.passes.vocab_parallel import output_layer_logprobs
 
 # loss_fn(micro-batch rows of the batch, logprobs [b, R], entropy [b, R] | None)
 #   -> (loss summed over its items, number of items (tokens or responses), metrics (sum, count))
