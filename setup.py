@@ -25,6 +25,8 @@ setup(
     version="0.1.0",
     description="PRIME (Process Reinforcement through Implicit Rewards) trainer on megatron-core",
     packages=find_packages(include=["megatron_prime", "megatron_prime.*"]),
+    # the example configs and model shapes (the demo's config; `plan` before a model is downloaded)
+    package_data={"megatron_prime": ["examples/configs/*.yaml", "examples/models/*/config.json"]},
     python_requires=">=3.11",
     install_requires=[
         # Install the CPU build first (`pip install torch==2.13.0`); any torch >= 2.4 works.

@@ -5,24 +5,13 @@ Each subcommand imports its module lazily so ``--help`` and ``data check`` stay 
 
 from __future__ import annotations
 
-import os
-import subprocess
 import sys
-
-CONVERT_SCRIPTS = {
-    "hf-to-mcore": "hf_to_mcore.py",
-    "mcore-to-hf": "mcore_to_hf.py",
-    "verify": "verify.py",
-}
 
 
 def _convert(argv: list[str]) -> int:
-    if not argv or argv[0] not in CONVERT_SCRIPTS:
-        print(f"usage: megatron-prime convert {{{'|'.join(CONVERT_SCRIPTS)}}} ARGS...", file=sys.stderr)
-        return 2
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    script = os.path.join(root, "checkpoints_convert", CONVERT_SCRIPTS[argv[0]])
-    return subprocess.call([sys.executable, script, *argv[1:]])
+    from megatron_prime.bridge import cli
+
+    return cli.main(argv)
 
 
 def _data(argv: list[str]) -> int:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -18,8 +19,10 @@ from typing import Any, Literal, Optional, get_args, get_origin, get_type_hints
 
 import yaml
 
+from megatron_prime.errors import UserError
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError):
     """A config key holds a value that is not allowed."""
 
 
@@ -158,11 +161,7 @@ class SFTConfig:
     train_file: str = ""  # jsonl rows {"prompt", "response"}
     steps: int = 200
     batch_size: int = 64
-    lr: float = 1e-5
-    min_lr: float = 0.0
-    warmup_steps: int = 0
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
+    optim: OptimizerConfig = field(default_factory=lambda: OptimizerConfig(lr=1e-5, lr_schedule="cosine"))
     output_dir: str = "outputs/sft"  # checkpoints/, then the Megatron checkpoint (mcore/) + HF export (hf/)
     log_every: int = 10
     checkpoint_interval: int = 100  # resumable checkpoint every N steps (0: only at the end)
@@ -300,9 +299,26 @@ def config_from_dict(data: dict, overrides: list[str] = ()) -> Config:
     return _build(Config, data, "")
 
 
+# The example configs and model shapes ship inside the package (megatron_prime/examples/; a checkout's
+# top-level examples/ links to them), so "examples/..." paths work wherever the package is installed.
+SHIPPED_EXAMPLES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "examples")
+
+
+def shipped_path(path: str) -> str:
+    """``path`` itself if it exists; else, for a path under ``examples/`` (e.g.
+    ``examples/configs/tiny_cpu.yaml``), the copy shipped in the installed package."""
+    parts = os.path.normpath(path).split(os.sep)
+    if os.path.exists(path) or len(parts) < 2 or parts[0] != "examples":
+        return path
+    return os.path.join(SHIPPED_EXAMPLES, *parts[1:])
+
+
 def load_config(path: str | None, overrides: list[str] = ()) -> Config:
+    """The config of YAML file ``path`` (``examples/...`` also from the installed package) with
+    dotted ``overrides``, type-checked."""
     data = {}
     if path:
+        path = shipped_path(path)
         try:
             with open(path) as f:
                 data = yaml.safe_load(f) or {}

@@ -1,4 +1,6 @@
-"""Metrics: TensorBoard scalars (+ optional wandb), rollout samples as jsonl, console progress.
+"""Metrics: what a PRIME step reports (phase times, optimizer and batch statistics, sample
+records for the run page) and where it goes (TensorBoard scalars, optional wandb, samples as jsonl,
+console progress and warnings).
 
 Only the process that logs (global rank 0) builds a ``MetricsLogger``.
 """
@@ -11,6 +13,11 @@ import sys
 import time
 import warnings
 from collections import deque
+from contextlib import contextmanager
+
+import torch
+
+from megatron_prime.platform import watchdog
 
 # Console summary: (metric key, short label, format)
 CONSOLE_KEYS = (
@@ -100,3 +107,143 @@ class SustainedWarning:
         warnings.warn(f"step {step}: {self.key} averaged {mean:.3f} over the last {self.window} steps, above "
                       f"{self.limit:g}: {self.message}", stacklevel=2)
         return True
+
+
+class PhaseTimer:
+    """Wall time per phase of a step (``time/<phase>``, ``time/other``, ``time/step``); each phase is
+    also what the watchdog names if the rank hangs in it."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+        self.start = time.perf_counter()
+
+    @contextmanager
+    def __call__(self, name: str):
+        t0 = time.perf_counter()
+        with watchdog.phase(name):
+            yield
+        self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t0
+
+    def metrics(self) -> dict[str, float]:
+        total = time.perf_counter() - self.start
+        out = {f"time/{k}": v for k, v in self.seconds.items()}
+        out["time/other"] = max(0.0, total - sum(self.seconds.values()))
+        out["time/step"] = total
+        return out
+
+
+def optimizer_metrics(prefix: str, steps: list[dict]) -> dict[str, float]:
+    """Mean grad norm and last lr over the optimizer steps that updated; a step that fp16/bf16 loss
+    scaling skipped (inf/nan grads) is counted apart, not as an update."""
+    done = [s for s in steps if s["update_ok"]]
+    return {
+        f"{prefix}/grad_norm": sum(s["grad_norm"] for s in done) / len(done) if done else 0.0,
+        f"{prefix}/lr": steps[-1]["lr"],
+        f"{prefix}/updates": float(len(done)),
+        f"{prefix}/skipped_updates": float(len(steps) - len(done)),
+    }
+
+
+def masked_stats(prefix: str, values: torch.Tensor, mask: torch.Tensor) -> dict[str, float]:
+    valid = values[mask.bool()]
+    if valid.numel() == 0:
+        return {}
+    return {f"{prefix}/mean": valid.mean().item(), f"{prefix}/std": valid.std().item() if valid.numel() > 1 else 0.0,
+            f"{prefix}/min": valid.min().item(), f"{prefix}/max": valid.max().item()}
+
+
+def step_metrics(batch, stats, token_rewards, advantages, old_logprobs) -> dict[str, float]:
+    """The batch's figures: outcomes, lengths, the accuracy filter's work (``stats``, rank 0's
+    ``fleet.collect.CollectStats``; None elsewhere), advantages, process rewards and the largest
+    difference between the engine's log-probs and Megatron's."""
+    mask = batch.response_mask
+    lengths = mask.sum(dim=1)
+    m = {
+        "outcome/accuracy_filtered": batch.outcome.mean().item(),
+        "response/length_mean": lengths.mean().item(),
+        "response/length_max": lengths.max().item(),
+        "response/truncated_frac": batch.truncated.float().mean().item(),
+    }
+    if stats is not None:
+        m.update({
+            "outcome/accuracy_sampled": stats.accuracy_sampled,
+            "filter/kept_frac": stats.kept_groups / max(1, stats.sampled_groups),
+            "filter/rounds": float(stats.rounds),
+            "filter/from_buffer": float(stats.from_buffer),
+            "filter/buffer_size": float(stats.buffer_size),
+            "filter/unfiltered_fill": float(stats.unfiltered_fill),
+            "verify/timeouts": float(stats.verify_timeouts),
+            "verify/timeout_frac": stats.verify_timeouts / max(1, len(stats.outcomes_sampled)),
+        })
+    m.update(masked_stats("advantage", advantages, mask))
+    if token_rewards is not None:
+        m.update(masked_stats("process_reward/token", token_rewards, mask))
+        m["process_reward/sequence_mean"] = token_rewards.sum(dim=1).mean().item()
+    diff = (batch.rollout_logprobs - old_logprobs).abs()[mask.bool()]
+    # the mean is the policy loss's rollout/abs_logprob_diff
+    m["rollout/logprob_diff_max"] = diff.max().item() if diff.numel() else 0.0
+    return m
+
+
+def warn_on_timeouts(step: int, stats, limit: float) -> None:
+    """A graded-0 timeout becomes a wrong PRM label: say so when there are many."""
+    sampled = max(1, len(stats.outcomes_sampled))
+    if stats.verify_timeouts / sampled > limit:
+        warnings.warn(f"step {step}: {stats.verify_timeouts} of {sampled} answers hit the math grader's time limit "
+                      f"and scored 0 (more than train.warn_verify_timeout_frac={limit}); they are label noise for "
+                      "the implicit PRM", stacklevel=2)
+
+
+def sample_records(groups, tokenizer) -> list[dict]:
+    """One record per response for ``samples.jsonl`` (read by ``megatron-prime inspect``): the
+    response's tokens as strings beside its per-token process rewards and advantages, the sequence
+    reward (the sum of the process rewards, beta * sum_t q_t), the response's advantage (at its
+    first token: for the RLOO-style estimators, the whole response's return minus the baseline) and
+    whether that advantage contradicts its outcome (``flipped``). ``groups``: the step's
+    ``fleet.collect.Group`` s, with the values the PRIME step attached."""
+    out = []
+    for g, group in enumerate(groups):
+        rewards = group.process_rewards
+        advantages = group.advantages
+        for i, text in enumerate(group.texts):
+            ids = group.responses[i]
+            out.append({
+                "group": g,
+                "data_index": group.data_index,
+                "prompt": group.prompt_text,
+                "response": text,
+                "tokens": token_strings(tokenizer, group.prompt_ids[-1], ids),
+                "outcome": group.outcomes[i],
+                "truncated": group.truncated[i],
+                "process_rewards": None if rewards is None else rewards[i],
+                "sequence_reward": None if rewards is None else sum(rewards[i]),
+                "advantages": None if advantages is None else advantages[i],
+                "advantage": advantages[i][0] if advantages and advantages[i] else None,
+                "flipped": None if group.flipped is None else group.flipped[i],
+            })
+    return out
+
+
+def token_strings(tokenizer, previous: int, ids: list[int]) -> list[str]:
+    """Each token's text as it reads in place: decode(previous, token) minus decode(previous), so
+    SentencePiece tokenizers keep a token's leading space (decoding a token alone drops it). A
+    token that is part of a multi-byte character decodes as it does alone."""
+    before = [previous, *ids[:-1]]
+    singles = tokenizer.batch_decode([[t] for t in before])
+    pairs = tokenizer.batch_decode([[a, b] for a, b in zip(before, ids)])
+    alone = tokenizer.batch_decode([[t] for t in ids])
+    return [pair[len(single):] if pair.startswith(single) else own
+            for single, pair, own in zip(singles, pairs, alone)]
+
+
+def quiet_console() -> None:
+    """Keep a tool's own output readable: no deprecation warnings or weight-loading progress bars."""
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=UserWarning)
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    except ImportError:
+        pass

@@ -8,7 +8,6 @@ Whatever rank 0 returns is handed back to the test (it must be picklable).
 from __future__ import annotations
 
 import os
-import socket
 import tempfile
 import time
 import traceback
@@ -17,11 +16,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from megatron_prime.platform.distributed import free_port
 
 
 def _worker(rank, world_size, port, result_path, backend, fn, args):

@@ -89,24 +89,21 @@ def test_multistep_preset_writes_every_intermediate_result(tmp_path):
     from megatron_prime.data.toy import PRESETS
 
     multi = PRESETS["multistep"]
-    assert format_prompt((23, 4, 17, 3, 12, 5, 9), multi) == "23+4*17-3*12+5*9="
-    # products first, then the running sum and difference: 7 written steps, one per operation
-    assert solve((23, 4, 17, 3, 12, 5, 9), multi) == (
-        "4*17=68;3*12=36;5*9=45;23+68=91;91-36=55;55+45=100;\\boxed{100}", 100)
-    assert solve((1, 9, 9, 8, 8, 0, 0), multi) == ("9*9=81;8*8=64;0*0=0;1+81=82;82-64=18;18+0=18;\\boxed{18}", 18)
-    negative, answer = solve((0, 0, 5, 9, 9, 1, 1), multi)
-    assert answer == -80 and negative.endswith("0-81=-81;-81+1=-80;\\boxed{-80}")
+    assert format_prompt((3, 4, 7, 3, 2, 5, 9), multi) == "3+4*7+3*2+5*9="
+    # products first, then the running sum: 7 written steps, one per operation
+    assert solve((3, 4, 7, 3, 2, 5, 9), multi) == ("4*7=28;3*2=6;5*9=45;3+28=31;31+6=37;37+45=82;\\boxed{82}", 82)
     task = build_toy_task(tmp_path, seed=0, num_sft=200, num_rl=20, num_eval=20, difficulty="multistep")
     rows = read(task.sft)
+    assert all(re.fullmatch(r"\d\+\d\*\d\+\d\*\d\+\d\*\d=", r["prompt"]) for r in rows)
     default = build_toy_task(tmp_path / "default", seed=0, num_sft=200, num_rl=20, num_eval=20)
     ratio = (sum(len(r["response"]) for r in rows) / sum(len(r["response"]) for r in read(default.sft)))
-    assert 2.0 < ratio < 3.0  # responses 2-3x the default task's
+    assert 1.8 < ratio < 2.5  # responses about twice the default task's
     tok = AutoTokenizer.from_pretrained(task.tokenizer)
     assert all(tok.unk_token_id not in tok(r["prompt"] + r["response"])["input_ids"] for r in rows)
-    # the math verifier grades negative answers, and one wrong step makes the answer wrong
-    items = [("math", r["response"], r["answer"]) for r in rows[:20]]
-    items += [("math", negative, "-80"), ("math", negative.replace("-80}", "-79}"), "-80")]
-    assert score_batch(items, num_workers=2) == [1.0] * 21 + [0.0]
+    # one wrong step (here the middle sum, carried on consistently) makes the answer wrong
+    wrong = "4*7=28;3*2=6;5*9=45;3+28=31;31+6=38;38+45=83;\\boxed{83}"
+    items = [("math", r["response"], r["answer"]) for r in rows[:20]] + [("math", wrong, "82")]
+    assert score_batch(items, num_workers=2) == [1.0] * 20 + [0.0]
 
 
 def test_render_prompt_with_and_without_template(task):

@@ -23,7 +23,7 @@ def _offload_round_trip(rank, world_size, fixture, root):
     distributed.init_model_parallel(seed=cfg.train.seed)
     ctx = build_context(cfg)
     groups, _ = collect_groups(ctx.fleet, ctx.sampler, ctx.buffer, ctx.tokenizer, cfg, 0, ctx.render)
-    batch = ps._to_batch(groups, cfg.rollout.n, ctx.tokenizer)
+    batch = ps.to_batch(groups, cfg.rollout.n, ctx.tokenizer)
     args = dict(temperature=1.0, token_budget=cfg.train.micro_batch_tokens)
     batch.extras["old_logprobs"] = run_pass(ctx.policy.model, batch, **args).logprobs
     batch.extras["advantages"] = batch.response_mask * (batch.outcome[:, None] - 0.5)

@@ -21,7 +21,7 @@ import torch
 from megatron_prime.reports import commands, eval_table
 from megatron_prime.reports.benchmarks import PAPER_ROWS, load_benchmarks
 from megatron_prime.reports.files import read_jsonl
-from megatron_prime.reports.pass_at_k import ks_for, pass_at_k
+from megatron_prime.reports.pass_at_k import pass_at_k, powers_of_two_through
 from megatron_prime.rewards import score_batch
 from tests.dist_utils import run_distributed
 
@@ -156,7 +156,8 @@ def test_pass_at_k_is_the_chance_that_k_of_n_draws_hold_a_correct_one():
             for k in range(1, n + 1):
                 draws = list(combinations(outcomes, k))
                 assert pass_at_k(n, c, k) == pytest.approx(sum(any(d) for d in draws) / len(draws))
-    assert ks_for(8) == [1, 2, 4, 8] and ks_for(6) == [1, 2, 4, 6] and ks_for(1) == [1]
+    assert powers_of_two_through(8) == [1, 2, 4, 8] and powers_of_two_through(6) == [1, 2, 4, 6]
+    assert powers_of_two_through(1) == [1]
     with pytest.raises(ValueError):
         pass_at_k(4, 5, 1)
 

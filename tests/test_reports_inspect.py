@@ -132,7 +132,7 @@ def test_token_strings_keep_sentencepiece_spaces():
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    from megatron_prime.training.trainer import _token_strings
+    from megatron_prime.metrics import token_strings
 
     vocab = {"<unk>": 0, "<eos>": 1, "\u2581the": 2, "\u2581cat": 3, "s": 4, "\u2581sat": 5, ".": 6}
     core = Tokenizer(models.WordPiece(vocab, unk_token="<unk>", continuing_subword_prefix=""))
@@ -140,7 +140,7 @@ def test_token_strings_keep_sentencepiece_spaces():
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, eos_token="<eos>", unk_token="<unk>")
     prompt, *response = tokenizer("the cats sat.", add_special_tokens=False)["input_ids"]
     assert tokenizer.batch_decode([[t] for t in response]) == ["cat", "s", "sat", "."]
-    assert _token_strings(tokenizer, prompt, response + [1]) == [" cat", "s", " sat", ".", "<eos>"]
+    assert token_strings(tokenizer, prompt, response + [1]) == [" cat", "s", " sat", ".", "<eos>"]
 
 
 def test_page_in_headless_chromium(run, tmp_path):

@@ -46,7 +46,7 @@ def _sft(rank, world_size, fixture, root):
 
     def config(name, *extra):
         return load_config(None, overrides(fixture, os.path.join(root, name), f"sft.train_file={fixture['sft']}",
-                                           f"sft.batch_size={BATCH}", "sft.lr=2e-3", "sft.min_lr=2e-3",
+                                           f"sft.batch_size={BATCH}", "sft.optim.lr=2e-3", "sft.optim.lr_schedule=constant",
                                            "data.max_response_len=40", f"sft.output_dir={os.path.join(root, name)}",
                                            "sft.log_every=1000", *extra))
 

@@ -42,12 +42,12 @@ def _rewards_of(ctx, prm_state: dict, groups) -> torch.Tensor:
     from megatron_prime.models.wrappers import unwrap
     from megatron_prime.passes.trainable import build_frozen
     from megatron_prime.passes.forward_backward import run_pass
-    from megatron_prime.training.prime_step import _to_batch
-    from megatron_prime.training.trainer import model_options
+    from megatron_prime.training.prime_step import to_batch
+    from megatron_prime.passes.trainable import model_options
 
     prm = build_frozen(ctx.arch, model_options(ctx.cfg))
     unwrap(prm).load_state_dict(prm_state, strict=False)
-    batch = _to_batch(groups, ctx.cfg.rollout.n, ctx.tokenizer)
+    batch = to_batch(groups, ctx.cfg.rollout.n, ctx.tokenizer)
     args = dict(temperature=1.0, token_budget=ctx.cfg.train.micro_batch_tokens)
     prm_lp = run_pass(prm, batch, **args).logprobs
     ref_lp = run_pass(ctx.reference, batch, **args).logprobs

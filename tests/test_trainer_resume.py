@@ -238,9 +238,11 @@ from megatron_prime.config import load_config
 from megatron_prime.platform import distributed
 from megatron_prime.passes.trainable import build_frozen
 from megatron_prime.passes.forward_backward import run_pass
-from megatron_prime.training.prime_step import _to_batch
+from megatron_prime.training.prime_step import to_batch
 from megatron_prime.fleet.collect import collect_groups
-from megatron_prime.training.trainer import build_context, load_initial_weights, model_options
+from megatron_prime.passes.trainable import model_options
+from megatron_prime.training.initial_weights import load_initial_weights
+from megatron_prime.training.trainer import build_context
 
 if __name__ == "__main__":
     register_test_verifier()
@@ -248,7 +250,7 @@ if __name__ == "__main__":
     distributed.setup(seed=cfg.train.seed)
     ctx = build_context(cfg)
     groups, _ = collect_groups(ctx.fleet, ctx.sampler, ctx.buffer, ctx.tokenizer, cfg, 0, ctx.render)
-    batch = _to_batch(groups, cfg.rollout.n, ctx.tokenizer)
+    batch = to_batch(groups, cfg.rollout.n, ctx.tokenizer)
 
     def logprobs(model):
         return run_pass(model, batch, temperature=1.0, token_budget=cfg.train.micro_batch_tokens).logprobs

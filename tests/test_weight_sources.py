@@ -1,4 +1,4 @@
-"""Where PRIME's three models start (``training.trainer.weight_sources``): continuing a PRIME
+"""Where PRIME's three models start (``training.initial_weights.weight_sources``): continuing a PRIME
 trainer checkpoint keeps that run's reference and trained PRM; an SFT run's checkpoint is a
 starting point for all three, like an HF model."""
 
@@ -11,7 +11,7 @@ import pytest
 
 from megatron_prime.bridge.mcore_io import META_FILE
 from megatron_prime.config import Config, ConfigError
-from megatron_prime.training.trainer import weight_sources
+from megatron_prime.training.initial_weights import weight_sources
 
 
 def _model_dir(path, **meta) -> str:

@@ -119,17 +119,6 @@ def find_runs(dirs: list[str]) -> list[Run]:
 
 # ---- running ----------------------------------------------------------------------------------
 
-def quiet() -> None:
-    """Keep the training progress readable: no deprecation warnings or weight-loading bars."""
-    import warnings
-
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    warnings.filterwarnings("ignore", category=UserWarning)
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
-
-
 def run_comparison(args: argparse.Namespace) -> list[str]:
     """SFT once per seed, then a PRIME and an RLOO run from it. Returns the seed dirs."""
     from megatron_prime.config import config_from_dict, config_to_dict
@@ -357,7 +346,9 @@ def main() -> None:
     args.methods = dict(args.method) if args.method else DEFAULT_METHODS
 
     if args.seeds:
-        quiet()
+        from megatron_prime.metrics import quiet_console
+
+        quiet_console()
         dirs = run_comparison(args)
         png = args.png or os.path.join(args.out, "compare.png")
     else:

@@ -1,4 +1,4 @@
-"""Checkpoint conversion and verification (the bodies of ``checkpoints_convert/*.py``).
+"""Checkpoint conversion and verification (the bodies of ``megatron-prime convert``).
 
 Each function runs on every rank of an initialised TP/PP layout (one process is fine) and prints
 progress on rank 0.

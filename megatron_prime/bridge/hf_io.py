@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import save_file
 
 from megatron_prime.bridge.mapping import expected_hf_shape, hf_param_names
+from megatron_prime.errors import UserError
 from megatron_prime.models.hf_config import HFArch
 
 TOKENIZER_FILES = (
@@ -26,7 +27,7 @@ TOKENIZER_FILES = (
 )
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
     """A checkpoint file that is missing, truncated or does not match the model config."""
 
 

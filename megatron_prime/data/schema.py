@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
+from megatron_prime.errors import UserError
 from megatron_prime.rewards.code_grader import InvalidTestsError, parse_tests
 from megatron_prime.rewards.registry import UnknownVerifierError, verifier_for
 
@@ -42,7 +43,7 @@ class PromptRow:
     where: str = field(default="", compare=False)  # "FILE line N" / "FILE row N", for reports
 
 
-class DatasetError(ValueError):
+class DatasetError(UserError):
     def __init__(self, problems: list[str]):
         self.problems = problems
         shown = problems[:_MAX_REPORTED]

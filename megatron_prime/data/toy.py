@@ -5,17 +5,17 @@ the running sum, ending in the boxed answer::
 
     23+4*17=   ->   4*17=68;23+68=91;\\boxed{91}
 
-Difficulty knobs: the number of operations (2: a+b*c, 3: a+b*c+d, 4: a+b*c+d*e, ...), whether the
-additive operations alternate + and - (``subtract``), the range of addends / right factors and the
-range of left factors. The default (a, c < 50, b < 10) is the demo's setting: a 0.8M-parameter
-model reaches ~50% greedy accuracy after 100 s of SFT, inside PRIME's useful band; fewer operations
-or smaller ranges make it easier, more operations or larger ranges harder.
+Difficulty knobs: the number of operations (2: a+b*c, 3: a+b*c+d, 4: a+b*c+d*e, ...), the range
+of addends / right factors and the range of left factors. The default (a, c < 50, b < 10) is the
+demo's setting: a 0.8M-parameter model reaches ~50% greedy accuracy after 100 s of SFT, inside
+PRIME's useful band; fewer operations or smaller ranges make it easier, more operations or larger
+ranges harder.
 
-The ``multistep`` preset chains six operations with every intermediate result written out, so a
-solution is 2-3x longer and one wrong step (a product, a sum, a sign) makes the answer wrong, at a
-place in the response that a process reward model can learn to find::
+The ``multistep`` preset chains six operations on single digits with every intermediate result
+written out, so a solution is about twice as long and one wrong step (a product or a sum) makes the
+answer wrong, at a place in the response that a process reward model can learn to find::
 
-    23+4*17-3*12+5*9=   ->   4*17=68;3*12=36;5*9=45;23+68=91;91-36=55;55+45=100;\\boxed{100}
+    3+4*7+3*2+5*9=   ->   4*7=28;3*2=6;5*9=45;3+28=31;31+6=37;37+45=82;\\boxed{82}
 
 ``build_toy_task`` writes sft.jsonl, rl.jsonl, eval.jsonl (disjoint prompts, all seeded) and a
 character-level tokenizer built locally with the ``tokenizers`` library (no download).
@@ -35,15 +35,14 @@ DATA_SOURCE = "toy_arith"
 SPECIAL_TOKENS = ("<pad>", "<eos>", "<bos>", "<unk>")
 # Every character a prompt or solution can contain; the vocabulary is fixed so that all
 # difficulties share one tokenizer.
-CHARACTERS = "0123456789+*=;\\boxed{}-"
+CHARACTERS = "0123456789+*=;\\boxed{}"
 
 
 @dataclass(frozen=True)
 class ToyDifficulty:
-    num_ops: int = 2  # operations per problem: an additive one and "*" alternate, starting additive
+    num_ops: int = 2  # operations per problem: "+" and "*" alternate, starting with "+"
     max_operand: int = 50  # addends and right factors lie in [0, max_operand)
     max_multiplier: int = 10  # left factors of "*" lie in [0, max_multiplier)
-    subtract: bool = False  # additive operations alternate "+" and "-" (else all "+")
 
     def __post_init__(self):
         if self.num_ops < 1 or self.max_operand < 1 or self.max_multiplier < 1:
@@ -51,10 +50,7 @@ class ToyDifficulty:
 
     @property
     def ops(self) -> list[str]:
-        def additive(k):
-            return "-" if self.subtract and (k // 2) % 2 == 1 else "+"
-
-        return [additive(k) if k % 2 == 0 else "*" for k in range(self.num_ops)]
+        return ["+" if k % 2 == 0 else "*" for k in range(self.num_ops)]
 
     def operand_ranges(self) -> list[int]:
         ops = self.ops
@@ -71,8 +67,9 @@ PRESETS = {
     "easy": ToyDifficulty(num_ops=2, max_operand=20, max_multiplier=5),
     "default": ToyDifficulty(),
     "hard": ToyDifficulty(num_ops=4, max_operand=50, max_multiplier=10),
-    # a+b*c-d*e+f*g: seven written steps, the credit-assignment task of the README's comparison
-    "multistep": ToyDifficulty(num_ops=6, max_operand=50, max_multiplier=10, subtract=True),
+    # a+b*c+d*e+f*g on single digits: seven written steps, the credit-assignment task of the README's
+    # comparison (its greedy accuracy after the demo's SFT is about that of the default task's)
+    "multistep": ToyDifficulty(num_ops=6, max_operand=10, max_multiplier=10),
 }
 
 
@@ -96,24 +93,23 @@ def format_prompt(operands: tuple[int, ...], difficulty: ToyDifficulty) -> str:
 
 
 def solve(operands: tuple[int, ...], difficulty: ToyDifficulty) -> tuple[str, int]:
-    """(step-by-step solution, answer): products left to right, then the running sum/difference."""
+    """(step-by-step solution, answer): products left to right, then the running sum."""
     ops = difficulty.ops
-    steps, terms = [], []  # terms: (additive op, value) after the first operand
+    steps, terms = [], [operands[0]]
     i = 0
     while i < len(ops):
         if i + 1 < len(ops) and ops[i + 1] == "*":
             left, right = operands[i + 1], operands[i + 2]
             steps.append(f"{left}*{right}={left * right}")
-            terms.append((ops[i], left * right))
+            terms.append(left * right)
             i += 2
         else:
-            terms.append((ops[i], operands[i + 1]))
+            terms.append(operands[i + 1])
             i += 1
-    total = operands[0]
-    for op, term in terms:
-        new = total + term if op == "+" else total - term
-        steps.append(f"{total}{op}{term}={new}")
-        total = new
+    total = terms[0]
+    for term in terms[1:]:
+        steps.append(f"{total}+{term}={total + term}")
+        total += term
     return ";".join(steps + [f"\\boxed{{{total}}}"]), total
 
 

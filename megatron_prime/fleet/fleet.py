@@ -114,7 +114,7 @@ class RolloutFleet:
             if tries == self.max_restarts:
                 raise first
             failed = sorted({self._engine_of(rank) for rank in failures})
-            if getattr(self.engine, "restarts_together", False):  # vLLM SPMD: its groups span every rank
+            if self.engine is not None and self.engine.restarts_together:  # their groups span every rank
                 failed = list(range(len(self.groups)))
             if _world()[0] == 0:
                 print(f"rollout: engine(s) {failed} failed during {what} ({first}); restarting them", flush=True)
@@ -187,7 +187,7 @@ class RolloutFleet:
         shard = shard_of(len(items), len(self.groups), index)
         part = items[shard]
         if not part:
-            if getattr(self.engine, "restarts_together", False):  # vLLM's data-parallel replicas step together: join with nothing
+            if self.engine.restarts_together:  # data-parallel replicas step together: join with nothing
                 self.engine.generate([], SamplingParams())
             return None
         generated = generate(self.engine, part, shard.start)

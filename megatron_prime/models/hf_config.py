@@ -10,8 +10,10 @@ import json
 import os
 from dataclasses import dataclass, field
 
+from megatron_prime.errors import UserError
 
-class ModelConfigError(ValueError):
+
+class ModelConfigError(UserError):
     """A Hugging Face config that we cannot build a model from."""
 
 

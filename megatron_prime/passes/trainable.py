@@ -18,8 +18,8 @@ from megatron.core.optimizer import get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.transformer.module import Float16Module
 
-from megatron_prime.config import OptimizerConfig
-from megatron_prime.models.gpt import ModelOptions, build_gpt_model
+from megatron_prime.config import Config, OptimizerConfig
+from megatron_prime.models.gpt import ModelOptions, build_gpt_model, resolve_use_te
 from megatron_prime.models.hf_config import HFArch
 
 
@@ -39,6 +39,15 @@ class TrainableModel:
         self.scheduler.step(increment=1)
         return {"grad_norm": float(grad_norm or 0.0), "lr": self.optimizer.param_groups[0]["lr"],
                 "update_ok": bool(ok)}
+
+
+def model_options(cfg: Config) -> ModelOptions:
+    """How the run's models are built (dtype, Transformer Engine, vocabulary padding, TP/PP)."""
+    return ModelOptions(
+        dtype=cfg.model.dtype, fp8=cfg.model.fp8, use_te=resolve_use_te(cfg.model.transformer_engine),
+        vocab_pad_multiple=cfg.model.vocab_pad_multiple, tp=cfg.parallel.tp, pp=cfg.parallel.pp,
+        sequence_parallel=cfg.parallel.sequence_parallel,
+    )
 
 
 def _wrap_half(model, opts: ModelOptions):

@@ -9,13 +9,13 @@ Exit status: 0 fits, 1 does not fit, 2 the config or layout is refused.
 from __future__ import annotations
 
 import argparse
-import sys
 from typing import Callable, Collection
 
 import yaml
 
 from megatron_prime.config import Config, ConfigError, config_to_dict, load_config
-from megatron_prime.models.hf_config import HFArch, ModelConfigError
+from megatron_prime.errors import exit_code
+from megatron_prime.models.hf_config import HFArch
 from megatron_prime.planner.plan import MAX_NODES, Layout, fitting_layouts, format_plan, gib, plan_layout, verdict
 from megatron_prime.planner.shapes import model_shape
 from megatron_prime.planner.state_memory import num_parameters, padded_vocab
@@ -59,13 +59,13 @@ def plan_command(argv: list[str], *, validate_run: Callable, outcome_only: Colle
     parser.add_argument("--gpu-mem", type=float, default=80.0, help="GiB per GPU (default 80)")
     parser.add_argument("--show-config", action="store_true", help="print the validated config too")
     args = parser.parse_intermixed_args(argv)
-    try:
-        cfg = load_config(args.config, args.overrides)
-        arch, source = model_shape(cfg)
-        validate_run(cfg, None, arch=arch)  # what holds on any number of GPUs
-    except (ConfigError, ModelConfigError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return exit_code(lambda: _plan(args, validate_run, outcome_only))
+
+
+def _plan(args, validate_run, outcome_only) -> int:
+    cfg = load_config(args.config, args.overrides)
+    arch, source = model_shape(cfg)
+    validate_run(cfg, None, arch=arch)  # what holds on any number of GPUs
     uses_prm = cfg.algorithm.estimator not in outcome_only
     uses_reference = uses_prm or cfg.algorithm.kl_coef > 0
     vocab = padded_vocab(arch.vocab_size, cfg.parallel.tp, cfg.model.vocab_pad_multiple)

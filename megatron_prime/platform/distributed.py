@@ -45,7 +45,8 @@ def expand_slurm_nodelist(nodelist: str) -> list[str]:
     return hosts
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port free on this host now (for a rendezvous of processes started here)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -76,7 +77,7 @@ def detect_launch_env(environ=os.environ) -> LaunchEnv:
             master_port=int(environ.get("MASTER_PORT", 20000 + job_id % 20000)),
             launcher="slurm",
         )
-    return LaunchEnv(0, 1, 0, "127.0.0.1", _free_port(), "single")
+    return LaunchEnv(0, 1, 0, "127.0.0.1", free_port(), "single")
 
 
 def is_rank0() -> bool:

@@ -18,6 +18,8 @@ import math
 import random
 from dataclasses import dataclass
 
+from megatron_prime.reports.pass_at_k import powers_of_two_through
+
 STRATEGIES = ("prm", "majority", "random", "oracle")
 
 
@@ -69,15 +71,6 @@ def subsets(m: int, n: int, max_subsets: int, rng: random.Random) -> list[tuple[
     return sorted(drawn)
 
 
-def ns_for(m: int) -> list[int]:
-    """N = 1, 2, 4, ... up to m (and m itself)."""
-    ns, n = [], 1
-    while n < m:
-        ns.append(n)
-        n *= 2
-    return ns + [m]
-
-
 def per_prompt_accuracy(prompts: list[list[Candidate]], n: int, max_subsets: int = 256,
                         seed: int = 0) -> dict[str, list[float]]:
     """Each strategy's expected accuracy on each prompt when choosing among ``n`` responses."""
@@ -94,7 +87,7 @@ def best_of_n_curve(prompts: list[list[Candidate]], max_subsets: int = 256, seed
     """{N: {strategy: accuracy over prompts}} for N = 1, 2, 4, ... up to the responses per prompt."""
     m = min(len(c) for c in prompts)
     return {n: {s: _mean(v) for s, v in per_prompt_accuracy(prompts, n, max_subsets, seed).items()}
-            for n in ns_for(m)}
+            for n in powers_of_two_through(m)}
 
 
 def verdict(prompts: list[list[Candidate]], n: int, max_subsets: int = 256, seed: int = 0) -> tuple[str, float, float]:

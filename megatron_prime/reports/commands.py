@@ -7,28 +7,8 @@ import json
 import os
 import sys
 
+from megatron_prime.errors import exit_code
 from megatron_prime.reports.files import ReportError
-
-
-def _user_errors() -> tuple[type, ...]:
-    from megatron_prime.bridge.hf_io import CheckpointError
-    from megatron_prime.config import ConfigError
-    from megatron_prime.data.schema import DatasetError
-    from megatron_prime.models.hf_config import ModelConfigError
-
-    return ReportError, ConfigError, CheckpointError, DatasetError, ModelConfigError
-
-
-def _guard(fn) -> int:
-    """Known user errors: one line on stderr and exit code 2, not a stack trace. (Their types are
-    imported only when something was raised, so ``inspect`` does not pay for importing torch.)"""
-    try:
-        return fn() or 0
-    except Exception as e:
-        if not isinstance(e, _user_errors()):
-            raise
-        print(f"error: {e}", file=sys.stderr)
-        return 2
 
 
 def _rank0() -> bool:
@@ -120,7 +100,7 @@ def evaluate(argv) -> int:
         print(f"results and every graded response: {out} (table: {os.path.splitext(out)[0]}.md)")
         return 1 if problems else 0
 
-    return _guard(run)
+    return exit_code(run)
 
 
 # ---- score -----------------------------------------------------------------------------------
@@ -202,7 +182,7 @@ def score(argv) -> int:
         print(bon.report_text(summary, len(rows), args.samples))
         print(f"per-response rewards: {out}")
 
-    return _guard(run)
+    return exit_code(run)
 
 
 # ---- inspect ---------------------------------------------------------------------------------
@@ -233,4 +213,4 @@ def inspect(argv) -> int:
         else:
             print(f"open it: {url}")
 
-    return _guard(run)
+    return exit_code(run)

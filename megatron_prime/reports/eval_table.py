@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 from megatron_prime.reports.benchmarks import COLUMN_TITLES, PAPER_COLUMNS, PAPER_ROWS, Benchmark
 from megatron_prime.reports.files import ReportError, append_jsonl, read_jsonl, write_atomic
-from megatron_prime.reports.pass_at_k import ks_for, pass_at_k
+from megatron_prime.reports.pass_at_k import pass_at_k, powers_of_two_through
 
 RESULT_FORMAT = "megatron-prime/eval"
 
@@ -167,7 +167,7 @@ def benchmark_metrics(records: list[dict], settings: EvalSettings) -> dict:
         metrics["greedy"] = sum(correct) / len(correct)
     else:
         metrics[f"avg@{k}"] = sum(correct) / (k * len(correct))
-        for j in ks_for(k):
+        for j in powers_of_two_through(k):
             metrics[f"pass@{j}"] = sum(pass_at_k(k, c, j) for c in correct) / len(correct)
     return metrics
 

@@ -7,8 +7,10 @@ import json
 import os
 import tempfile
 
+from megatron_prime.errors import UserError
 
-class ReportError(ValueError):
+
+class ReportError(UserError):
     """A user error in a report command: one line naming the file and what was expected."""
 
 

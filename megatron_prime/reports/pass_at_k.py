@@ -14,10 +14,11 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     return 1.0 - comb(n - c, k) / comb(n, k)
 
 
-def ks_for(samples: int) -> list[int]:
-    """The k reported for ``samples`` samples per prompt: powers of two below it, and itself."""
-    ks, k = [], 1
-    while k < samples:
-        ks.append(k)
+def powers_of_two_through(n: int) -> list[int]:
+    """1, 2, 4, ... below ``n``, then ``n`` itself: the k of pass@k reported for n samples per prompt,
+    and the N of best-of-N for n candidates."""
+    out, k = [], 1
+    while k < n:
+        out.append(k)
         k *= 2
-    return ks + [samples]
+    return out + [n]

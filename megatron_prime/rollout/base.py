@@ -149,10 +149,14 @@ class RolloutEngine(abc.ABC):
     engine). ``update_weights``/``sleep``/``wake``/``restart``/``shutdown`` are then called
     on every rank of the group, each with the full tensors; ``generate`` on the group's
     first rank only, or on every rank of the group (same prompts) when
-    ``generate_on_every_group_rank`` is set (vLLM's SPMD external launcher)."""
+    ``generate_on_every_group_rank`` is set (vLLM's SPMD external launcher). When
+    ``restarts_together`` is true the engines of every group form one collective (vLLM's
+    data-parallel replicas under the external launcher): a failure restarts them all, and an engine
+    with nothing to generate still joins a round with an empty request."""
 
     name: str = "engine"
     generate_on_every_group_rank: bool = False
+    restarts_together: bool = False
 
     @abc.abstractmethod
     def generate(self, prompt_token_ids: list[list[int]], sampling: SamplingParams) -> list[Response]:

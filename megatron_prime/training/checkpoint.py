@@ -9,7 +9,7 @@ distributed checkpoints, reshardable), plus step, RNG states, data cursor and fi
 
 Each step directory appears in one rename once every rank has written (so a visible one is
 complete); ``policy/`` and ``prm/`` are also plain model checkpoints that
-``checkpoints_convert/mcore_to_hf.py`` converts. A directory that fails to load (corrupt or
+``megatron-prime convert mcore-to-hf`` converts. A directory that fails to load (corrupt or
 truncated files) is skipped with a warning and the previous one is used.
 
 Loading runs no code from the files: our own files hold plain data only (tensors, numbers,

@@ -7,9 +7,9 @@ import json
 import os
 import time
 
-from megatron_prime.config import Config, load_config
+from megatron_prime.config import SHIPPED_EXAMPLES, Config, load_config
 
-DEFAULT_CONFIG = os.path.join(os.path.dirname(__file__), "..", "..", "examples", "configs", "tiny_cpu.yaml")
+DEFAULT_CONFIG = os.path.join(SHIPPED_EXAMPLES, "configs", "tiny_cpu.yaml")
 
 # ~0.8M parameters: the toy task is learnable with it in demo time on 2 CPU cores
 TINY_MODEL = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,

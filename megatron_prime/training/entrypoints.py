@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import sys
 
-from megatron_prime.config import ConfigError, load_config
+from megatron_prime.config import load_config
 from megatron_prime.data.toy import PRESETS as TOY_PRESETS
+from megatron_prime.errors import exit_code
 
 
 def _config_args(argv, prog, description):
@@ -17,20 +17,6 @@ def _config_args(argv, prog, description):
     return load_config(args.config, args.overrides)
 
 
-def _guard(fn) -> int:
-    """Known user errors: one line on stderr and exit code 2, not a stack trace."""
-    from megatron_prime.bridge.hf_io import CheckpointError
-    from megatron_prime.data import DatasetError
-    from megatron_prime.models.hf_config import ModelConfigError
-
-    try:
-        fn()
-    except (ConfigError, CheckpointError, DatasetError, ModelConfigError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
-
-
 def train(argv) -> int:
     def run():
         cfg = _config_args(argv, "megatron-prime train", "PRIME RL training")
@@ -38,7 +24,7 @@ def train(argv) -> int:
 
         run_train(cfg)
 
-    return _guard(run)
+    return exit_code(run)
 
 
 def sft(argv) -> int:
@@ -49,14 +35,15 @@ def sft(argv) -> int:
         result = run_sft(cfg)
         print(f"SFT done: Megatron checkpoint {result['mcore']}, HF checkpoint {result['hf']}")
 
-    return _guard(run)
+    return exit_code(run)
 
 
 def demo(argv) -> int:
     p = argparse.ArgumentParser(prog="megatron-prime demo", description="the tiny CPU demo")
     p.add_argument("--out", default="outputs/demo")
     p.add_argument("--seed", type=int, default=1)
-    p.add_argument("--config", default=None, help="default: examples/configs/tiny_cpu.yaml")
+    p.add_argument("--config", default=None, help="default: the tiny CPU config shipped with the package "
+                   "(examples/configs/tiny_cpu.yaml)")
     p.add_argument("--task", default="default", choices=sorted(TOY_PRESETS),
                    help="the toy task's preset (multistep: a+b*c-d*e+f*g, every intermediate result written)")
     p.add_argument("overrides", nargs="*")
@@ -67,4 +54,4 @@ def demo(argv) -> int:
 
         run_demo(args.out, args.seed, args.config, args.overrides, args.task)
 
-    return _guard(run)
+    return exit_code(run)

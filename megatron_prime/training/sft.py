@@ -13,21 +13,20 @@ import torch
 from megatron_prime.algorithm import metric, metric_means
 from megatron_prime.bridge.convert import write_hf
 from megatron_prime.bridge.mcore_io import save_model
-from megatron_prime.config import Config, OptimizerConfig
+from megatron_prime.config import Config
 from megatron_prime.data import DatasetError, load_sft_dataset, render_prompt
 from megatron_prime.data.lengths import describe_dropped, split_overlong_sft
 from megatron_prime.models.hf_config import read_hf_config
 from megatron_prime.models.wrappers import unwrap
-from megatron_prime.platform import distributed
-from megatron_prime.platform import watchdog
-from megatron_prime.platform.distributed import is_rank0
-from megatron_prime.training import checkpoint
 from megatron_prime.passes.batch import build_rollout_batch
 from megatron_prime.passes.data_parallel import dp_rows, reduce_metric_pairs
-from megatron_prime.passes.trainable import build_trainable
 from megatron_prime.passes.forward_backward import run_pass
-from megatron_prime.training.preemption import StopRequest
-from megatron_prime.training.trainer import load_initial_weights, model_options, start_watchdog
+from megatron_prime.passes.trainable import build_trainable, model_options
+from megatron_prime.platform import distributed, watchdog
+from megatron_prime.platform.distributed import is_rank0
+from megatron_prime.training import checkpoint
+from megatron_prime.training.initial_weights import load_initial_weights
+from megatron_prime.training.preemption import StopRequest, end_of_step, guarded_run
 from megatron_prime.training.validation import validate_run
 
 
@@ -90,7 +89,7 @@ def sft(cfg: Config) -> dict:
     and a stop signal or ``train.exit_after_minutes`` checkpoints and stops at a step boundary."""
     launch = distributed.detect_launch_env()
     validate_run(cfg, world_size=launch.world_size, stage="sft")
-    with start_watchdog(cfg, launch.rank), StopRequest(cfg.train.exit_after_minutes) as stop:
+    with guarded_run(cfg, launch.rank) as stop:
         distributed.setup(cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.cp, cfg.parallel.ep, cfg.train.seed,
                           hang_timeout_minutes=cfg.train.hang_timeout_minutes)
         return _sft(cfg, stop)
@@ -105,9 +104,7 @@ def _sft(cfg: Config, stop: StopRequest) -> dict:
         checkpoint.remove_leftovers(ckpt_root)
     arch = read_hf_config(cfg.model.hf_path)
     tokenizer = AutoTokenizer.from_pretrained(cfg.model.hf_path)
-    optim = OptimizerConfig(lr=s.lr, min_lr=s.min_lr, lr_schedule="cosine" if s.min_lr < s.lr else "constant",
-                            warmup_steps=s.warmup_steps, weight_decay=s.weight_decay, grad_clip=s.grad_clip)
-    policy = build_trainable(arch, model_options(cfg), optim, total_steps=s.steps,
+    policy = build_trainable(arch, model_options(cfg), s.optim, total_steps=s.steps,
                              distributed_optimizer=cfg.parallel.distributed_optimizer)
     load_initial_weights(policy, cfg.model.mcore_path or cfg.model.hf_path, arch, cfg)
     rows = load_sft_rows(cfg, tokenizer, render_prompt)
@@ -128,10 +125,10 @@ def _sft(cfg: Config, stop: StopRequest) -> dict:
         if is_rank0():
             print(f"[sft] resumed from step {state['step']} ({ckpt_root})", flush=True)
 
-    def save(step: int) -> None:
+    def save(step: int) -> str:
         with watchdog.phase("checkpoint"):
-            checkpoint.save_checkpoint(ckpt_root, step, {"policy": policy}, {"sft": batches.state_dict()},
-                                       cfg.model.hf_path, cfg.checkpoint.keep_last, cfg.model.dtype)
+            return checkpoint.save_checkpoint(ckpt_root, step, {"policy": policy}, {"sft": batches.state_dict()},
+                                              cfg.model.hf_path, cfg.checkpoint.keep_last, cfg.model.dtype)
 
     start, history, stopped = time.time(), [], None
     for step in range(start_step, s.steps):
@@ -154,16 +151,9 @@ def _sft(cfg: Config, stop: StopRequest) -> dict:
             print(f"[sft {step + 1}/{s.steps} | {time.time() - start:5.0f}s] nll={nll:.4f} "
                   f"lr={info['lr']:.2e} grad_norm={info['grad_norm']:.3f}{skipped}", flush=True)
         last = step == s.steps - 1
-        saved = last or (s.checkpoint_interval and (step + 1) % s.checkpoint_interval == 0)
-        if saved:
-            save(step)
-        stopped = None if last else stop.should_stop()
+        due = last or bool(s.checkpoint_interval and (step + 1) % s.checkpoint_interval == 0)
+        stopped = end_of_step(step, last=last, due=due, save=save, stop=stop, prefix="[sft] ")
         if stopped is not None:
-            if not saved:
-                save(step)
-            if is_rank0():
-                print(f"[sft] stopping after step {step} ({stopped}); run the same command again to resume",
-                      flush=True)
             break
     watchdog.set_step(None)
 

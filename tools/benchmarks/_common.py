@@ -177,14 +177,6 @@ def trim() -> None:
 
 def quiet() -> None:
     """Silence deprecation warnings and progress bars that would bury the table."""
-    import warnings
+    from megatron_prime.metrics import quiet_console
 
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    warnings.filterwarnings("ignore", category=UserWarning)
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    try:
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()
-    except ImportError:
-        pass
+    quiet_console()

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import statistics
 import sys
 
@@ -29,6 +28,8 @@ import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import measure_on_every_rank, print_table, quiet  # noqa: E402
+
+from megatron_prime.platform.distributed import free_port  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -127,12 +128,6 @@ def run(args: argparse.Namespace, tp: int) -> list | None:
     return summary
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _spawned(rank: int, port: int, args: argparse.Namespace, tp: int, result_path: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(tp), LOCAL_RANK=str(rank))
@@ -170,7 +165,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for tp in args.tp:
             path = os.path.join(tmp, f"tp{tp}.pt")
-            mp.spawn(_spawned, args=(_free_port(), args, tp, path), nprocs=tp, join=True)
+            mp.spawn(_spawned, args=(free_port(), args, tp, path), nprocs=tp, join=True)
             summaries.append(torch.load(path, weights_only=False))
     report(args, summaries)
 

@@ -38,7 +38,6 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import socket
 import statistics
 import sys
 import tempfile
@@ -56,6 +55,8 @@ from _common import (  # noqa: E402
     print_table,
     quiet,
 )
+
+from megatron_prime.platform.distributed import free_port  # noqa: E402
 
 TP = 2
 
@@ -272,12 +273,6 @@ def report(args, hf_dir, arch, prepared, received_bytes, cases, default_alloc, f
 
 # ---- launching -------------------------------------------------------------------------------
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _spawned(rank: int, port: int, args: argparse.Namespace) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(TP), LOCAL_RANK=str(rank))
@@ -291,7 +286,7 @@ def main() -> None:
         return
     import torch.multiprocessing as mp
 
-    mp.spawn(_spawned, args=(_free_port(), args), nprocs=TP, join=True)
+    mp.spawn(_spawned, args=(free_port(), args), nprocs=TP, join=True)
 
 
 if __name__ == "__main__":
