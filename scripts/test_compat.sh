@@ -21,4 +21,4 @@ start=$(date +%s)
 "$PY" -m pip install -q "megatron-core==$MCORE" -e ".[test]"
 echo "environment: $("$PY" -c 'import sys, torch, megatron.core as m; print(f"Python {sys.version.split()[0]}, torch {torch.__version__}, megatron-core {m.__version__}")') ($(( $(date +%s) - start )) s to install)"
 "$PY" -m pytest -q -p no:cacheprovider \
-    tests/test_models_bridge.py tests/test_trainer_parallel.py tests/test_trainer_resume.py tests/test_planner.py "$@"
+    tests/bridge/test_convert.py tests/training/test_prime_step_parallel.py tests/e2e/test_resume.py tests/planner/test_plan.py "$@"

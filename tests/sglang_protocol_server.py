@@ -9,7 +9,7 @@ It is the receiving side of SGLang 0.5.23 as read in its source, not SGLang itse
 * ``/init_weights_update_group``: joins the trainer's broadcast group as rank ``rank_offset``
   (one TP rank per server) with ``join_broadcast_group``, the torch calls SGLang's
   ``init_custom_process_group`` makes (a ``tcp://`` rendezvous, the store keyed by the group
-  name, a group outside any default world; checked in tests/test_sglang_contract.py).
+  name, a group outside any default world; checked in tests/rollout/test_sglang_contract.py).
 * ``/update_weights_from_distributed`` with ``load_format="flattened_bucket"``: allocates the
   bucket's bytes from (names, dtypes, shapes) back to back, receives one broadcast from rank 0,
   and loads the tensors.

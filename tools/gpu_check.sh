@@ -20,8 +20,8 @@ python3 checkpoints_convert/hf_to_mcore.py --hf "$work/hf" --out "$work/mcore"
 # |logit| 1.3). Correct mapping: 0.27-0.30 (CPU, 3 seeds; mean diff 0.026, and each side is 0.021
 # from fp32 on CPU as on the H200: 0.023). One-tensor mapping errors in one layer: q bias dropped
 # 0.83, the two norms swapped 2.1, gate/up, k/v, two q heads or two KV groups swapped, rope layout,
-# o_proj transposed 4.1-7.1, lm_head off by one row 10.5. 0.5 lies between. (tests/test_gpu.py
+# o_proj transposed 4.1-7.1, lm_head off by one row 10.5. 0.5 lies between. (tests/e2e/test_gpu.py
 # compares against fp32.)
 python3 checkpoints_convert/verify.py --hf "$work/hf" --mcore "$work/mcore" --tol 0.5
 python3 checkpoints_convert/mcore_to_hf.py --mcore "$work/mcore" --out "$work/hf_back"
-python3 -m pytest tests/test_gpu.py tests/test_rollout_gpu.py tests/test_platform.py -q -s -p no:cacheprovider "$@"
+python3 -m pytest tests/e2e/test_gpu.py tests/rollout/test_gpu.py tests/platform/test_cpu_backend.py -q -s -p no:cacheprovider "$@"

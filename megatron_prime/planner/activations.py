@@ -29,7 +29,7 @@ recomputed in the backward. (Not a trainer setting yet: reported to show what it
 
 The local (``"local"``) figures equal the bytes megatron-core keeps on CPU exactly (saved-tensor
 hooks), and the measured CPU peak of a forward lies between them (+ the logits) and that plus
-one layer's activations, the temporaries of the op at the peak (``tests/test_planner.py``, on
+one layer's activations, the temporaries of the op at the peak (``tests/planner/test_plan.py``, on
 megatron-core 0.16.1 and 0.19.2: 3-10% over for a 4-layer model); the Transformer Engine
 (``"te"``) ones are the same count for TE's fused modules and have not been measured on a GPU.
 

@@ -1,7 +1,7 @@
 """Bytes of parameters, gradients and optimizer state on one rank, as megatron-core lays them out.
 
 Exact for the models ``passes.trainable`` builds (checked against the allocated tensors on CPU at
-TP=1, TP=2 and PP=2 in ``tests/test_planner.py``):
+TP=1, TP=2 and PP=2 in ``tests/planner/test_plan.py``):
 
 - The parameters of one pipeline stage are listed in ``GPTModel.named_parameters()`` order:
   embedding (first stage), per layer the input norm, attention output projection, fused QKV (+ its

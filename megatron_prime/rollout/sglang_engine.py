@@ -13,9 +13,9 @@ package convention (base.py), as long as SGLANG_RETURN_ORIGINAL_LOGPROB is unset
 
 Written against SGLang ``SGLANG_VERSION``. The engine itself has not been run (it needs
 SGLang's full CUDA stack); ``serialize_bucket``'s payload has been opened on a GPU by
-SGLang's own deserializer in another process (tests/test_rollout_gpu.py). Every SGLang
+SGLang's own deserializer in another process (tests/rollout/test_gpu.py). Every SGLang
 name and keyword used here is listed in the tables below, and
-``tests/test_sglang_contract.py`` checks them against that release's source (and that
+``tests/rollout/test_sglang_contract.py`` checks them against that release's source (and that
 this file and ``sglang_remote.py`` use nothing outside the tables). SGLang is imported
 lazily, so this module imports without it.
 """

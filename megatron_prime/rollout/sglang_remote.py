@@ -9,7 +9,7 @@ one flattened single-dtype bucket per ``/update_weights_from_distributed`` call.
 Constructed by the trainer on global rank 0 only (``fleet/fleet.py``).
 
 Written against SGLang ``SGLANG_VERSION`` (routes and bodies are in
-``sglang_engine.SGLANG_HTTP_USED``, checked by ``tests/test_sglang_contract.py``, which
+``sglang_engine.SGLANG_HTTP_USED``, checked by ``tests/rollout/test_sglang_contract.py``, which
 also checks that the server's group and bucket layout are what we mirror here). The
 trainer side needs no sglang installed. Tested end to end on CPU (gloo) through the real
 ``sglang-router`` 0.3.2 against servers that speak this protocol with an hf engine behind them

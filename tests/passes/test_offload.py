@@ -1,6 +1,6 @@
 """Offloading around rollout: gradient buffers are really released and come back as valid, zeroed
 views, so training after an offload computes the same gradients. (The optimizer-state half is
-CUDA-only and runs in tests/test_gpu.py's PRIME steps.)"""
+CUDA-only and runs in tests/e2e/test_gpu.py's PRIME steps.)"""
 
 from __future__ import annotations
 

@@ -11,7 +11,7 @@ import pytest
 
 from tests.hf_models import make_tiny_hf
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def convert(hf_dir, out_dir):

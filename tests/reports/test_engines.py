@@ -10,7 +10,7 @@ import sys
 
 from tests.hf_models import make_tiny_hf
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CONVERT_TWICE = """
 import sys
 sys.path.insert(0, {root!r})

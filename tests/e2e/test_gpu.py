@@ -91,7 +91,7 @@ def test_prime_steps_on_cuda(tmp_path):
     assert (tmp_path / "export" / "policy" / "config.json").exists()
     # Three Adam steps at lr 1e-4 move each weight by at most ~3e-4: the policy is still near the
     # checkpoint (the optimizer's fp32 main copies were refreshed after loading;
-    # tests/test_initial_weights.py), and bf16 can resolve the move.
+    # tests/training/test_initial_weights.py), and bf16 can resolve the move.
     import transformers
 
     start = transformers.AutoModelForCausalLM.from_pretrained(fixture["hf"], dtype=torch.float32)

@@ -16,7 +16,7 @@ import pytest
 
 from tests.trainer_fixtures import make_trainer_fixture, overrides, requires_cpp_compiler
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TRAIN = """
 import sys
 sys.path.insert(0, {root!r})

@@ -22,7 +22,7 @@ from megatron_prime.reports import commands
 from megatron_prime.reports.page import write_page
 from tests.trainer_fixtures import make_trainer_fixture, overrides
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TRAIN = f"""
 import sys
 sys.path.insert(0, {ROOT!r})

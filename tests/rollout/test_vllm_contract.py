@@ -22,10 +22,10 @@ import pytest
 
 from megatron_prime.rollout import vllm_engine
 from megatron_prime.rollout.vllm_engine import VLLM_API_USED, VLLM_FIELDS_READ, VLLM_GLOBALS_USED, VLLM_VERSION
-from tests.test_sglang_contract import Release, check_api_table, class_fields, parameters
+from tests.rollout.test_sglang_contract import Release, check_api_table, class_fields, parameters
 
 vllm = pytest.importorskip("vllm", reason="vLLM is not installed (scripts/setup.sh installs its CPU build)")
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parent.parent.parent
 LEFT_OUT = {"torchvision", "torchaudio", "torchcodec"}  # the registry's CUDA builds; they break CPU torch
 
 

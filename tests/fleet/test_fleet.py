@@ -179,7 +179,7 @@ def _start_servers(model_dir: str, count: int, ports: list[int] | None = None):
 
     from tests.dist_utils import free_port
 
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     servers, urls = [], []
     for i in range(count):
         port = ports[i] if ports else free_port()

@@ -19,7 +19,7 @@ import time
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # Runs `megatron-prime train`; with STALL_IN=<function of prime_step> rank 1 sleeps forever inside it.
 LAUNCHER = """
 import os, sys, time

@@ -33,7 +33,7 @@ def _run(code: str) -> str:
                           text=True, check=True).stdout.strip()
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="CPU-only behaviour; tests/test_gpu.py checks the GPU side")
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CPU-only behaviour; tests/e2e/test_gpu.py checks the GPU side")
 def test_cpu_backend_active_without_cuda():
     out = _run("""
         import torch

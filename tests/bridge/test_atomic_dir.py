@@ -172,7 +172,7 @@ def test_a_save_killed_while_replacing_a_step_leaves_it_restorable(tmp_path):
     final = tmp_path / "step_00000004"
     final.mkdir()
     (final / "old.txt").write_text("old")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     proc = subprocess.run([sys.executable, "-c", KILLED_WHILE_REPLACING.format(root=root, final=str(final))])
     assert proc.returncode == 9 and not final.exists()
     assert sorted(n.split("-")[0] for n in os.listdir(tmp_path)) == [".step_00000004.old", ".step_00000004.tmp"]

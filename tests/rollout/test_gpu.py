@@ -11,7 +11,7 @@ import torch
 
 from megatron_prime.rollout import SamplingParams
 from megatron_prime.rollout.hf_engine import HFEngine
-from tests.test_rollout_hf import PROMPTS, full_forward_logprobs, tiny_qwen2
+from tests.rollout.test_hf_engine import PROMPTS, full_forward_logprobs, tiny_qwen2
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 

@@ -26,7 +26,7 @@ from tests.trainer_fixtures import make_vllm_trainer_fixture, overrides
 
 pytest.importorskip("vllm", reason="vLLM is not installed (scripts/setup.sh installs its CPU build)")
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # The trainer, with the rollout engine shut down (as if it had died) before step $KILL_ENGINE_BEFORE_STEP.
 TRAIN = """
 import os, sys
