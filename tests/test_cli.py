@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 from megatron_prime.config import TrainConfig
-from tests.trainer_fixtures import make_trainer_fixture, overrides
+from tests.helpers import make_trainer_fixture, overrides
 
 
 def cli(*args: str, cwd=None) -> subprocess.CompletedProcess:

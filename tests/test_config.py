@@ -2,7 +2,7 @@ import pytest
 
 from megatron_prime.config import ConfigError, config_from_dict, load_config, validate, validate_parallel
 from megatron_prime.training.validation import gpus_per_node, validate_run
-from tests.hf_models import make_tiny_hf
+from tests.helpers import make_tiny_hf
 
 
 def test_yaml_and_dotted_overrides(tmp_path):

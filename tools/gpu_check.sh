@@ -14,7 +14,7 @@ export PYTHONPATH=${PYTHONPATH:-$PWD}
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 python3 -c "import torch, transformers, megatron.core as m; print('torch', torch.__version__, 'transformers', transformers.__version__, 'megatron-core', m.__version__)"
 work=$(mktemp -d)
-python3 -c "from tests.hf_models import make_tiny_hf; import torch; make_tiny_hf('qwen2', '$work/hf', dtype=torch.bfloat16)"
+python3 -c "from tests.helpers import make_tiny_hf; import torch; make_tiny_hf('qwen2', '$work/hf', dtype=torch.bfloat16)"
 python3 checkpoints_convert/hf_to_mcore.py --hf "$work/hf" --out "$work/mcore"
 # bf16 Megatron vs bf16 transformers, max |logit diff| over 4x64 tokens of the tiny qwen2 (mean
 # |logit| 1.3). Correct mapping: 0.27-0.30 (CPU, 3 seeds; mean diff 0.026, and each side is 0.021

@@ -10,6 +10,7 @@ data-parallel ranks, which gives exact global-batch means.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
@@ -23,6 +24,9 @@ from megatron_prime.models.gpt import ModelOptions, build_gpt_model, resolve_use
 from megatron_prime.models.hf_config import HFArch
 
 
+NON_LEAF_GRAD_WARNING = "The .grad attribute of a Tensor that is not a leaf Tensor is being accessed"
+
+
 @dataclass
 class TrainableModel:
     model: DistributedDataParallel
@@ -31,7 +35,12 @@ class TrainableModel:
 
     def zero_grad(self) -> None:
         self.model.zero_grad_buffer()
-        self.optimizer.zero_grad()
+        with warnings.catch_warnings():
+            # megatron-core's optimizer reads .grad of main parameters that are views (non-leaf
+            # tensors) where its fp32 parameters share the grad buffer: torch warns on every call,
+            # which a user would read as an error.
+            warnings.filterwarnings("ignore", message=NON_LEAF_GRAD_WARNING, category=UserWarning)
+            self.optimizer.zero_grad()
 
     def step(self) -> dict:
         """Optimizer step (grads are already reduced by finalize_model_grads) + lr schedule."""

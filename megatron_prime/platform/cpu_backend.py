@@ -16,7 +16,6 @@ CUDA to CPU at the torch level, in this one module:
 from __future__ import annotations
 
 import contextlib
-import warnings
 
 import torch
 from torch.overrides import TorchFunctionMode
@@ -39,21 +38,11 @@ def _is_cuda(device) -> bool:
     return isinstance(device, int) and not isinstance(device, bool)
 
 
-_GRAD_GETTER = torch.Tensor.grad.__get__
-# megatron-core's optimizer reads ``.grad`` of its main parameters, which on this path are views
-# (non-leaf tensors): torch warns on every zero_grad, and a user would read it as an error.
-_NON_LEAF_GRAD_WARNING = "The .grad attribute of a Tensor that is not a leaf Tensor is being accessed"
-
-
 class _CudaToCpuMode(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = dict(kwargs or {})
         if func is torch.Tensor.cuda:
             return args[0]
-        if func == _GRAD_GETTER:
-            with warnings.catch_warnings():
-                warnings.filterwarnings("ignore", message=_NON_LEAF_GRAD_WARNING, category=UserWarning)
-                return func(*args, **kwargs)
         if func is torch.Tensor.type and len(args) == 1 and not kwargs:
             name = func(*args)
             return _CPU_TYPE_TO_CUDA.get(name, name)

@@ -69,8 +69,8 @@ from .base import (
 VLLM_VERSION = "0.32.0"
 CPU_KV_CACHE_BYTES = 2**30
 
-# What this module uses of vLLM: "path in the wheel under vllm/:qualified name" -> the
-# keywords we pass (all calls are by keyword). LLM.__init__ forwards **kwargs to
+# What this module (and the tests' prompt log-prob helper) uses of vLLM: "path in the wheel under
+# vllm/:qualified name" -> the keywords we pass (all calls are by keyword). LLM.__init__ forwards **kwargs to
 # EngineArgs, so keywords it does not name itself are checked against EngineArgs' fields;
 # SamplingParams is a struct whose fields are its keywords. tests/rollout/test_vllm_contract.py
 # checks this table against the installed release's source.
@@ -331,23 +331,6 @@ class VLLMEngine(RolloutEngine):
             logprobs = [float(pos[t].logprob) for pos, t in zip(positions, token_ids)]
             responses.append(Response(p, token_ids, completion.text, completion.finish_reason, logprobs))
         return responses
-
-    def prompt_logprobs(self, prompt_token_ids: list[list[int]]) -> list[list[float]]:
-        """log p(token_i | tokens_<i) for i >= 1 of every sequence, as the engine computes it
-        (vLLM's ``prompt_logprobs``, temperature 1): what checks of a weight sync compare."""
-        vllm = import_vllm()
-        request = f"prompt_logprobs({len(prompt_token_ids)} sequences)"
-        check_prompts(self.name, prompt_token_ids)
-        llm = self._running(request)
-        params = vllm.SamplingParams(temperature=0.0, max_tokens=1, prompt_logprobs=0)
-        try:
-            with trainer_state_kept():
-                outs = llm.generate(prompts=[{"prompt_token_ids": list(p)} for p in prompt_token_ids],
-                                    sampling_params=params, use_tqdm=False)
-        except Exception as exc:
-            raise RolloutError(self.name, request, repr(exc)) from exc
-        return [[float(pos[t].logprob) for pos, t in zip(out.prompt_logprobs[1:], ids[1:])]
-                for out, ids in zip(outs, prompt_token_ids)]
 
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Reload the stream into the in-process model in place (call after ``wake`` has

@@ -10,7 +10,7 @@ from torch._dynamo.utils import counters
 
 from megatron_prime.algorithm import compute_advantages, implicit_process_rewards, policy_loss, prm_loss
 from megatron_prime.algorithm.fusion import kernel_fusion_enabled, set_kernel_fusion
-from tests.trainer_fixtures import requires_cpp_compiler
+from tests.helpers import requires_cpp_compiler
 
 K = 4
 

@@ -10,7 +10,9 @@ import time
 import pytest
 
 from megatron_prime.bridge.atomic_dir import DistributedAtomicDir
-from tests.dist_utils import run_distributed
+from tests.helpers import run_distributed
+
+pytestmark = pytest.mark.multi_rank
 
 PEER_DEADLINE_S = 30.0  # far above a few gloo collectives, far below the process-group timeout
 
@@ -172,8 +174,9 @@ def test_a_save_killed_while_replacing_a_step_leaves_it_restorable(tmp_path):
     final = tmp_path / "step_00000004"
     final.mkdir()
     (final / "old.txt").write_text("old")
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    proc = subprocess.run([sys.executable, "-c", KILLED_WHILE_REPLACING.format(root=root, final=str(final))])
+    from tests.helpers import ROOT
+
+    proc = subprocess.run([sys.executable, "-c", KILLED_WHILE_REPLACING.format(root=ROOT, final=str(final))])
     assert proc.returncode == 9 and not final.exists()
     assert sorted(n.split("-")[0] for n in os.listdir(tmp_path)) == [".step_00000004.old", ".step_00000004.tmp"]
     removed = remove_leftovers(str(tmp_path))

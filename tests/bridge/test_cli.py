@@ -9,9 +9,7 @@ import sys
 
 import pytest
 
-from tests.hf_models import make_tiny_hf
-
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from tests.helpers import ROOT, make_tiny_hf
 
 
 def convert(hf_dir, out_dir):

@@ -8,8 +8,9 @@ import os
 import pytest
 import torch
 
-from tests.dist_utils import run_distributed
-from tests.hf_models import FAMILIES, VOCAB, make_tiny_hf
+from tests.helpers import FAMILIES, make_tiny_hf, run_distributed, VOCAB
+
+pytestmark = [pytest.mark.multi_rank, pytest.mark.slow]
 
 LAYOUTS = [(1, 1), (2, 1), (1, 2)]  # (tp, pp) on 2 ranks; (1, 1) is data-parallel
 

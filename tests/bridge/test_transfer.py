@@ -20,10 +20,18 @@ import os
 import pytest
 import torch
 
-from tests.dist_utils import run_distributed
-from tests.hf_models import FAMILIES, VOCAB, make_tiny_hf
-from tests.megatron_reference import megatron_greedy
-from tests.trainer_fixtures import make_trainer_fixture, overrides, register_test_verifier
+from tests.helpers import (
+    FAMILIES,
+    make_tiny_hf,
+    make_trainer_fixture,
+    megatron_greedy,
+    overrides,
+    register_test_verifier,
+    run_distributed,
+    VOCAB,
+)
+
+pytestmark = [pytest.mark.multi_rank, pytest.mark.slow]
 
 SYNC_FAMILIES = ["qwen3", "llama"]  # tied and untied embeddings
 SYNC_LAYOUTS = [(2, 1), (1, 2)]

@@ -7,9 +7,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.dist_utils import run_distributed
-from tests.hf_models import VOCAB, make_tiny_hf
-from tests.trainer_fixtures import make_trainer_fixture, overrides, register_test_verifier
+from tests.helpers import make_tiny_hf, make_trainer_fixture, overrides, register_test_verifier, run_distributed, VOCAB
+
+pytestmark = [pytest.mark.multi_rank, pytest.mark.gpu]
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (Megatron GPU path)")
 

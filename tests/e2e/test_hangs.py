@@ -19,7 +19,10 @@ import time
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from tests.helpers import ROOT
+
+pytestmark = pytest.mark.multi_rank
+
 # Runs `megatron-prime train`; with STALL_IN=<function of prime_step> rank 1 sleeps forever inside it.
 LAUNCHER = """
 import os, sys, time

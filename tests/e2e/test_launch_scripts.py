@@ -13,7 +13,8 @@ import time
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from tests.helpers import ROOT
+
 SCRIPTS = ["examples/prime_7b.sh", "examples/prime_70b.sh", "examples/prime_70b_disagg.sh"]
 SHARED = "examples/slurm_job.sh"  # sourced by each of them
 

@@ -22,16 +22,17 @@ import sys
 
 import pytest
 
-from tests.trainer_fixtures import make_vllm_trainer_fixture, overrides
+from tests.helpers import ROOT, make_vllm_trainer_fixture, overrides
+
+pytestmark = pytest.mark.multi_rank
 
 pytest.importorskip("vllm", reason="vLLM is not installed (scripts/setup.sh installs its CPU build)")
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # The trainer, with the rollout engine shut down (as if it had died) before step $KILL_ENGINE_BEFORE_STEP.
 TRAIN = """
 import os, sys
 sys.path.insert(0, {root!r})
-from tests.trainer_fixtures import register_test_verifier
+from tests.helpers import register_test_verifier
 from megatron_prime.config import load_config
 from megatron_prime.training import trainer
 
@@ -94,7 +95,7 @@ def runs(tmp_path_factory):
         shutil.copytree(os.path.join(one, "ckpt", name), os.path.join(resumed, "ckpt", name))
     out["resumed"] = run(overrides(fixture, resumed, prm, *COMMON), root, kill_before=2)
     out["two"] = run(overrides(fixture, two, prm, *COMMON, "rollout.tp=2", "parallel.tp=2",
-                               f"data.eval_files=[{fixture['eval']}]"), root, ranks=2, kill_before=2)
+                               f"data.eval_files=[{fixture['eval7']}]"), root, ranks=2, kill_before=2)
     return out
 
 
@@ -120,8 +121,12 @@ def test_resume_with_a_dead_engine_gives_the_uninterrupted_step(runs):
 def test_two_ranks_engine_restarted_and_resynced(runs):
     assert "restarting them" in runs["two"]
     rows = scalars(runs["dirs"]["two"])
-    # Greedy evaluation over the fleet before training (step 0) and after the last step (step 3).
-    assert 0.0 <= rows[0]["eval/accuracy"] <= 1.0 and 0.0 <= rows[3]["eval/accuracy"] <= 1.0
+    # Greedy evaluation over the fleet before training (step 0) is transformers' own greedy decoding
+    # of the starting model (vLLM and transformers may split a near-tie differently: one prompt of
+    # 16 either way); the one after the last step (step 3) is a measured fraction of the 16 prompts.
+    before = greedy_contains7_accuracy(runs["fixture"]["hf"], runs["fixture"]["eval7"], max_new_tokens=12)
+    assert 0.0 < before < 1.0 and abs(rows[0]["eval/accuracy"] - before) <= 1 / 16 + 1e-9
+    assert "eval/accuracy" in rows[3] and (16 * rows[3]["eval/accuracy"]) % 1 == pytest.approx(0.0, abs=1e-9)
     # The two-rank run samples what the one-rank run samples (same seeds, same policy up to fp32
     # rounding), the failed step included.
     for step in (0, 1, 2):

@@ -26,8 +26,9 @@ import signal
 import pytest
 import torch
 
-from tests.dist_utils import run_distributed
-from tests.trainer_fixtures import make_trainer_fixture, overrides, register_test_verifier
+from tests.helpers import make_trainer_fixture, overrides, register_test_verifier, run_distributed
+
+pytestmark = [pytest.mark.multi_rank, pytest.mark.slow]
 
 COMPARED = ("prm/loss", "prm/accuracy", "prm/grad_norm", "policy/loss", "policy/pg_loss", "policy/grad_norm",
             "policy/entropy", "process_reward/sequence_mean", "outcome/accuracy_sampled",
@@ -173,13 +174,12 @@ def _remote(rank, world_size, fixture, root, urls, sync_port, server_pids, model
 
 
 def _start_servers(model_dir: str, count: int, ports: list[int] | None = None):
-    import os
     import subprocess
     import sys
 
-    from tests.dist_utils import free_port
+    from megatron_prime.platform.distributed import free_port
+    from tests.helpers import ROOT as repo
 
-    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     servers, urls = [], []
     for i in range(count):
         port = ports[i] if ports else free_port()
@@ -191,7 +191,7 @@ def _start_servers(model_dir: str, count: int, ports: list[int] | None = None):
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    from tests.dist_utils import free_port
+    from megatron_prime.platform.distributed import free_port
 
     root = str(tmp_path_factory.mktemp("rollout_fleet"))
     fixture = make_trainer_fixture(root)
@@ -240,7 +240,7 @@ def _start_router(worker_urls: list[str], log_path: str):
     import time
     import urllib.request
 
-    from tests.dist_utils import free_port
+    from megatron_prime.platform.distributed import free_port
 
     if importlib.util.find_spec("sglang_router") is None:
         raise RuntimeError("sglang-router is not installed: bash scripts/setup.sh, or pip install -e '.[router]'")

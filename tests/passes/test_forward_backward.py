@@ -9,10 +9,12 @@ a wrong temperature or unmasked vocabulary padding would pass them and fail here
 
 from __future__ import annotations
 
+import pytest
 import torch
 
-from tests.dist_utils import run_distributed
-from tests.hf_models import VOCAB, make_tiny_hf
+from tests.helpers import make_tiny_hf, run_distributed, VOCAB
+
+pytestmark = pytest.mark.multi_rank
 
 PROMPTS = [[5, 17, 3], [9, 1, 44, 2, 8, 60, 11], [70, 3, 3, 19, 2]]
 RESPONSES = [[12, 99, 4, 4, 31, 0], [50, 7], [1, 2, 3, 98, 5, 6, 7, 8, 9]]

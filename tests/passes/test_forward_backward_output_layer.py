@@ -5,9 +5,12 @@ of every parameter agree within 1e-6 (fp32) at TP=1 and TP=2 on two gloo ranks (
 sequence parallelism), for separate and tied output layers, over several micro-batches and a
 vocabulary that is not a multiple of the padding (so the last shard holds padding rows)."""
 
+import pytest
 import torch
 
-from tests.dist_utils import run_distributed
+from tests.helpers import run_distributed
+
+pytestmark = pytest.mark.multi_rank
 
 VOCAB = 300  # padded to 384 at TP=1, 512 at TP=2 (rank 1: 44 real rows of 256)
 TEMPERATURE = 0.7

@@ -4,8 +4,10 @@ CUDA-only and runs in tests/e2e/test_gpu.py's PRIME steps.)"""
 
 from __future__ import annotations
 
-from tests.dist_utils import run_distributed
-from tests.trainer_fixtures import make_trainer_fixture, overrides, register_test_verifier
+import pytest
+from tests.helpers import make_trainer_fixture, overrides, register_test_verifier, run_distributed
+
+pytestmark = pytest.mark.multi_rank
 
 
 def _offload_round_trip(rank, world_size, fixture, root):

@@ -7,7 +7,9 @@ import torch
 import torch.distributed as dist
 
 from megatron_prime.passes.vocab_parallel import output_layer_logprobs
-from tests.dist_utils import run_distributed
+from tests.helpers import run_distributed
+
+pytestmark = pytest.mark.multi_rank
 
 torch.set_num_threads(1)
 

@@ -6,7 +6,9 @@ from __future__ import annotations
 import pytest
 
 from megatron_prime.models.hf_config import arch_from_dict
-from tests.dist_utils import run_distributed
+from tests.helpers import run_distributed
+
+pytestmark = [pytest.mark.multi_rank, pytest.mark.slow]
 
 # Shapes that exercise every rule of the buffer layout: a vocabulary that is not a multiple of
 # the padding unit, QKV biases (qwen2), q/k norms and tied embeddings (qwen3, whose PP=2 stage

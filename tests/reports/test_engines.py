@@ -8,9 +8,8 @@ import os
 import subprocess
 import sys
 
-from tests.hf_models import make_tiny_hf
+from tests.helpers import ROOT, make_tiny_hf
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CONVERT_TWICE = """
 import sys
 sys.path.insert(0, {root!r})

@@ -23,7 +23,9 @@ from megatron_prime.reports.benchmarks import PAPER_ROWS, load_benchmarks
 from megatron_prime.reports.files import read_jsonl
 from megatron_prime.reports.pass_at_k import pass_at_k, powers_of_two_through
 from megatron_prime.rewards import score_batch
-from tests.dist_utils import run_distributed
+from tests.helpers import run_distributed
+
+pytestmark = [pytest.mark.multi_rank, pytest.mark.slow]
 
 ANSWER = "```python\nprint(4)\n```\n\\boxed{4}"
 

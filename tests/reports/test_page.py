@@ -20,13 +20,14 @@ import pytest
 from megatron_prime.data.toy import SPECIAL_TOKENS
 from megatron_prime.reports import commands
 from megatron_prime.reports.page import write_page
-from tests.trainer_fixtures import make_trainer_fixture, overrides
+from tests.helpers import ROOT, make_trainer_fixture, overrides
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+pytestmark = pytest.mark.slow
+
 TRAIN = f"""
 import sys
 sys.path.insert(0, {ROOT!r})
-from tests.trainer_fixtures import register_test_verifier
+from tests.helpers import register_test_verifier
 from megatron_prime.config import load_config
 from megatron_prime.training.trainer import train
 if __name__ == "__main__":

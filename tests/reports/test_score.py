@@ -24,6 +24,8 @@ from megatron_prime.reports.best_of_n import (
     verdict,
 )
 
+pytestmark = pytest.mark.slow
+
 BETA = 0.05
 
 

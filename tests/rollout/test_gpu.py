@@ -13,6 +13,8 @@ from megatron_prime.rollout import SamplingParams
 from megatron_prime.rollout.hf_engine import HFEngine
 from tests.rollout.test_hf_engine import PROMPTS, full_forward_logprobs, tiny_qwen2
 
+pytestmark = pytest.mark.gpu
+
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 

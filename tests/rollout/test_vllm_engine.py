@@ -23,8 +23,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.dist_utils import run_distributed
-from tests.megatron_reference import megatron_greedy, megatron_logprobs
+from tests.helpers import megatron_greedy, megatron_logprobs, run_distributed, vllm_prompt_logprobs
+
+pytestmark = [pytest.mark.multi_rank, pytest.mark.slow]
 
 pytest.importorskip("vllm", reason="vLLM is not installed (scripts/setup.sh installs its CPU build)")
 
@@ -70,18 +71,18 @@ def _checks(rank, world_size, fixture, policy_dirs):
     out["state_kept"] = [before[0] == after[0], bool((before[1] == after[1]).all()), torch.equal(before[2], after[2]),
                          before[3] == after[3], before[4] is after[4]]
     out["sleep_mode"] = engine.sleep_mode
-    out["stale_logprobs"] = engine.prompt_logprobs(PROMPTS)
+    out["stale_logprobs"] = vllm_prompt_logprobs(engine, PROMPTS)
 
     results = {}
     for (tp, pp), hf_dir in zip([(2, 1), (1, 2)], policy_dirs):
         distributed.init_model_parallel(tp=tp, pp=pp)
         model, arch = build_from_hf(hf_dir)
         r = {"megatron": megatron_logprobs(model, arch.vocab_size, PROMPTS)}
-        r["before_sync"] = _max_diff(engine.prompt_logprobs(PROMPTS), r["megatron"])
+        r["before_sync"] = _max_diff(vllm_prompt_logprobs(engine, PROMPTS), r["megatron"])
         engine.sleep(), engine.wake(["weights"])  # what the fleet does around a sync (no-ops on CPU)
         engine.update_weights(iter_hf_tensors(model, arch, bucket_bytes=40_000, to_all_ranks=True))
         engine.wake(["kv_cache"])
-        r["after_sync"] = _max_diff(engine.prompt_logprobs(PROMPTS), r["megatron"])
+        r["after_sync"] = _max_diff(vllm_prompt_logprobs(engine, PROMPTS), r["megatron"])
         greedy = engine.generate(PROMPTS, SamplingParams(temperature=0.0, max_new_tokens=NEW_TOKENS))
         r["greedy"] = [g.token_ids for g in greedy]
         r["megatron_greedy"] = _megatron_greedy(model, arch.vocab_size, PROMPTS, NEW_TOKENS, eos)
@@ -118,9 +119,9 @@ def _checks(rank, world_size, fixture, policy_dirs):
     probe = torch.ones(1)
     dist.all_reduce(probe)
     out["world_after_restart"] = probe.item()
-    out["restarted_vs_stale"] = _max_diff(engine.prompt_logprobs(PROMPTS), out["stale_logprobs"])
+    out["restarted_vs_stale"] = _max_diff(vllm_prompt_logprobs(engine, PROMPTS), out["stale_logprobs"])
     engine.update_weights(iter_hf_tensors(model, arch, to_all_ranks=True))
-    out["restarted_after_sync"] = _max_diff(engine.prompt_logprobs(PROMPTS), results[(1, 2)]["megatron"])
+    out["restarted_after_sync"] = _max_diff(vllm_prompt_logprobs(engine, PROMPTS), results[(1, 2)]["megatron"])
     engine.shutdown()
 
     # Two engines (tp=1, data-parallel replicas), uneven shards: rank 0 takes prompts 0..2 and
@@ -149,7 +150,7 @@ def _checks(rank, world_size, fixture, policy_dirs):
 def run(tmp_path_factory):
     import os
 
-    from tests.trainer_fixtures import make_vllm_trainer_fixture as make
+    from tests.helpers import make_vllm_trainer_fixture as make
 
     root = str(tmp_path_factory.mktemp("rollout_vllm"))
     fixture = make(root, tied=True)  # tied output layer: the case vLLM's reload alone leaves stale on CPU

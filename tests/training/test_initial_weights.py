@@ -1,6 +1,10 @@
-"""The trainable models start from the checkpoint in every precision.
+"""Where PRIME's three models start (``weight_sources``) and that they start from it
+(``load_initial_weights``).
 
-In bf16/fp16 megatron-core's optimizer keeps fp32 main copies of the parameters, taken when the
+Continuing a PRIME trainer checkpoint keeps that run's reference and trained PRM; an SFT run's
+checkpoint is a starting point for all three, like an HF model.
+
+The trainable models start from the checkpoint in every precision. In bf16/fp16 megatron-core's optimizer keeps fp32 main copies of the parameters, taken when the
 optimizer is built. The trainer loads the HF weights after that, so it must refresh those copies:
 otherwise the first optimizer step writes the random initialisation back over the checkpoint. An
 optimizer step with zero gradients (Adam moves nothing) must leave every parameter equal to the
@@ -8,11 +12,16 @@ checkpoint it was loaded from."""
 
 from __future__ import annotations
 
+import json
+import os
+
 import pytest
 import torch
 
-from tests.dist_utils import run_distributed
-from tests.trainer_fixtures import make_trainer_fixture, overrides, register_test_verifier
+from megatron_prime.bridge.mcore_io import META_FILE
+from megatron_prime.config import Config, ConfigError
+from megatron_prime.training.initial_weights import weight_sources
+from tests.helpers import make_trainer_fixture, overrides, register_test_verifier, run_distributed
 
 
 def _step_with_zero_grads(rank, world_size, fixture, root, dtype):
@@ -44,6 +53,8 @@ def fixture_dirs(tmp_path_factory):
     return make_trainer_fixture(root), root
 
 
+@pytest.mark.multi_rank
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", ["bf16", "fp32"])
 def test_zero_grad_step_keeps_the_checkpoint(fixture_dirs, dtype):
     import transformers
@@ -57,3 +68,42 @@ def test_zero_grad_step_keeps_the_checkpoint(fixture_dirs, dtype):
             expected = p.detach().to(loaded[n].dtype)
             assert torch.equal(loaded[n], expected), (name, n)  # loaded as written
         assert out[name]["changed"] == [], (name, dtype)  # and still there after the step
+
+
+def _model_dir(path, **meta) -> str:
+    os.makedirs(path)
+    with open(os.path.join(path, META_FILE), "w") as f:
+        json.dump({"format": "megatron-prime/torch_dist", "version": 1, **meta}, f)
+    return str(path)
+
+
+def _cfg(**model) -> Config:
+    cfg = Config()
+    for key, value in model.items():
+        setattr(cfg.model, key, value)
+    return cfg
+
+
+def test_prime_checkpoint_keeps_its_reference_and_trained_prm(tmp_path):
+    sft = str(tmp_path / "sft_hf")
+    os.makedirs(sft)
+    policy = _model_dir(tmp_path / "step_00000009" / "policy", role="policy", reference=sft)
+    prm = _model_dir(tmp_path / "step_00000009" / "prm", role="prm", reference=sft)
+    sources = weight_sources(_cfg(hf_path=sft, mcore_path=policy))
+    assert (sources.policy, sources.prm, sources.reference) == (policy, prm, sft)
+    # An explicit model.ref_path still wins.
+    other = str(tmp_path / "other_ref")
+    os.makedirs(other)
+    assert weight_sources(_cfg(mcore_path=policy, ref_path=other)).reference == other
+
+
+def test_prime_checkpoint_whose_reference_is_gone_is_refused(tmp_path):
+    policy = _model_dir(tmp_path / "step_00000009" / "policy", role="policy", reference=str(tmp_path / "gone"))
+    with pytest.raises(ConfigError, match="model.ref_path"):
+        weight_sources(_cfg(mcore_path=policy))
+
+
+def test_sft_checkpoint_is_the_start_of_all_three(tmp_path):
+    policy = _model_dir(tmp_path / "sft" / "checkpoints" / "step_00000399" / "policy", role="policy", reference=None)
+    sources = weight_sources(_cfg(mcore_path=policy))
+    assert (sources.policy, sources.prm, sources.reference) == (policy, policy, policy)

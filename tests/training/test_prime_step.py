@@ -12,8 +12,9 @@ import copy
 import pytest
 import torch
 
-from tests.dist_utils import run_distributed
-from tests.trainer_fixtures import make_trainer_fixture, overrides, register_test_verifier
+from tests.helpers import make_trainer_fixture, overrides, register_test_verifier, run_distributed
+
+pytestmark = [pytest.mark.multi_rank, pytest.mark.slow]
 
 BASE = ("train.mini_batch_responses=32", "optim.policy.grad_clip=1e9", "optim.prm.grad_clip=1e9",
         "optim.policy.lr=1e-4", "optim.prm.lr=1e-3")

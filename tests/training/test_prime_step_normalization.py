@@ -13,10 +13,12 @@ these means (a PRM loss divided by tokens instead of responses passes every end-
 
 from __future__ import annotations
 
+import pytest
 import torch
 
-from tests.dist_utils import run_distributed
-from tests.hf_models import VOCAB, make_tiny_hf
+from tests.helpers import make_tiny_hf, run_distributed, VOCAB
+
+pytestmark = pytest.mark.multi_rank
 
 N = 8  # responses in the global mini-batch, 4 per data-parallel rank
 BETA = 0.5

@@ -12,8 +12,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.dist_utils import run_distributed
-from tests.trainer_fixtures import make_trainer_fixture, overrides, register_test_verifier
+from tests.helpers import make_trainer_fixture, overrides, register_test_verifier, run_distributed
+
+pytestmark = [pytest.mark.multi_rank, pytest.mark.slow]
 
 LAYOUTS = [(1, 1, False), (2, 1, False), (1, 2, False), (2, 1, True)]  # (tp, pp, sequence_parallel)
 

@@ -9,8 +9,9 @@ import os
 import pytest
 import torch
 
-from tests.dist_utils import run_distributed
-from tests.trainer_fixtures import make_trainer_fixture, overrides
+from tests.helpers import make_trainer_fixture, overrides, run_distributed
+
+pytestmark = [pytest.mark.multi_rank, pytest.mark.slow]
 
 STEPS, BATCH = 30, 16
 
