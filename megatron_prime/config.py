@@ -74,6 +74,9 @@ class RolloutConfig:
     mem_fraction: float = 0.6
     bucket_mb: int = 512  # weight-sync bucket size
     max_restarts: int = 1  # restarts of a failed engine (then resync, retry the request) per request
+    # 0: generate, then train, every step (the paper's loop); 1: the next batch is generated while this
+    # one trains (one-step-off: every group from one policy version, at most one step old; remote mode)
+    max_staleness: int = 0
     base_port: int = 30000  # colocated sglang: engine i listens on base_port + 100 * i
     router_url: str = ""  # remote: sglang-router in front of remote_urls (for /generate)
     weight_sync_address: str = ""  # remote: rank 0's address the servers reach (default: its hostname)
@@ -100,7 +103,12 @@ class AlgorithmConfig:
     kl_coef: float = 0.0
     kl_estimator: Literal["k1", "k3"] = "k3"
     entropy_coef: float = 0.0
-    tis_cap: Optional[float] = None  # truncated importance sampling vs rollout log-probs
+    # Importance weights exp(old - rollout) on the policy-gradient term, for the engine/trainer
+    # mismatch and the one-step lag (algorithm/rollout_correction.py): none, token_tis (clamp),
+    # icepop (zero outside), seq_mask (drop a response whose geometric mean lies outside)
+    rollout_correction: Literal["none", "token_tis", "icepop", "seq_mask"] = "none"
+    # [low, high]; null: the mode's default (token_tis [0, 2], icepop [0.5, 5], seq_mask [0.999, 1.001])
+    rollout_correction_bounds: Optional[list[float]] = None
     ppo_epochs: int = 1
     compile_kernels: bool = False  # fuse Eq. 3/5 and the losses' elementwise kernels with torch.compile
 
@@ -417,6 +425,14 @@ def validate(cfg: Config, world_size: int | None = None, *, model_shape: ModelSh
     _check(r.engine != "hf" or r.tp == 1, "rollout.tp", r.tp,
            "the hf engine runs on one device (one engine per rank); use 1")
     _check(r.max_restarts >= 0, "rollout.max_restarts", r.max_restarts, "must be >= 0")
+    _check(r.max_staleness in (0, 1), "rollout.max_staleness", r.max_staleness,
+           "must be 0 (generate, then train) or 1 (the next batch generated while this one trains)")
+    _check(r.max_staleness == 0 or r.mode == "remote", "rollout.max_staleness", r.max_staleness,
+           "one-step-off rollouts need engines that do not share the trainer's devices: rollout.mode=remote "
+           "(the demo starts a local server for it)")
+    bounds = a.rollout_correction_bounds
+    _check(bounds is None or (len(bounds) == 2 and 0 <= bounds[0] <= bounds[1]), "algorithm.rollout_correction_bounds",
+           bounds, "must be [low, high] with 0 <= low <= high (or null: the mode's default)")
     if world_size is not None and r.mode == "colocated":
         _check(world_size % r.tp == 0, "rollout.tp", r.tp,
                f"colocated engines take rollout.tp consecutive ranks each: must divide the world size ({world_size})")

@@ -133,8 +133,9 @@ class PhaseTimer:
 
 
 def optimizer_metrics(prefix: str, steps: list[dict]) -> dict[str, float]:
-    """Mean grad norm and last lr over the optimizer steps that updated; a step that fp16/bf16 loss
-    scaling skipped (inf/nan grads) is counted apart, not as an update."""
+    """Mean grad norm and last lr over the optimizer steps that updated; a step that was skipped
+    (fp16/bf16 loss scaling saw inf/nan grads, or the rollout correction left nothing to train on)
+    is counted apart, not as an update."""
     done = [s for s in steps if s["update_ok"]]
     return {
         f"{prefix}/grad_norm": sum(s["grad_norm"] for s in done) / len(done) if done else 0.0,
@@ -180,7 +181,7 @@ def step_metrics(batch, stats, token_rewards, advantages, old_logprobs) -> dict[
         m.update(masked_stats("process_reward/token", token_rewards, mask))
         m["process_reward/sequence_mean"] = token_rewards.sum(dim=1).mean().item()
     diff = (batch.rollout_logprobs - old_logprobs).abs()[mask.bool()]
-    # the mean is the policy loss's rollout/abs_logprob_diff
+    m["rollout/abs_logprob_diff"] = diff.mean().item() if diff.numel() else 0.0
     m["rollout/logprob_diff_max"] = diff.max().item() if diff.numel() else 0.0
     return m
 

@@ -27,12 +27,14 @@ from megatron_prime.algorithm.masked_ops import discounted_reverse_cumsum, leave
 from megatron_prime.algorithm.metrics import accumulate_metrics, metric, metric_means
 from megatron_prime.algorithm.policy_loss import KL_ESTIMATORS, kl_penalty, policy_loss
 from megatron_prime.algorithm.rewards import implicit_process_rewards, prm_loss
+from megatron_prime.algorithm.rollout_correction import ROLLOUT_CORRECTIONS, rollout_correction_weights
 
 __all__ = [
     "ADVANTAGE_ESTIMATORS",
     "KL_ESTIMATORS",
     "OUTCOME_ONLY_ESTIMATORS",
     "PROCESS_RETURNS",
+    "ROLLOUT_CORRECTIONS",
     "PromptBuffer",
     "accumulate_metrics",
     "advantage_flips",
@@ -57,5 +59,6 @@ __all__ = [
     "reinforce_pp_advantages",
     "reinforce_returns",
     "rloo_advantages",
+    "rollout_correction_weights",
     "set_kernel_fusion",
 ]

@@ -1,9 +1,7 @@
-"""PPO-clip policy loss (paper Sec. 3.3) with the optional dual-clip, KL, entropy and
-truncated-importance-sampling terms, and the KL estimators."""
+"""PPO-clip policy loss (paper Sec. 3.3, Eq. 6) with the optional dual-clip, KL, entropy and
+rollout-correction terms, and the KL estimators."""
 
 from __future__ import annotations
-
-import math
 
 import torch
 
@@ -51,8 +49,7 @@ def policy_loss(
     kl_estimator: str = "k3",
     entropy: torch.Tensor | None = None,
     entropy_coef: float = 0.0,
-    rollout_logprobs: torch.Tensor | None = None,
-    tis_cap: float | None = None,
+    correction_weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """PPO-clip loss (Schulman et al. 2017), summed over valid tokens and divided by
     ``loss_normalizer``.
@@ -69,14 +66,14 @@ def policy_loss(
         ``clip_ratio_c``). For A_t < 0 the clipped loss grows without bound in rho_t; dual-clip
         caps it: pg_t = min(pg_t, -A_t * clip_ratio_c), so a token whose ratio already exceeds
         clip_ratio_c contributes a constant (no gradient). Tokens with A_t >= 0 are unchanged.
-        Applied before the TIS weight. ``None`` (default): plain PPO-clip, as the paper.
+        Applied before the correction weight. ``None`` (default): plain PPO-clip, as the paper.
       * ``ref_logprobs`` + ``kl_coef``: KL to the reference policy (``kl_penalty``, k1 or k3).
       * ``entropy`` ([B, T], e.g. from ``output_layer_logprobs``) + ``entropy_coef``: bonus.
-      * ``rollout_logprobs``: the inference engine's log-probs of the same tokens. Used for the
-        rollout/recompute mismatch metrics and, with ``tis_cap``, truncated importance sampling
-        (Yao et al. 2025): w_t = min(pi_old / pi_rollout, tis_cap), detached, corrects the
-        policy-gradient term for sampling from the engine rather than from pi_old. w_t = 1 otherwise.
-    ``old_logprobs`` and ``rollout_logprobs`` are constants (no gradient flows into them).
+      * ``correction_weights``: w_t, the rollout correction's per-token weights
+        (``rollout_correction_weights``: pi_old / pi_rollout, truncated, zeroed or masked by its
+        mode), detached; they multiply the policy-gradient term only, not the KL or entropy terms.
+        w_t = 1 when None.
+    ``old_logprobs`` and ``correction_weights`` are constants (no gradient flows into them).
 
     Metrics are (sum, count) pairs over valid tokens (see ``metrics.py``):
       policy/loss, policy/pg_loss     the per-token loss and its PPO part
@@ -86,27 +83,23 @@ def policy_loss(
       policy/ratio                    rho_t
       policy/ref_kl                   the selected KL estimator to pi_ref (if ref_logprobs)
       policy/entropy                  H_t (if entropy)
-      rollout/abs_logprob_diff        |log pi_old - log pi_rollout|   (if rollout_logprobs)
-      rollout/kl                      k3 estimate of KL(pi_rollout || pi_old)
-      rollout/tis_clip_frac           tokens whose TIS weight hit the cap (if tis_cap)
     """
     if kl_estimator not in KL_ESTIMATORS:
         raise ValueError(f"unknown KL estimator {kl_estimator!r}; choose one of {KL_ESTIMATORS}")
     if clip_low < 0 or clip_high < 0:
         raise ValueError(f"clip ranges must be >= 0, got clip_low={clip_low}, clip_high={clip_high}")
-    if tis_cap is not None and tis_cap <= 0:
-        raise ValueError(f"tis_cap must be > 0, got {tis_cap}")
     if clip_ratio_c is not None and not clip_ratio_c > 1.0:
         raise ValueError(f"clip_ratio_c must be > 1 (the ratio bound for negative advantages), got {clip_ratio_c}")
     valid = as_bool_mask(mask)
-    for name, tensor in (("old_logprobs", old_logprobs), ("advantages", advantages), ("mask", mask)):
-        if tensor.shape != logprobs.shape:
+    for name, tensor in (("old_logprobs", old_logprobs), ("advantages", advantages), ("mask", mask),
+                         ("correction_weights", correction_weights)):
+        if tensor is not None and tensor.shape != logprobs.shape:
             raise ValueError(f"{name} shape {tuple(tensor.shape)} != logprobs shape {tuple(logprobs.shape)}")
 
     with torch.no_grad():
         terms = _ppo_terms(
             logprobs.detach(), old_logprobs.detach(), advantages.detach(), valid, clip_low, clip_high,
-            clip_ratio_c, None if rollout_logprobs is None else rollout_logprobs.detach(), tis_cap,
+            clip_ratio_c, None if correction_weights is None else correction_weights.detach(),
         )
         d_logprobs = terms["d_logprobs"]
         loss_sum = terms["pg_loss"]
@@ -151,9 +144,6 @@ def policy_loss(
             metrics["policy/ref_kl"] = metric(ref_kl.sum(), num_tokens)
         if entropy is not None:
             metrics["policy/entropy"] = metric(entropy_sum, num_tokens)
-        for name in ("abs_logprob_diff", "kl", "tis_clip_frac"):
-            if name in terms:
-                metrics[f"rollout/{name}"] = metric(terms[name], num_tokens)
     return loss, metrics
 
 
@@ -166,8 +156,7 @@ def _ppo_terms(
     clip_low: float,
     clip_high: float,
     clip_ratio_c: float | None,
-    rollout_logprobs: torch.Tensor | None,
-    tis_cap: float | None,
+    correction_weights: torch.Tensor | None,
 ) -> dict[str, torch.Tensor]:
     """The PPO term of ``policy_loss`` on detached inputs: its derivative per token
     (``d_logprobs``, [B, T]) and the sums behind the loss and its metrics (0-dim tensors).
@@ -196,22 +185,10 @@ def _ppo_terms(
         pg_loss = torch.minimum(pg_loss, cap)
         unclipped_wins &= ~capped
     d_logprobs = zero_invalid_(unclipped, unclipped_wins & inside)
-
-    if rollout_logprobs is not None:
-        rollout_log_ratio = zero_invalid_(old_logprobs - rollout_logprobs, valid)  # log(pi_old / pi_rollout)
-        if tis_cap is not None:
-            # min(exp(x), cap) == exp(min(x, log cap)); clamping first avoids overflow.
-            tis_weight = rollout_log_ratio.clamp(max=math.log(tis_cap)).exp_()
-            pg_loss.mul_(tis_weight)
-            d_logprobs.mul_(tis_weight)
-        rollout_log_ratio.clamp_(-_MAX_LOG_RATIO, _MAX_LOG_RATIO)
-        if tis_cap is not None:
-            terms["tis_clip_frac"] = torch.count_nonzero((rollout_log_ratio >= math.log(tis_cap)) & valid)
-        # k3 = (e^x - 1) - x; e^x - 1 is exact for the small x of a healthy run (Sterbenz)
-        terms["kl"] = torch.exp(rollout_log_ratio).sub_(1.0).sum() - rollout_log_ratio.sum()
-        terms["abs_logprob_diff"] = rollout_log_ratio.abs_().sum()
-    elif tis_cap is not None:
-        raise ValueError("tis_cap needs rollout_logprobs")
+    if correction_weights is not None:  # the rollout correction, on the policy-gradient term only
+        weights = zero_invalid(correction_weights, valid)
+        pg_loss.mul_(weights)
+        d_logprobs.mul_(weights)
 
     terms["pg_loss"] = pg_loss.sum()
     ratio_minus_one = ratio.sub_(1.0).sum()  # rho - 1 is 0 on padding

@@ -33,6 +33,17 @@ def gather_dp_rows(local: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts, dim=0)
 
 
+def dp_sum(value: float) -> float:
+    """``value`` summed over the data-parallel ranks (the same on every rank)."""
+    _, size = dp_rank_and_size()
+    if size == 1:
+        return value
+    total = torch.tensor([float(value)], dtype=torch.float64,
+                         device="cuda" if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(total, group=parallel_state.get_data_parallel_group())
+    return float(total.item())
+
+
 def reduce_metric_pairs(metrics: dict) -> dict:
     """Sum (sum, count) metric pairs over every rank (ranks without a key contribute nothing).
 

@@ -25,6 +25,7 @@ from megatron_prime.algorithm import (
     metric_means,
     policy_loss,
     prm_loss,
+    rollout_correction_weights,
 )
 from megatron_prime.config import Config
 from megatron_prime.fleet.collect import Group, collect_groups
@@ -32,7 +33,7 @@ from megatron_prime.fleet.fleet import RolloutFleet
 from megatron_prime.metrics import PhaseTimer, optimizer_metrics, step_metrics, warn_on_timeouts
 from megatron_prime.models.hf_config import HFArch
 from megatron_prime.passes.batch import RolloutBatch, build_rollout_batch
-from megatron_prime.passes.data_parallel import dp_rank_and_size, dp_rows, gather_dp_rows, reduce_metric_pairs
+from megatron_prime.passes.data_parallel import dp_rank_and_size, dp_rows, dp_sum, gather_dp_rows, reduce_metric_pairs
 from megatron_prime.passes.forward_backward import run_pass
 from megatron_prime.passes.offload import offloaded
 from megatron_prime.passes.trainable import TrainableModel
@@ -84,9 +85,11 @@ def prime_step(ctx: PrimeContext, step: int) -> tuple[dict[str, float], list[Gro
     # Alg. 1 l.9: advantages, Eq. 5 for prime_rloo (and where they overrule the verifier).
     advantages, flipped = advantages_of(cfg, batch, token_rewards, metrics)
     share.keep("advantages", advantages)
-    # Alg. 1 l.10: update pi_theta by the PPO loss (Eq. 6), pi_theta_old recomputed by Megatron.
+    # Alg. 1 l.10: update pi_theta by the PPO loss (Eq. 6), pi_theta_old recomputed by Megatron and
+    # the engine's samples weighted for what separates it from pi_theta_old.
     with timer("old_logprobs"):
         old_logprobs = share.logprobs(ctx.policy.model, "old_logprobs", **policy_args)
+    correct_for_the_engine(cfg, share, old_logprobs, metrics)
     with timer("policy_update"), offloaded(ctx.prm, enabled=ctx.offload):
         metrics.update(update_policy(ctx, share.local, step, policy_args))
     # Alg. 1 l.11: theta_old <- theta, which is what the engines sample from next.
@@ -239,6 +242,20 @@ def advantages_of(cfg: Config, batch: RolloutBatch, token_rewards, metrics: dict
     return advantages, flipped
 
 
+def correct_for_the_engine(cfg: Config, share: BatchShare, old_logprobs, metrics: dict) -> None:
+    """The rollout correction (``algorithm.rollout_correction``): per-token weights
+    exp(old - rollout) on the policy-gradient term and the responses that stay in the policy loss,
+    computed once on the whole batch; its metrics whatever the mode."""
+    a, batch = cfg.algorithm, share.batch
+    bounds = tuple(a.rollout_correction_bounds) if a.rollout_correction_bounds else None
+    weights, keep, correction_metrics = rollout_correction_weights(
+        old_logprobs, batch.rollout_logprobs, batch.response_mask, a.rollout_correction, bounds)
+    metrics.update(correction_metrics)
+    if a.rollout_correction != "none":
+        share.keep("correction_weights", weights)
+        share.keep("policy_mask", batch.response_mask * keep[:, None])
+
+
 def update_policy(ctx: PrimeContext, local: RolloutBatch, step: int, pass_args: dict) -> dict:
     """PPO epochs x mini-batches of ``train.mini_batch_responses`` responses (shuffled per epoch,
     seeded by the step), the PPO-clip loss as a token mean over the global mini-batch."""
@@ -249,15 +266,16 @@ def update_policy(ctx: PrimeContext, local: RolloutBatch, step: int, pass_args: 
     generator = torch.Generator().manual_seed(cfg.train.seed * 100003 + step)
 
     def loss_fn(mb: RolloutBatch, logprobs, entropy):
+        mask = mb.extras.get("policy_mask", mb.response_mask)  # seq_mask's dropped responses leave it
         loss, m = policy_loss(
-            logprobs, mb.extras["old_logprobs"], mb.extras["advantages"], mb.response_mask,
+            logprobs, mb.extras["old_logprobs"], mb.extras["advantages"], mask,
             a.clip_low, a.clip_high, loss_normalizer=1.0, clip_ratio_c=a.clip_ratio_c,
             ref_logprobs=mb.extras.get("ref_kl_logprobs", mb.extras.get("ref_logprobs")) if a.kl_coef else None,
             kl_coef=a.kl_coef, kl_estimator=a.kl_estimator,
             entropy=entropy, entropy_coef=a.entropy_coef,
-            rollout_logprobs=mb.rollout_logprobs, tis_cap=a.tis_cap,
+            correction_weights=mb.extras.get("correction_weights"),
         )
-        return loss, int(mb.response_mask.sum()), m  # a token mean over the global mini-batch
+        return loss, int(mask.sum()), m  # a token mean over the global mini-batch
 
     pairs: dict = {}
     steps = []
@@ -265,6 +283,10 @@ def update_policy(ctx: PrimeContext, local: RolloutBatch, step: int, pass_args: 
         order = torch.randperm(local.size, generator=generator)
         for i in range(num_minibatches):
             rows = order[i * per_rank:(i + 1) * per_rank]
+            if "policy_mask" in local.extras and dp_sum(float(local.extras["policy_mask"][rows].sum())) == 0:
+                # the rollout correction dropped every response of this mini-batch: nothing to learn
+                steps.append({"update_ok": False, "grad_norm": 0.0, "lr": ctx.policy.optimizer.param_groups[0]["lr"]})
+                continue
             ctx.policy.zero_grad()
             result = run_pass(ctx.policy.model, local.rows(rows), loss_fn=loss_fn, with_entropy=True,
                               entropy_grad=a.entropy_coef != 0.0, **pass_args)

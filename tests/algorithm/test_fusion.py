@@ -28,7 +28,8 @@ def batch(rows: int, tokens: int, seed: int) -> dict[str, torch.Tensor]:
         return torch.where(mask, old + scale * torch.randn(rows, tokens, generator=g), torch.nan)
 
     return dict(
-        mask=mask, old=old, prm=near_old(0.3), ref=near_old(0.3), logprobs=near_old(0.3), rollout=near_old(0.1),
+        mask=mask, old=old, prm=near_old(0.3), ref=near_old(0.3), logprobs=near_old(0.3),
+        weights=torch.where(mask, 2 * torch.rand(rows, tokens, generator=g), torch.nan),
         outcome=torch.randint(0, 2, (rows,), generator=g).float(),
     )
 
@@ -52,11 +53,11 @@ def run_all(b: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     advantages = out["prime_rloo@1.0"]
     for name, options in {
         "ppo": {},
-        "dual_clip_tis": dict(clip_ratio_c=3.0, tis_cap=1.5),
+        "dual_clip_weighted": dict(clip_ratio_c=3.0, correction_weights=b["weights"]),
     }.items():
         logprobs = b["logprobs"].clone().requires_grad_(True)
         loss, metrics = policy_loss(logprobs, b["old"], advantages, b["mask"], 0.2, 0.28,
-                                    loss_normalizer=int(b["mask"].sum()), rollout_logprobs=b["rollout"], **options)
+                                    loss_normalizer=int(b["mask"].sum()), **options)
         loss.backward()
         out.update({f"{name}/loss": loss.detach(), f"{name}/grad": logprobs.grad})
         out.update({f"{name}/{k}": v[0] for k, v in metrics.items()})

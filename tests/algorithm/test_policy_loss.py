@@ -29,8 +29,7 @@ def naive_policy_loss(
     kl_estimator="k3",
     entropy=None,
     entropy_coef=0.0,
-    rollout=None,
-    tis_cap=None,
+    weights=None,
     clip_ratio_c=None,
 ):
     total, clipped_tokens, tokens = 0.0, 0, 0
@@ -47,8 +46,8 @@ def naive_policy_loss(
             clipped_tokens += clipped > unclipped
             if clip_ratio_c is not None and a < 0:
                 pg = min(pg, -a * clip_ratio_c)
-            if tis_cap is not None:
-                pg *= min(math.exp(old[i, t].item() - rollout[i, t].item()), tis_cap)
+            if weights is not None:
+                pg *= weights[i, t].item()
             if ref is not None and kl_coef:
                 log_r = ref[i, t].item() - lp[i, t].item()
                 pg += kl_coef * (-log_r if kl_estimator == "k1" else math.exp(log_r) - 1 - log_r)
@@ -76,7 +75,7 @@ def loss_batches(draw):
         adv=torch.randn(B, T, generator=g, dtype=F64),
         ref=old + 0.3 * torch.randn(B, T, generator=g, dtype=F64),
         entropy=torch.rand(B, T, generator=g, dtype=F64),
-        rollout=old + 0.5 * torch.randn(B, T, generator=g, dtype=F64),
+        weights=2 * torch.rand(B, T, generator=g, dtype=F64),  # rollout-correction weights
     )
     for x in tensors.values():
         x[~mask] = NAN  # padding garbage must never matter
@@ -86,7 +85,7 @@ def loss_batches(draw):
         kl_coef=draw(st.sampled_from([0.0, 0.1])),
         kl_estimator=draw(st.sampled_from(["k1", "k3"])),
         entropy_coef=draw(st.sampled_from([0.0, 0.01])),
-        tis_cap=draw(st.sampled_from([None, 1.5, 2.0])),
+        weighted=draw(st.booleans()),
         clip_ratio_c=draw(st.sampled_from([None, 1.3, 3.0])),
     )
     return tensors, mask, options
@@ -106,8 +105,7 @@ def _call(tensors, mask, options, normalizer):
         kl_estimator=options["kl_estimator"],
         entropy=tensors["entropy"],
         entropy_coef=options["entropy_coef"],
-        rollout_logprobs=tensors["rollout"],
-        tis_cap=options["tis_cap"],
+        correction_weights=tensors["weights"] if options["weighted"] else None,
         clip_ratio_c=options["clip_ratio_c"],
     )
 
@@ -188,40 +186,23 @@ def test_kl_and_entropy_terms_hand_example():
     assert means["policy/entropy"] == pytest.approx(2.0)
 
 
-def test_truncated_importance_sampling_hand_example():
-    # rho = 1 (no PPO clipping), A = 1 -> PPO term -1 per token before weighting.
-    #   token 0: log pi_old - log pi_rollout = log 3   -> w = min(3, 2) = 2   (capped)  -> -2
-    #   token 1: log pi_old - log pi_rollout = log 0.5 -> w = 0.5                       -> -0.5
-    #   loss = (-2 - 0.5) / 2 = -1.25
-    # Mismatch metrics: mean |log ratio| = (log 3 + log 2) / 2; TIS capped fraction 1/2;
-    #   KL(rollout || old) k3 with r = pi_old / pi_rollout: (3 - 1 - log 3 + 0.5 - 1 + log 2) / 2
+def test_correction_weights_multiply_the_policy_gradient_term_only():
+    # rho = 1 (no PPO clipping), A = 1 -> PPO term -1 per token before weighting; weights [2, 0.5]:
+    #   loss = (-2 - 0.5) / 2 = -1.25;  d loss / d logprob = -w / 2 = [-1, -0.25]
+    # With a k1 KL to a reference (logprob - ref = 0.5 per token, coef 0.1) and an entropy bonus
+    # (H = 1, coef 0.2), those terms are not weighted: + 0.1 * 0.5 - 0.2 * 1 per token.
     old = torch.tensor([[-1.0, -1.0]], dtype=F64)
-    rollout = old - torch.tensor([[LOG(3.0), LOG(0.5)]], dtype=F64)
-    loss, metrics = policy_loss(
-        old.clone(),
-        old,
-        torch.ones(1, 2, dtype=F64),
-        torch.ones(1, 2),
-        loss_normalizer=2,
-        rollout_logprobs=rollout,
-        tis_cap=2.0,
-    )
+    lp = old.clone().requires_grad_(True)
+    weights = torch.tensor([[2.0, 0.5]], dtype=F64)
+    loss, _ = policy_loss(lp, old, torch.ones(1, 2, dtype=F64), torch.ones(1, 2), loss_normalizer=2,
+                          correction_weights=weights)
     assert loss.item() == pytest.approx(-1.25)
-    means = metric_means(metrics)
-    assert means["rollout/abs_logprob_diff"] == pytest.approx((LOG(3) + LOG(2)) / 2)
-    assert means["rollout/tis_clip_frac"] == pytest.approx(0.5)
-    assert means["rollout/kl"] == pytest.approx((2 - LOG(3) - 0.5 + LOG(2)) / 2)
-    # Without a cap the rollout log-probs only feed the metrics.
-    loss_no_tis, metrics_no_tis = policy_loss(
-        old.clone(),
-        old,
-        torch.ones(1, 2, dtype=F64),
-        torch.ones(1, 2),
-        loss_normalizer=2,
-        rollout_logprobs=rollout,
-    )
-    assert loss_no_tis.item() == pytest.approx(-1.0)
-    assert "rollout/tis_clip_frac" not in metrics_no_tis
+    loss.backward()
+    torch.testing.assert_close(lp.grad, torch.tensor([[-1.0, -0.25]], dtype=F64))
+    loss, _ = policy_loss(old.clone(), old, torch.ones(1, 2, dtype=F64), torch.ones(1, 2), loss_normalizer=2,
+                          correction_weights=weights, ref_logprobs=old - 0.5, kl_coef=0.1, kl_estimator="k1",
+                          entropy=torch.ones(1, 2, dtype=F64), entropy_coef=0.2)
+    assert loss.item() == pytest.approx(-1.25 + 0.1 * 0.5 - 0.2 * 1.0)
 
 
 def test_dual_clip_hand_example():
@@ -316,8 +297,7 @@ def test_policy_loss_matches_naive(batch):
         options["kl_estimator"],
         tensors["entropy"],
         options["entropy_coef"],
-        tensors["rollout"],
-        options["tis_cap"],
+        tensors["weights"] if options["weighted"] else None,
         options["clip_ratio_c"],
     )
     assert loss.item() == pytest.approx(expected_loss, rel=1e-9, abs=1e-12)
@@ -393,8 +373,8 @@ def test_argument_errors():
     x = torch.zeros(1, 2)
     with pytest.raises(ValueError, match="needs ref_logprobs"):
         policy_loss(x, x, x, x, loss_normalizer=1, kl_coef=0.1)
-    with pytest.raises(ValueError, match="needs rollout_logprobs"):
-        policy_loss(x, x, x, x, loss_normalizer=1, tis_cap=2.0)
+    with pytest.raises(ValueError, match="correction_weights shape"):
+        policy_loss(x, x, x, x, loss_normalizer=1, correction_weights=torch.ones(1, 3))
     with pytest.raises(ValueError, match="needs entropy"):
         policy_loss(x, x, x, x, loss_normalizer=1, entropy_coef=0.01)
     with pytest.raises(ValueError, match="shape"):
@@ -407,14 +387,14 @@ def test_argument_errors():
 
 
 def test_gradients_match_finite_differences():
-    # Autograd through every term (PPO, TIS weight, k3 KL, entropy) against numerical derivatives.
+    # Autograd through every term (PPO, correction weight, k3 KL, entropy) against numerical derivatives.
     g = torch.Generator().manual_seed(1)
     old = -torch.rand(2, 4, generator=g, dtype=F64)
     lp = (old + 0.3 * torch.randn(2, 4, generator=g, dtype=F64)).requires_grad_(True)
     entropy = torch.rand(2, 4, generator=g, dtype=F64).requires_grad_(True)
     adv = torch.randn(2, 4, generator=g, dtype=F64)
     ref = old + 0.2 * torch.randn(2, 4, generator=g, dtype=F64)
-    rollout = old + 0.5 * torch.randn(2, 4, generator=g, dtype=F64)
+    weights = 2 * torch.rand(2, 4, generator=g, dtype=F64)
     mask = torch.tensor([[1, 1, 1, 0], [1, 0, 1, 1]])
 
     def loss_fn(lp, entropy):
@@ -428,8 +408,7 @@ def test_gradients_match_finite_differences():
             kl_coef=0.1,
             entropy=entropy,
             entropy_coef=0.01,
-            rollout_logprobs=rollout,
-            tis_cap=1.5,
+            correction_weights=weights,
         )[0]
 
     assert torch.autograd.gradcheck(loss_fn, (lp, entropy))

@@ -8,7 +8,6 @@ on paper-like data: long right-padded responses, ratios inside and outside the c
 log-ratios beyond the +-20 clamp, NaN in padding.
 """
 
-import math
 
 import pytest
 import torch
@@ -32,7 +31,7 @@ def zero(x, valid):
 
 
 def reference_policy_loss(lp, old, adv, valid, clip_low=0.2, clip_high=0.2, *, clip_ratio_c=None, ref=None,
-                          kl_coef=0.0, kl_estimator="k3", entropy=None, entropy_coef=0.0, rollout=None, tis_cap=None):
+                          kl_coef=0.0, kl_estimator="k3", entropy=None, entropy_coef=0.0, weights=None):
     lp, old, adv = zero(lp, valid), zero(old.detach(), valid), zero(adv.detach(), valid)
     log_ratio = (lp - old).clamp(-MAX_LOG_RATIO, MAX_LOG_RATIO)
     ratio = torch.exp(log_ratio)
@@ -45,10 +44,8 @@ def reference_policy_loss(lp, old, adv, valid, clip_low=0.2, clip_high=0.2, *, c
         capped = (adv < 0) & (pg > cap)
         sums["policy/dual_clip_frac"] = capped.sum()
         pg = torch.where(capped, cap, pg)
-    if rollout is not None:
-        rollout_log_ratio = old - zero(rollout, valid)
-        if tis_cap is not None:
-            pg = pg * torch.exp(rollout_log_ratio.clamp(max=math.log(tis_cap)))
+    if weights is not None:
+        pg = pg * zero(weights, valid)
     token_loss = pg
     if ref is not None:
         x = zero(ref, valid) - lp
@@ -65,12 +62,6 @@ def reference_policy_loss(lp, old, adv, valid, clip_low=0.2, clip_high=0.2, *, c
         "policy/loss": loss, "policy/pg_loss": pg.sum(), "policy/approx_kl": ((ratio - 1) - log_ratio).sum(),
         "policy/ratio": (ratio - 1).sum() + valid.sum(),
     })
-    if rollout is not None:
-        x = rollout_log_ratio.clamp(-MAX_LOG_RATIO, MAX_LOG_RATIO)
-        sums["rollout/abs_logprob_diff"] = x.abs().sum()
-        sums["rollout/kl"] = (torch.expm1(x) - x).sum()
-        if tis_cap is not None:
-            sums["rollout/tis_clip_frac"] = ((x >= math.log(tis_cap)) & valid).sum()
     n = valid.sum()
     return loss, {k: (v / n).item() for k, v in sums.items()}
 
@@ -111,39 +102,38 @@ def batch():
     lp[0, :4] = old[0, :4] + torch.tensor([25.0, -25.0, 20.0, -20.0])  # beyond and on the clamp
     b = dict(
         valid=valid, old=old, lp=lp, adv=torch.randn(B, T, generator=g),
-        rollout=old + 0.1 * torch.randn(B, T, generator=g), ref=old + 0.2 * torch.randn(B, T, generator=g),
+        weights=2 * torch.rand(B, T, generator=g), ref=old + 0.2 * torch.randn(B, T, generator=g),
         entropy=torch.rand(B, T, generator=g), prm=old + 0.1 * torch.randn(B, T, generator=g),
         outcome=torch.randint(0, 2, (B,), generator=g).float(),
     )
     b["ref"][1, :2] = b["lp"][1, :2] + torch.tensor([30.0, -30.0])  # KL log-ratios beyond the clamp
-    for name in ("old", "lp", "adv", "rollout", "ref", "entropy", "prm"):
+    for name in ("old", "lp", "adv", "weights", "ref", "entropy", "prm"):
         b[name][~valid] = NAN
     return b
 
 
 OPTIONS = [
     dict(),
-    dict(rollout=True),
-    dict(rollout=True, tis_cap=1.5),
-    dict(clip_ratio_c=3.0, rollout=True),
+    dict(weights=True),
+    dict(clip_ratio_c=3.0, weights=True),
     dict(clip_low=0.1, clip_high=0.28, ref=True, kl_coef=0.1, kl_estimator="k3"),
     dict(ref=True, kl_coef=0.05, kl_estimator="k1", entropy=True, entropy_coef=0.01),
-    dict(clip_ratio_c=1.5, rollout=True, tis_cap=2.0, ref=True, kl_coef=0.1, entropy=True, entropy_coef=0.01),
+    dict(clip_ratio_c=1.5, weights=True, ref=True, kl_coef=0.1, entropy=True, entropy_coef=0.01),
 ]
 
 
 @pytest.mark.parametrize("options", OPTIONS, ids=lambda o: ",".join(o) or "paper")
 def test_policy_loss_matches_the_autograd_formulation(batch, options):
     b = batch
-    kwargs = {k: v for k, v in options.items() if k not in ("rollout", "ref", "entropy")}
+    kwargs = {k: v for k, v in options.items() if k not in ("weights", "ref", "entropy")}
     results = []
     for fn in (policy_loss, reference_policy_loss):
         lp = b["lp"].clone().requires_grad_(True)
         entropy = b["entropy"].clone().requires_grad_(True)
         extra = dict(kwargs)
-        extra.update({k: (entropy if k == "entropy" else b[k]) for k in ("rollout", "ref", "entropy") if k in options})
+        extra.update({k: (entropy if k == "entropy" else b[k]) for k in ("weights", "ref", "entropy") if k in options})
         if fn is policy_loss:
-            extra = {({"rollout": "rollout_logprobs", "ref": "ref_logprobs"}.get(k, k)): v for k, v in extra.items()}
+            extra = {({"weights": "correction_weights", "ref": "ref_logprobs"}.get(k, k)): v for k, v in extra.items()}
             loss, metrics = fn(lp, b["old"], b["adv"], b["valid"], loss_normalizer=1.0, **extra)
             metrics = metric_means(metrics)
         else:

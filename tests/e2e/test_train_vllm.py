@@ -22,7 +22,7 @@ import sys
 
 import pytest
 
-from tests.helpers import ROOT, make_vllm_trainer_fixture, overrides
+from tests.helpers import ROOT, greedy_contains7_accuracy, make_vllm_trainer_fixture, overrides
 
 pytestmark = pytest.mark.multi_rank
 

@@ -24,7 +24,8 @@ VARIANTS = {
     "none": ("algorithm.prm_update=none",),
     "prm_mini_batches": ("train.prm_mini_batch_responses=8",),
     "kl_tempered": ("algorithm.kl_coef=0.1", "rollout.temperature=0.7"),
-    "tis": ("algorithm.tis_cap=0.5",),
+    "tis": ("algorithm.rollout_correction=token_tis", "algorithm.rollout_correction_bounds=[0,0.5]"),
+    "seq_mask": ("algorithm.rollout_correction=seq_mask", "algorithm.rollout_correction_bounds=[1.5,2]"),
     "mini_batches": ("train.mini_batch_responses=16",),
     "epochs": ("algorithm.ppo_epochs=2",),
     "rloo": ("algorithm.estimator=rloo",),
@@ -149,8 +150,22 @@ def test_kl_penalty_compares_the_tempered_policy_with_the_tempered_reference(var
 def test_truncated_importance_sampling_scales_the_gradient(variants):
     tis, base = variants["tis"]["metrics"], variants["single"]["metrics"]
     # fp32: pi_old / pi_rollout ~ 1, so a cap of 0.5 weights every token by 0.5
-    assert tis["rollout/tis_clip_frac"] == pytest.approx(1.0)
+    assert tis["rollout_correction/corrected_frac"] == pytest.approx(1.0)
+    assert base["rollout_correction/corrected_frac"] == 0.0  # none: reported, nothing corrected
+    assert tis["rollout_correction/weight_mean"] == pytest.approx(1.0, abs=1e-4)
     assert tis["policy/grad_norm"] == pytest.approx(0.5 * base["policy/grad_norm"], rel=1e-3)
+    # The weights touch the policy gradient only: the PRM's update and the advantages are the same.
+    for key in ("prm/loss", "prm/grad_norm", "advantage/mean", "advantage/std"):
+        assert tis[key] == pytest.approx(base[key], rel=1e-6, abs=1e-9), key
+
+
+def test_seq_mask_drops_every_response_outside_its_bounds(variants):
+    masked, base = variants["seq_mask"]["metrics"], variants["single"]["metrics"]
+    # fp32: every response's geometric-mean weight is ~1, outside [1.5, 2]: all leave the policy
+    # loss (no gradient), their groups' advantages unchanged
+    assert masked["rollout_correction/masked_frac"] == 1.0
+    assert masked["policy/updates"] == 0 and masked["policy/skipped_updates"] == 1 and base["policy/updates"] == 1
+    assert masked["advantage/mean"] == pytest.approx(base["advantage/mean"], rel=1e-6, abs=1e-9)
 
 
 def test_several_mini_batches_and_epochs_take_more_updates(variants):
