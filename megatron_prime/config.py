@@ -427,7 +427,7 @@ def validate(cfg: Config, world_size: int | None = None, *, model_shape: ModelSh
     _check(r.max_restarts >= 0, "rollout.max_restarts", r.max_restarts, "must be >= 0")
     _check(r.max_staleness in (0, 1), "rollout.max_staleness", r.max_staleness,
            "must be 0 (generate, then train) or 1 (the next batch generated while this one trains)")
-    _check(r.max_staleness == 0 or r.mode == "remote", "rollout.max_staleness", r.max_staleness,
+    _check(r.max_staleness == 0 or r.mode == "remote" or stage == "sft", "rollout.max_staleness", r.max_staleness,
            "one-step-off rollouts need engines that do not share the trainer's devices: rollout.mode=remote "
            "(the demo starts a local server for it)")
     bounds = a.rollout_correction_bounds

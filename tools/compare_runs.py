@@ -122,7 +122,7 @@ def find_runs(dirs: list[str]) -> list[Run]:
 def run_comparison(args: argparse.Namespace) -> list[str]:
     """SFT once per seed, then a PRIME and an RLOO run from it. Returns the seed dirs."""
     from megatron_prime.config import config_from_dict, config_to_dict
-    from megatron_prime.training.demo import demo_configs
+    from megatron_prime.training.demo import demo_configs, local_rollout_server
     from megatron_prime.training.sft import sft
     from megatron_prime.training.trainer import train
 
@@ -149,7 +149,8 @@ def run_comparison(args: argparse.Namespace) -> list[str]:
                            "sft_hf": cfg.model.hf_path}, f)
             print(f"[compare] seed {seed}: {method} ({' '.join(method_overrides)}), {run_cfg.train.steps} steps",
                   flush=True)
-            train(run_cfg)
+            with local_rollout_server(run_cfg):  # rollout.max_staleness=1: a rollout server of its own
+                train(run_cfg)
     return seed_dirs
 
 

@@ -1,7 +1,11 @@
-"""Steps 1-3 of a PRIME step: sample prompts, generate K responses each, verify, and apply the
+"""Lines 3-6 of Algorithm 1: sample prompts, generate K responses each, verify, and apply the
 accuracy filter, resampling until the batch is full; the prompts of surplus passing groups go to
-the buffer and are generated afresh, first, at the next step. Global rank 0 samples and decides;
-the rollout fleet spreads each round's generation and verification over its engines."""
+the buffer and are generated afresh, first, at the next step. Global rank 0 samples and decides.
+
+``collect_groups`` runs on every rank: the rollout fleet spreads each round's generation and
+verification over its engines. ``collect_groups_on_rank0`` does the same on rank 0 alone with the
+one engine it drives (remote mode), without a collective, so that it can run beside training
+(one-step-off rollouts, ``fleet/ahead.py``)."""
 
 from __future__ import annotations
 
@@ -17,7 +21,7 @@ from megatron_prime.data import PromptRow
 from megatron_prime.platform import watchdog
 from megatron_prime.platform.distributed import broadcast_object, is_rank0, on_rank0
 from megatron_prime.rewards import score_batch
-from megatron_prime.rollout.base import SamplingParams
+from megatron_prime.rollout.base import RolloutEngine, SamplingParams
 from megatron_prime.fleet.fleet import RolloutFleet
 
 
@@ -33,6 +37,7 @@ class Group:
     outcomes: list[float]
     truncated: list[bool]
     data_index: int = -1
+    policy_version: int = 0  # the policy (its training step) whose weights the engine sampled with
     # Per token, filled in by the PRIME step for the sample log: the implicit process rewards
     # (None for outcome-only estimators) and the advantages the policy was trained with.
     process_rewards: list[list[float]] | None = None
@@ -74,10 +79,8 @@ def tokenize_prompts(rows, tokenizer, max_prompt_len: int, render) -> list[tuple
     return out
 
 
-def generate_and_verify(fleet: RolloutFleet, rows, tokenizer, cfg: Config, seed: int, render,
-                        stats: CollectStats | None, num_workers: int = 4) -> list[Group] | None:
-    """K responses for each of ``rows`` (the same rows on every rank), generated and verified
-    shard by shard on the engines; the groups in row order on rank 0 (None elsewhere)."""
+def _round_functions(tokenizer, cfg: Config, seed: int, render, end_tokens, num_workers: int = 4):
+    """(generate(engine, rows, offset), verify(rows, offset, generated)) of one rollout round."""
     k = cfg.rollout.n
 
     def generate(engine, part, offset):
@@ -85,7 +88,7 @@ def generate_and_verify(fleet: RolloutFleet, rows, tokenizer, cfg: Config, seed:
         r = cfg.rollout
         sampling = SamplingParams(
             n=r.n, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k, max_new_tokens=cfg.data.max_response_len,
-            stop_token_ids=fleet.end_tokens, seed=seed,
+            stop_token_ids=end_tokens, seed=seed,
             prompt_offset=offset,  # global prompt index: samples independent of the engine count
         )
         start = time.perf_counter()
@@ -112,9 +115,10 @@ def generate_and_verify(fleet: RolloutFleet, rows, tokenizer, cfg: Config, seed:
             ))
         return groups, rollout_s, time.perf_counter() - start, outcomes.timeouts
 
-    parts = [p for p in fleet.map_shards(rows, generate, verify) or [] if p is not None]
-    if not is_rank0():
-        return None
+    return generate, verify
+
+
+def _groups_of(parts, stats: CollectStats | None) -> list[Group]:
     if stats is not None:  # engines work in parallel: a round takes as long as the slowest
         stats.rollout_s += max(p[1] for p in parts)
         stats.verify_s += max(p[2] for p in parts)
@@ -122,8 +126,17 @@ def generate_and_verify(fleet: RolloutFleet, rows, tokenizer, cfg: Config, seed:
     return [group for p in parts for group in p[0]]
 
 
+def generate_and_verify(fleet: RolloutFleet, rows, tokenizer, cfg: Config, seed: int, render,
+                        stats: CollectStats | None) -> list[Group] | None:
+    """K responses for each of ``rows`` (the same rows on every rank), generated and verified
+    shard by shard on the engines; the groups in row order on rank 0 (None elsewhere)."""
+    generate, verify = _round_functions(tokenizer, cfg, seed, render, fleet.end_tokens)
+    parts = [p for p in fleet.map_shards(rows, generate, verify) or [] if p is not None]
+    return _groups_of(parts, stats) if is_rank0() else None
+
+
 def collect_groups(fleet: RolloutFleet, sampler, buffer: PromptBuffer, tokenizer, cfg: Config, step: int,
-                   render) -> tuple[list[Group], CollectStats | None]:
+                   render, version: int | None = None) -> tuple[list[Group], CollectStats | None]:
     """``cfg.train.prompts_per_step`` groups that pass the accuracy filter, on every rank.
 
     Each round generates ``prompts_per_step`` prompts with the current policy: the buffered prompts
@@ -132,58 +145,87 @@ def collect_groups(fleet: RolloutFleet, sampler, buffer: PromptBuffer, tokenizer
     give their *prompts* back to the buffer, never their responses: a buffered prompt is generated
     afresh by the policy of the step that uses it, so every trained response is on-policy. If the
     rounds run out, the batch is filled with this step's rejected groups (generated by the current
-    policy too) and ``filter/unfiltered_fill`` says how many.
+    policy too) and ``filter/unfiltered_fill`` says how many. Every group records ``version`` (the
+    policy's; default ``step``).
 
     Rank 0 owns the sampler and the buffer and decides; every rank takes part in generation (its
     engine's shard). Stats on rank 0 only."""
-    need = cfg.train.prompts_per_step
-    a = cfg.algorithm
-    rank0 = is_rank0()
-    stats = CollectStats() if rank0 else None
-    kept: list[tuple[Group, PromptRow]] = []
-    rejected: list[Group] = []
-
-    def next_round() -> list[PromptRow]:
-        rows = buffer.pop(need)
-        stats.from_buffer += len(rows)
-        return rows + (sampler.next_batch(need - len(rows)) if len(rows) < need else [])
-
-    rounds = 0
-    while True:
-        more = rank0 and len(kept) < need and rounds < cfg.train.max_rollout_rounds
-        rows = broadcast_object(next_round() if more else None)
-        if rows is None:
-            break
+    rounds = _FilterRounds(sampler, buffer, cfg, step, rank0=is_rank0())
+    while (rows := broadcast_object(rounds.next_rows())) is not None:
         watchdog.heartbeat()
-        groups = generate_and_verify(fleet, rows, tokenizer, cfg, round_seed(cfg.train.seed, step, rounds),
-                                     render, stats)
-        rounds += 1
-        if not rank0:
-            continue
-        stats.rounds = rounds
+        groups = generate_and_verify(fleet, rows, tokenizer, cfg, rounds.seed, render, rounds.stats)
+        rounds.take(rows, groups)
+    return broadcast_object(on_rank0(lambda: rounds.finish(step if version is None else version))), rounds.stats
+
+
+def collect_groups_on_rank0(engine: RolloutEngine, end_tokens, sampler, buffer: PromptBuffer, tokenizer,
+                            cfg: Config, step: int, render, version: int) -> tuple[list[Group], CollectStats]:
+    """``collect_groups`` on global rank 0 alone, with the engine it drives (remote mode): the same
+    rounds, seeds and samples, and no collective, so that it can run in a thread beside training."""
+    rounds = _FilterRounds(sampler, buffer, cfg, step, rank0=True)
+    while (rows := rounds.next_rows()) is not None:
+        generate, verify = _round_functions(tokenizer, cfg, rounds.seed, render, end_tokens)
+        rounds.take(rows, _groups_of([verify(rows, 0, generate(engine, rows, 0))], rounds.stats))
+    return rounds.finish(version), rounds.stats
+
+
+class _FilterRounds:
+    """Rank 0's side of the accuracy filter's rounds (the other ranks only count rounds)."""
+
+    def __init__(self, sampler, buffer: PromptBuffer, cfg: Config, step: int, rank0: bool):
+        self.sampler, self.buffer, self.cfg, self.step, self.rank0 = sampler, buffer, cfg, step, rank0
+        self.need = cfg.train.prompts_per_step
+        self.stats = CollectStats() if rank0 else None
+        self.kept: list[tuple[Group, PromptRow]] = []
+        self.rejected: list[Group] = []
+        self.rounds = 0
+
+    @property
+    def seed(self) -> int:
+        return round_seed(self.cfg.train.seed, self.step, self.rounds)
+
+    def next_rows(self) -> list[PromptRow] | None:
+        """The next round's prompts (rank 0; None elsewhere and when the batch is full or the rounds
+        ran out): the buffered ones first, then fresh ones from the sampler."""
+        if not (self.rank0 and len(self.kept) < self.need and self.rounds < self.cfg.train.max_rollout_rounds):
+            return None
+        rows = self.buffer.pop(self.need)
+        self.stats.from_buffer += len(rows)
+        return rows + (self.sampler.next_batch(self.need - len(rows)) if len(rows) < self.need else [])
+
+    def take(self, rows, groups) -> None:
+        """Apply the filter to a round's groups (rank 0)."""
+        self.rounds += 1
+        if not self.rank0:
+            return
+        a, stats = self.cfg.algorithm, self.stats
+        stats.rounds = self.rounds
         outcome = torch.tensor([o for g in groups for o in g.outcomes])
         truncated = torch.tensor([t for g in groups for t in g.truncated]) if a.filter_truncated else None
-        keep = filter_groups(outcome, cfg.rollout.n, a.filter_low, a.filter_high, truncated)
+        keep = filter_groups(outcome, self.cfg.rollout.n, a.filter_low, a.filter_high, truncated)
         stats.sampled_groups += len(groups)
         stats.outcomes_sampled += outcome.tolist()
         for group, row, ok in zip(groups, rows, keep.tolist()):
             if ok:
-                kept.append((group, row))
+                self.kept.append((group, row))
             else:
-                rejected.append(group)
+                self.rejected.append(group)
         stats.kept_groups += int(keep.sum())
 
-    def finish() -> list[Group]:
-        buffer.push(row for _, row in kept[need:])
-        batch = [group for group, _ in kept[:need]]
+    def finish(self, version: int) -> list[Group]:
+        """The batch (rank 0): the first ``need`` passing groups; the surplus's prompts to the
+        buffer; too few after the last round: filled with this step's latest rejected groups."""
+        need, stats = self.need, self.stats
+        self.buffer.push(row for _, row in self.kept[need:])
+        batch = [group for group, _ in self.kept[:need]]
         if len(batch) < need:
             # Too few prompts in the filter band after max_rollout_rounds: fill with the latest
             # rejected groups so the step can run, and say so in the metrics.
-            fill = rejected[max(0, len(rejected) - (need - len(batch))):]
+            fill = self.rejected[max(0, len(self.rejected) - (need - len(batch))):]
             stats.unfiltered_fill = len(fill)
             batch += fill  # every round has `need` prompts, so this always fills the batch
-        stats.buffer_size = len(buffer)
+        stats.buffer_size = len(self.buffer)
         stats.accuracy_sampled = sum(stats.outcomes_sampled) / max(1, len(stats.outcomes_sampled))
+        for group in batch:
+            group.policy_version = version
         return batch
-
-    return broadcast_object(on_rank0(finish)), stats

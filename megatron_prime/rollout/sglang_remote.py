@@ -13,7 +13,7 @@ Written against SGLang ``SGLANG_VERSION`` (routes and bodies are in
 also checks that the server's group and bucket layout are what we mirror here). The
 trainer side needs no sglang installed. Tested end to end on CPU (gloo) through the real
 ``sglang-router`` 0.3.2 against servers that speak this protocol with an hf engine behind them
-(``tests/sglang_protocol_server.py``); never run against real SGLang servers. The router takes
+(``protocol_server.py``); never run against real SGLang servers. The router takes
 one sampling dict per ``/generate`` request (a list of them, one per row, it refuses with HTTP
 422), so through it every sample, with its own seed, is its own request.
 """

@@ -3,6 +3,7 @@ greedy accuracy on the held-out split before and after, with a summary table."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -65,6 +66,27 @@ def demo_configs(out: str, seed: int, config_path: str | None, overrides: list[s
     return cfg, init_hf
 
 
+@contextlib.contextmanager
+def local_rollout_server(cfg: Config):
+    """One-step-off rollouts (``rollout.max_staleness=1``) need engines that do not share the
+    trainer's devices: on a laptop, an hf engine in a server process of its own on loopback
+    (``rollout.protocol_server``), which ``cfg`` is switched to for the block (remote mode). Any other
+    config is left as it is."""
+    r = cfg.rollout
+    if r.max_staleness == 0 or r.mode == "remote":
+        yield cfg
+        return
+    from megatron_prime.platform.distributed import free_port
+    from megatron_prime.rollout.protocol_server import local_server
+
+    with local_server(cfg.model.hf_path) as url:
+        print(f"[demo] rollout.max_staleness={r.max_staleness}: generation runs in a server process of its own "
+              f"({url}) while the trainer trains", flush=True)
+        r.mode, r.engine, r.remote_urls = "remote", "sglang", [url]
+        r.weight_sync_address, r.weight_sync_port = "127.0.0.1", free_port()
+        yield cfg
+
+
 def run_demo(out: str = "outputs/demo", seed: int = 1, config_path: str | None = None,
              overrides: list[str] = (), task_preset: str = "default") -> dict:
     from megatron_prime.training.sft import sft
@@ -80,7 +102,8 @@ def run_demo(out: str = "outputs/demo", seed: int = 1, config_path: str | None =
     cfg.checkpoint.resume = "none"
     print(f"[demo] PRIME: {cfg.train.steps} steps of {cfg.train.prompts_per_step} prompts x K={cfg.rollout.n}",
           flush=True)
-    result = train(cfg)
+    with local_rollout_server(cfg):
+        result = train(cfg)
     total = time.time() - t0
     rows = [
         ("held-out greedy accuracy after SFT", f"{result.get('eval_before', float('nan')):.3f}"),

@@ -10,6 +10,7 @@ for Megatron's passes (``passes/``). Per-token results are gathered back over da
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Callable
 
@@ -28,6 +29,7 @@ from megatron_prime.algorithm import (
     rollout_correction_weights,
 )
 from megatron_prime.config import Config
+from megatron_prime.fleet.ahead import RolloutAhead
 from megatron_prime.fleet.collect import Group, collect_groups
 from megatron_prime.fleet.fleet import RolloutFleet
 from megatron_prime.metrics import PhaseTimer, optimizer_metrics, step_metrics, warn_on_timeouts
@@ -53,6 +55,7 @@ class PrimeContext:
     buffer: PromptBuffer
     tokenizer: object
     render: Callable  # render_prompt(tokenizer, prompt) -> str
+    ahead: RolloutAhead | None = None  # one-step-off rollouts (rollout.max_staleness=1)
 
     @property
     def uses_process_rewards(self) -> bool:
@@ -72,7 +75,7 @@ def prime_step(ctx: PrimeContext, step: int) -> tuple[dict[str, float], list[Gro
     model_args = dict(temperature=1.0, token_budget=cfg.train.micro_batch_tokens)
 
     # Alg. 1 l.3-6: sample prompts, generate K responses each, outcome rewards r_o, accuracy filter.
-    groups, stats = rollout(ctx, step, timer)
+    groups, stats = rollout(ctx, step, timer, metrics)
     share = BatchShare(to_batch(groups, cfg.rollout.n, ctx.tokenizer).to(distributed.device()))
     batch, mask = share.batch, share.batch.response_mask
     # Alg. 1 l.7: forward pass of pi_ref (and of pi_phi, inside l.8 in single-forward mode).
@@ -92,7 +95,11 @@ def prime_step(ctx: PrimeContext, step: int) -> tuple[dict[str, float], list[Gro
     correct_for_the_engine(cfg, share, old_logprobs, metrics)
     with timer("policy_update"), offloaded(ctx.prm, enabled=ctx.offload):
         metrics.update(update_policy(ctx, share.local, step, policy_args))
-    # Alg. 1 l.11: theta_old <- theta, which is what the engines sample from next.
+    # Alg. 1 l.11: theta_old <- theta, which is what the engines sample from next (one-step-off: once
+    # the batch they are collecting for the next step is complete).
+    if ctx.ahead is not None:
+        with timer("rollout_drain"):
+            metrics["rollout/wait_s"] += ctx.ahead.drain()
     with timer("weight_sync"):
         ctx.fleet.sync()
 
@@ -124,12 +131,25 @@ class BatchShare:
         self.local.extras[name] = whole[self.rows]
 
 
-def rollout(ctx: PrimeContext, step: int, timer: PhaseTimer):
+def rollout(ctx: PrimeContext, step: int, timer: PhaseTimer, metrics: dict):
     """K responses for each of ``train.prompts_per_step`` prompts that pass the accuracy filter,
-    verified, on every rank (the engines then release their memory while Megatron trains)."""
-    with offloaded(ctx.policy, ctx.prm, enabled=ctx.offload), watchdog.phase("rollout"):
-        groups, stats = collect_groups(ctx.fleet, ctx.sampler, ctx.buffer, ctx.tokenizer, ctx.cfg, step, ctx.render)
-        ctx.fleet.sleep()
+    verified, on every rank. Synchronous: generated now by this step's policy, and the engines
+    release their memory while Megatron trains. One-step-off (``ctx.ahead``): the batch collected
+    during the previous step, and the next one's collection starts."""
+    if ctx.ahead is not None:
+        with watchdog.phase("rollout"):
+            groups, stats, ahead_metrics = ctx.ahead.take(step)
+        metrics.update(ahead_metrics)
+        if step + 1 < ctx.cfg.train.steps:
+            ctx.ahead.launch(step + 1, version=step)  # the engines hold this step's policy
+    else:
+        start = time.perf_counter()
+        with offloaded(ctx.policy, ctx.prm, enabled=ctx.offload), watchdog.phase("rollout"):
+            groups, stats = collect_groups(ctx.fleet, ctx.sampler, ctx.buffer, ctx.tokenizer, ctx.cfg, step,
+                                           ctx.render)
+            ctx.fleet.sleep()
+        metrics.update({"rollout/staleness_mean": 0.0, "rollout/staleness_max": 0.0, "rollout/dropped_groups": 0.0,
+                        "rollout/wait_s": time.perf_counter() - start})
     if stats is not None:
         timer.seconds["rollout"] = stats.rollout_s
         timer.seconds["verify"] = stats.verify_s

@@ -23,6 +23,7 @@ from megatron_prime.bridge.convert import write_hf
 from megatron_prime.config import Config, config_to_dict
 from megatron_prime.data import DatasetError, PromptRow, PromptSampler, load_prompt_dataset, render_prompt
 from megatron_prime.data.lengths import describe_dropped, split_overlong_prompts
+from megatron_prime.fleet.ahead import RolloutAhead
 from megatron_prime.fleet.fleet import build_fleet
 from megatron_prime.fleet.grading import fleet_greedy_accuracy
 from megatron_prime.metrics import MetricsLogger, SustainedWarning, sample_records
@@ -120,6 +121,8 @@ class PrimeRun:
                 print(f"resumed from step {state['step']} ({cfg.checkpoint.dir})", flush=True)
             # plain dicts in the checkpoint (it holds data only: nothing in it can run code on loading)
             ctx.buffer.load_state_dict({"prompts": [PromptRow(**row) for row in state["buffer"]["prompts"]]})
+            if ctx.ahead is not None and is_rank0():  # the batch collected during the saved step
+                ctx.ahead.load_state_dict(state.get("rollout_ahead") or {})
         ctx.fleet.sync()  # the engines start from the (possibly resumed) policy
         return first
 
@@ -127,6 +130,8 @@ class PrimeRun:
         ctx = self.ctx
         state = {"sampler": ctx.sampler.state_dict() if is_rank0() else None,
                  "buffer": {"prompts": [dataclasses.asdict(row) for row in ctx.buffer.state_dict()["prompts"]]}}
+        if ctx.ahead is not None and is_rank0():
+            state["rollout_ahead"] = ctx.ahead.state_dict()
         with watchdog.phase("checkpoint"):
             return checkpoint.save_checkpoint(self.cfg.checkpoint.dir, step, self.trainables, state,
                                               self.cfg.model.hf_path, self.cfg.checkpoint.keep_last,
@@ -214,8 +219,15 @@ def build_context(cfg: Config, sources: WeightSources | None = None) -> PrimeCon
     # Rank 0 owns the prompts; a bad file fails every rank.
     sampler = on_rank0(lambda: load_prompts(cfg, tokenizer, render_prompt))
     fleet = build_fleet(cfg, tokenizer, policy.model, arch)
+    buffer = PromptBuffer()
+    ahead = None
+    if cfg.rollout.max_staleness > 0:
+        ahead = RolloutAhead(fleet, sampler, buffer, tokenizer, cfg, render_prompt)
+        if is_rank0() and cfg.algorithm.rollout_correction == "none":
+            print("note: rollout.max_staleness=1 trains each batch one policy version after it was sampled, and "
+                  "algorithm.rollout_correction=none leaves that lag uncorrected (token_tis corrects it)", flush=True)
     return PrimeContext(cfg=cfg, arch=arch, policy=policy, prm=prm, reference=reference, fleet=fleet,
-                        sampler=sampler, buffer=PromptBuffer(), tokenizer=tokenizer, render=render_prompt)
+                        sampler=sampler, buffer=buffer, tokenizer=tokenizer, render=render_prompt, ahead=ahead)
 
 
 def fitting_prompts(files: list[str], what: str, cfg: Config, tokenizer, render) -> list:

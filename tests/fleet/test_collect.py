@@ -22,7 +22,7 @@ from megatron_prime.data import PromptRow, render_prompt
 from megatron_prime.rewards import register_verifier
 from megatron_prime.rewards.registry import known_verifiers
 from megatron_prime.rollout.base import Response, RolloutEngine
-from megatron_prime.fleet.collect import collect_groups
+from megatron_prime.fleet.collect import collect_groups, collect_groups_on_rank0
 from megatron_prime.fleet.fleet import RolloutFleet
 
 SCRIPTED = "test_scripted_answer"
@@ -98,11 +98,16 @@ def rows(n: int) -> list[PromptRow]:
 PASS, EASY, HARD = "1100", "1111", "0000"  # mean 0.5 is in the band [0.2, 0.8]; 1 and 0 are not
 
 
-def collect(engine, sampler, buffer, step=0, rounds=3):
+def collect(engine, sampler, buffer, step=0, rounds=3, on_rank0=False):
+    """One step's collection: through the fleet (every rank's path), or on rank 0 alone (the one-step-off
+    rollouts' path, which must give exactly the same rounds and groups)."""
     cfg = load_config(None, [f"rollout.n={K}", f"train.prompts_per_step={NEED}", f"train.mini_batch_responses={K}",
                              "algorithm.filter_low=0.2", "algorithm.filter_high=0.8",
                              f"train.max_rollout_rounds={rounds}", "data.max_prompt_len=16",
                              "data.max_response_len=4"])
+    if on_rank0:
+        return collect_groups_on_rank0(engine, (), sampler, buffer, engine.tokenizer, cfg, step, render_prompt,
+                                       version=step - 1)
     fleet = RolloutFleet(groups=[[0]], engine=engine, policy=None, arch=None, export_to_all_ranks=True)
     return collect_groups(fleet, sampler, buffer, engine.tokenizer, cfg, step, render_prompt)
 
@@ -111,7 +116,8 @@ def index_of(group) -> int:
     return group.data_index
 
 
-def test_extra_rounds_surplus_prompts_to_the_buffer_then_generated_afresh_first(tokenizer):
+@pytest.mark.parametrize("on_rank0", [False, True])
+def test_extra_rounds_surplus_prompts_to_the_buffer_then_generated_afresh_first(tokenizer, on_rank0):
     script = {
         # round 1: prompts 0-3, two pass; round 2: prompts 4-7, three pass -> 5 kept, 1 surplus
         0: [PASS], 1: [EASY], 2: [PASS], 3: [HARD],
@@ -119,8 +125,9 @@ def test_extra_rounds_surplus_prompts_to_the_buffer_then_generated_afresh_first(
         8: [PASS], 9: [PASS], 10: [PASS],
     }
     engine, sampler, buffer = ScriptedEngine(tokenizer, script), Sampler(rows(11)), PromptBuffer()
-    groups, stats = collect(engine, sampler, buffer)
+    groups, stats = collect(engine, sampler, buffer, on_rank0=on_rank0)
     assert engine.generated == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    assert {g.policy_version for g in groups} == {-1 if on_rank0 else 0}  # whose weights sampled them
     assert [index_of(g) for g in groups] == [0, 2, 4, 5]
     assert (stats.rounds, stats.sampled_groups, stats.kept_groups, stats.from_buffer) == (2, 8, 5, 0)
     assert stats.unfiltered_fill == 0 and stats.buffer_size == 1
@@ -128,17 +135,18 @@ def test_extra_rounds_surplus_prompts_to_the_buffer_then_generated_afresh_first(
     assert len(buffer) == 1 and isinstance(buffer._items[0], PromptRow) and buffer._items[0].index == 7
 
     # Next step: the buffered prompt comes first and is generated again by the (new) policy.
-    groups, stats = collect(engine, sampler, buffer, step=1)
+    groups, stats = collect(engine, sampler, buffer, step=1, on_rank0=on_rank0)
     assert engine.generated[2] == [7, 8, 9, 10]
     assert [index_of(g) for g in groups] == [7, 8, 9, 10]
     assert engine.times[7] == 2 and stats.from_buffer == 1 and len(buffer) == 0
     assert stats.accuracy_sampled == pytest.approx(0.5)
 
 
-def test_unfiltered_fill_uses_this_steps_latest_rejected_groups(tokenizer):
+@pytest.mark.parametrize("on_rank0", [False, True])
+def test_unfiltered_fill_uses_this_steps_latest_rejected_groups(tokenizer, on_rank0):
     script = {0: [PASS], 1: [EASY], 2: [HARD], 3: [EASY], 4: [HARD], 5: [EASY], 6: [PASS], 7: [HARD]}
     engine, buffer = ScriptedEngine(tokenizer, script), PromptBuffer()
-    groups, stats = collect(engine, Sampler(rows(8)), buffer, rounds=2)
+    groups, stats = collect(engine, Sampler(rows(8)), buffer, rounds=2, on_rank0=on_rank0)
     assert stats.rounds == 2 and stats.kept_groups == 2 and stats.unfiltered_fill == 2
     # kept first (0, 6), then the two most recent rejected groups (5, 7), all from this step
     assert [index_of(g) for g in groups] == [0, 6, 5, 7]

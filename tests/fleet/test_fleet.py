@@ -11,7 +11,7 @@ shard of every round.
   step goes on with the same samples; with ``rollout.max_restarts=0`` every rank raises the
   engine's error instead of hanging.
 * Remote mode: rank 0 drives two servers speaking SGLang's protocol
-  (``tests/sglang_protocol_server.py``, an hf engine behind SGLang's routes) behind the real
+  (``megatron_prime.rollout.protocol_server``, an hf engine behind SGLang's routes) behind the real
   ``sglang-router`` (its own process on loopback): generation over HTTP through the router, weights
   broadcast in buckets over a gloo group formed the way SGLang forms it. The step
   equals the colocated one-engine step, and after it both servers hold the updated policy.
@@ -183,8 +183,8 @@ def _start_servers(model_dir: str, count: int, ports: list[int] | None = None):
     servers, urls = [], []
     for i in range(count):
         port = ports[i] if ports else free_port()
-        servers.append(subprocess.Popen([sys.executable, "-m", "tests.sglang_protocol_server", "--model", model_dir,
-                                         "--port", str(port)], cwd=repo))
+        servers.append(subprocess.Popen([sys.executable, "-m", "megatron_prime.rollout.protocol_server",
+                                         "--model", model_dir, "--port", str(port)], cwd=repo))
         urls.append(f"http://127.0.0.1:{port}")
     return servers, urls
 

@@ -1,5 +1,7 @@
-"""A server that speaks the part of SGLang's HTTP protocol the sglang-remote engine uses, with the
-hf engine behind it, so that the trainer's remote mode runs end to end on a machine without GPUs.
+"""A rollout server for CPUs: the hf engine behind the part of SGLang's HTTP protocol that the
+trainer's remote mode uses (``sglang_remote.SGLangRemoteEngine``), so that remote mode and its
+one-step-off rollouts run end to end on a machine without GPUs (the demo with
+``rollout.max_staleness=1``, the tests) and beside sglang-router.
 
 It is the receiving side of SGLang 0.5.23 as read in its source, not SGLang itself:
 
@@ -20,14 +22,21 @@ It is the receiving side of SGLang 0.5.23 as read in its source, not SGLang itse
   ``/destroy_weights_update_group``, and ``/get_weights_by_name`` (SGLang's debugging route, used
   by tests to read what a server holds).
 
-Run: ``python -m tests.sglang_protocol_server --model HF_DIR --port PORT``.
+Run: ``python -m megatron_prime.rollout.protocol_server --model HF_DIR --port PORT`` (or
+``local_server(HF_DIR)`` from Python, which starts one on a free port and stops it afterwards).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
+import subprocess
+import sys
 import threading
+import time
+import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import torch
@@ -178,9 +187,42 @@ def serve(model_dir: str, port: int) -> None:
     ThreadingHTTPServer(("127.0.0.1", port), Handler).serve_forever()
 
 
+@contextlib.contextmanager
+def local_server(model_dir: str, *, cpu: int | None = None, timeout_s: float = 300.0):
+    """A server for ``model_dir`` in a process of its own on a free loopback port (pinned to CPU
+    core ``cpu`` if given); yields its URL, stops it on exit."""
+    from megatron_prime.platform.distributed import free_port
+
+    port = free_port()
+    cmd = [sys.executable, "-m", "megatron_prime.rollout.protocol_server", "--model", model_dir, "--port", str(port)]
+    if cpu is not None:
+        cmd = ["taskset", "-c", str(cpu), *cmd]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.Popen(cmd, env=env)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                with urllib.request.urlopen(f"{url}/health", timeout=5):
+                    break
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"the rollout server for {model_dir} did not start (exit code "
+                                       f"{proc.poll()}, {timeout_s:.0f} s)") from None
+                time.sleep(0.2)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--model", required=True)
+    parser = argparse.ArgumentParser(description="an hf rollout engine behind SGLang's HTTP protocol (CPU)")
+    parser.add_argument("--model", required=True, help="Hugging Face checkpoint dir")
     parser.add_argument("--port", type=int, required=True)
     args = parser.parse_args()
     torch.set_num_threads(1)

@@ -1,0 +1,96 @@
+"""Benchmark one-step-off rollouts: the step time of the same demo-sized PRIME run with
+``rollout.max_staleness=0`` (generate, then train) and ``1`` (the next batch generated while this one
+trains), both in remote mode against a rollout server of their own (the hf engine behind SGLang's
+protocol, ``megatron_prime.rollout.protocol_server``), the trainer pinned to one CPU core and the
+server to the other, one thread each.
+
+Builds the demo's toy task and tiny Qwen2 (or takes ``--hf``), then for each of ``--repeats``
+repeats runs both settings (sync first, then async) for ``--steps`` steps and takes the mean
+``time/step`` over steps 2..N (step 1 of the async run has nothing to overlap yet). The accuracy
+filter keeps every group (one rollout round per step) so both settings do the same work. Prints
+min / median / max per setting and, last, ``async/sync step time: R``, R the median over repeats of
+the async/sync ratio (target: at most 0.75).
+
+    python tools/benchmarks/bench_async.py [--steps 8] [--repeats 3] [--hf HF_DIR] [--workdir DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import print_table, quiet  # noqa: E402
+
+TRAINER_CPU, SERVER_CPU = 0, 1
+
+
+def run(cfg_overrides: list[str], hf: str, log_dir: str, staleness: int) -> list[float]:
+    """Seconds per step of one run (its ``time/step`` metrics)."""
+    from megatron_prime.config import SHIPPED_EXAMPLES
+    from megatron_prime.platform.distributed import free_port
+    from megatron_prime.rollout.protocol_server import local_server
+
+    shutil.rmtree(log_dir, ignore_errors=True)
+    with local_server(hf, cpu=SERVER_CPU) as url:
+        args = [os.path.join(SHIPPED_EXAMPLES, "configs", "tiny_cpu.yaml"), f"model.hf_path={hf}",
+                f"rollout.max_staleness={staleness}", "rollout.mode=remote", "rollout.engine=sglang",
+                f"rollout.remote_urls=[{url}]", "rollout.weight_sync_address=127.0.0.1",
+                f"rollout.weight_sync_port={free_port()}", f"logging.dir={log_dir}", "logging.progress=false",
+                f"checkpoint.dir={log_dir}/ckpt", "checkpoint.export_hf=false", "checkpoint.interval=1000",
+                "data.eval_files=[]", "algorithm.filter_low=0", "algorithm.filter_high=1", *cfg_overrides]
+        cmd = ["taskset", "-c", str(TRAINER_CPU), sys.executable, "-m", "megatron_prime.cli", "train", *args]
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    if proc.returncode != 0:
+        raise SystemExit(f"the trainer failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    rows = [json.loads(line) for line in open(os.path.join(log_dir, "scalars.jsonl"))]
+    return [r["time/step"] for r in rows if "time/step" in r]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--hf", default=None, help="an HF checkpoint of the demo's shape (default: the demo's "
+                        "tiny Qwen2 after 100 SFT steps, made here)")
+    parser.add_argument("--workdir", default=None)
+    args = parser.parse_args()
+    if len(os.sched_getaffinity(0)) < 2:
+        raise SystemExit("needs two CPU cores: one for the trainer, one for the rollout server")
+    quiet()
+    work = args.workdir or tempfile.mkdtemp(prefix="bench_async_")
+    hf = args.hf
+    if hf is None:
+        from megatron_prime.training.demo import demo_configs
+        from megatron_prime.training.sft import sft
+
+        cfg, _ = demo_configs(os.path.join(work, "demo"), 1, None, ["sft.steps=100", "sft.log_every=1000"])
+        hf = sft(cfg)["hf"]
+        from megatron_prime.platform import distributed
+
+        distributed.teardown()
+    data = os.path.join(work, "demo", "data")
+    common = [f"data.train_files=[{data}/rl.jsonl]", f"train.steps={args.steps}"]
+    per_step = {0: [], 1: []}
+    for repeat in range(args.repeats):
+        for staleness in (0, 1):
+            times = run(common, hf, os.path.join(work, f"r{repeat}_s{staleness}"), staleness)
+            per_step[staleness].append(statistics.fmean(times[1:]))
+            print(f"repeat {repeat + 1}: max_staleness={staleness}: {per_step[staleness][-1]:.2f} s/step "
+                  f"(steps 2..{len(times)})", flush=True)
+    ratios = [a / s for a, s in zip(per_step[1], per_step[0])]
+    rows = [(f"max_staleness={k}", f"{min(v):.2f}", f"{statistics.median(v):.2f}", f"{max(v):.2f}")
+            for k, v in per_step.items()]
+    rows.append(("async / sync", f"{min(ratios):.3f}", f"{statistics.median(ratios):.3f}", f"{max(ratios):.3f}"))
+    print_table(["seconds per step", "min", "median", "max"], rows)
+    print(f"async/sync step time: {statistics.median(ratios):.3f}")
+
+
+if __name__ == "__main__":
+    main()
