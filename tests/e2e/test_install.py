@@ -10,6 +10,7 @@ checkout's editable install) are not processed and ``megatron_prime`` comes from
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -22,9 +23,14 @@ def _run(cmd: list[str], cwd: str, env: dict | None = None) -> subprocess.Comple
 
 
 def test_wheel_in_a_fresh_venv_plans_and_runs_the_demo_help(tmp_path):
-    dist, venv, elsewhere = tmp_path / "dist", tmp_path / "venv", tmp_path / "elsewhere"
+    dist, venv, elsewhere, source = tmp_path / "dist", tmp_path / "venv", tmp_path / "elsewhere", tmp_path / "src"
     elsewhere.mkdir()
-    built = _run([sys.executable, "-m", "pip", "wheel", ROOT, "--no-deps", "--no-build-isolation", "-q",
+    # a copy of what a source distribution holds, so the build's scratch files stay out of the checkout
+    shutil.copytree(os.path.join(ROOT, "megatron_prime"), source / "megatron_prime",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("setup.py", "README.md"):
+        shutil.copy(os.path.join(ROOT, name), source / name)
+    built = _run([sys.executable, "-m", "pip", "wheel", str(source), "--no-deps", "--no-build-isolation", "-q",
                   "-w", str(dist)], cwd=str(tmp_path))
     assert built.returncode == 0, built.stderr[-3000:]
     (wheel,) = dist.glob("megatron_prime-*.whl")
