@@ -44,6 +44,7 @@ setup(
         "pyarrow",  # parquet datasets
         "tensorboard",
         "matplotlib",  # tools/compare_runs.py
+        "peft>=0.17",  # LoRA adapters in PEFT's format: `score` applies an exported PRM adapter to its base
     ],
     extras_require={
         "gpu": ["transformer-engine[pytorch]", "sglang==0.5.23", "sglang-router==0.3.2"],  # as tests/rollout/test_sglang_contract.py checks

@@ -26,6 +26,32 @@ class ConfigError(UserError):
     """A config key holds a value that is not allowed."""
 
 
+# The linear layers a LoRA adapter can sit on (megatron-core's names; the PEFT export splits the fused
+# ones back: linear_qkv -> q/k/v_proj, linear_fc1 -> gate/up_proj, linear_proj -> o_proj, linear_fc2 -> down_proj)
+LoRATarget = Literal["linear_qkv", "linear_proj", "linear_fc1", "linear_fc2"]
+
+
+@dataclass
+class LoRAConfig:
+    """Shared-base LoRA PRIME: the policy and the implicit PRM as two adapters on one frozen base
+    (model.hf_path), which is also the reference (adapters off). rank 0: full fine-tuning (the paper)."""
+
+    rank: int = 0
+    prm_rank: Optional[int] = None  # the implicit PRM's adapter rank (null: the same as rank)
+    alpha: float = 32.0  # the adapters add (alpha / rank) * B A
+    targets: list[LoRATarget] = field(default_factory=lambda: ["linear_qkv", "linear_proj", "linear_fc1",
+                                                               "linear_fc2"])
+
+    @property
+    def enabled(self) -> bool:
+        return self.rank > 0
+
+    @property
+    def ranks(self) -> dict[str, int]:
+        """Adapter name -> rank (``policy`` and ``prm``)."""
+        return {"policy": self.rank, "prm": self.prm_rank if self.prm_rank is not None else self.rank}
+
+
 @dataclass
 class ModelConfig:
     hf_path: str = ""  # Hugging Face checkpoint dir: config.json, *.safetensors, tokenizer
@@ -40,6 +66,7 @@ class ModelConfig:
     # config.json that gives the model's shape to `megatron-prime plan` and dry runs while
     # hf_path does not exist yet (e.g. examples/models/Qwen2.5-Math-7B/config.json)
     shape_from: str = ""
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
 
 
 @dataclass
@@ -77,6 +104,9 @@ class RolloutConfig:
     # 0: generate, then train, every step (the paper's loop); 1: the next batch is generated while this
     # one trains (one-step-off: every group from one policy version, at most one step old; remote mode)
     max_staleness: int = 0
+    # shared-base LoRA (model.lora.rank > 0): what the engines receive after each update, "merged"
+    # (the full weights W0 + scale * B A, every engine) or "adapter" (the policy adapter only: vllm, sglang)
+    lora_sync: Literal["merged", "adapter"] = "merged"
     base_port: int = 30000  # colocated sglang: engine i listens on base_port + 100 * i
     router_url: str = ""  # remote: sglang-router in front of remote_urls (for /generate)
     weight_sync_address: str = ""  # remote: rank 0's address the servers reach (default: its hostname)
@@ -382,6 +412,32 @@ def validate_parallel(parallel: ParallelConfig, *, num_layers: int | None = None
                f"tp*pp*cp = {model_parallel} must divide the world size ({world_size})")
 
 
+def _validate_lora(cfg: Config) -> None:
+    lora, m, r = cfg.model.lora, cfg.model, cfg.rollout
+    _check(lora.rank >= 0, "model.lora.rank", lora.rank, "must be >= 0 (0: full fine-tuning)")
+    _check(lora.prm_rank is None or lora.prm_rank >= 1, "model.lora.prm_rank", lora.prm_rank,
+           "must be >= 1 (or null: the same as model.lora.rank)")
+    _check(lora.prm_rank is None or lora.enabled, "model.lora.prm_rank", lora.prm_rank,
+           "needs model.lora.rank > 0 (the policy and the PRM share one base only when both are adapters)")
+    _check(lora.alpha > 0, "model.lora.alpha", lora.alpha, "must be > 0")
+    _check(len(lora.targets) > 0 and len(set(lora.targets)) == len(lora.targets), "model.lora.targets",
+           lora.targets, "must name each target layer once, at least one")
+    _check(r.lora_sync == "merged" or lora.enabled, "rollout.lora_sync", r.lora_sync,
+           "'adapter' sends a LoRA adapter: it needs model.lora.rank > 0")
+    _check(r.lora_sync == "merged" or r.engine in ("vllm", "sglang"), "rollout.lora_sync", r.lora_sync,
+           f"the {r.engine} engine takes full weights only: use rollout.lora_sync=merged, or rollout.engine=vllm "
+           "or sglang")
+    _check(r.lora_sync == "merged" or r.mode == "colocated", "rollout.lora_sync", r.lora_sync,
+           "'adapter' reaches colocated engines only (the remote servers take weights over the broadcast group): "
+           "use rollout.lora_sync=merged with rollout.mode=remote")
+    if lora.enabled:
+        for key in ("mcore_path", "prm_hf_path", "prm_mcore_path", "ref_path"):
+            _check(not getattr(m, key), f"model.{key}", getattr(m, key),
+                   "must be unset with model.lora.rank > 0: the policy, the implicit PRM and the reference "
+                   "all start from the one shared base, model.hf_path (a LoRA run resumes from its "
+                   "checkpoint.dir)")
+
+
 def _divisors(n: int, also_divides: int | None = None) -> str:
     ok = [d for d in range(1, n + 1) if n % d == 0 and (also_divides is None or also_divides % d == 0)]
     return "one of " + ", ".join(map(str, ok))
@@ -479,6 +535,7 @@ def validate(cfg: Config, world_size: int | None = None, *, model_shape: ModelSh
            "would see whole sequences and the attention would be wrong); use parallel.tp/parallel.pp")
     _check(cfg.parallel.ep == 1, "parallel.ep", cfg.parallel.ep,
            "must be 1: the supported models (Llama, Qwen2/2.5, Qwen3 dense) have no experts to split")
+    _validate_lora(cfg)
     if cfg.parallel.sequence_parallel:
         _check(cfg.parallel.tp > 1, "parallel.sequence_parallel", True, "needs parallel.tp > 1")
     shape = dict(num_layers=model_shape.num_layers, num_heads=model_shape.num_heads,

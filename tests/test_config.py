@@ -95,6 +95,36 @@ def test_rollout_layouts_accepted(overrides):
                  world_size=6, ranks_per_node=6)
 
 
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["model.lora.rank=-1"], r"model.lora.rank.*must be >= 0"),
+        (["model.lora.prm_rank=8"], r"model.lora.prm_rank.*needs model.lora.rank > 0"),
+        (["model.lora.rank=8", "model.lora.prm_rank=0"], r"model.lora.prm_rank.*must be >= 1"),
+        (["model.lora.rank=8", "model.lora.alpha=0"], r"model.lora.alpha.*must be > 0"),
+        (["model.lora.rank=8", "model.lora.targets=[]"], r"model.lora.targets.*at least one"),
+        (["model.lora.rank=8", "model.lora.targets=[q_proj]"], r"model.lora.targets\[0\].*'q_proj'.*'linear_qkv'"),
+        (["model.lora.rank=8", "model.ref_path=/some/ref"], r"model.ref_path.*one shared base, model.hf_path"),
+        (["model.lora.rank=8", "model.prm_hf_path=/x"], r"model.prm_hf_path.*must be unset"),
+        (["rollout.lora_sync=adapter"], r"rollout.lora_sync.*needs model.lora.rank > 0"),
+        (["model.lora.rank=8", "rollout.lora_sync=adapter"], r"rollout.lora_sync.*hf engine takes full weights"),
+        (["model.lora.rank=8", "rollout.lora_sync=adapter", "rollout.engine=sglang", "rollout.mode=remote",
+          "rollout.remote_urls=[http://h:1]"], r"rollout.lora_sync.*colocated engines only"),
+    ],
+)
+def test_lora_settings_checked_up_front(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        validate_run(config_from_dict({}, overrides), world_size=1)
+
+
+def test_lora_settings_accepted():
+    cfg = config_from_dict({}, ["model.lora.rank=16", "model.lora.targets=[linear_fc1,linear_fc2]",
+                                "rollout.engine=vllm", "rollout.lora_sync=adapter"])
+    validate_run(cfg, world_size=1)
+    assert cfg.model.lora.ranks == {"policy": 16, "prm": 16}
+    assert config_from_dict({}, ["model.lora.rank=16", "model.lora.prm_rank=8"]).model.lora.ranks["prm"] == 8
+
+
 def test_config_imports_nothing_of_ours():
     """config is the bottom layer: importing it imports no other megatron_prime module but errors
     (the user-error base, which itself imports nothing of ours)."""

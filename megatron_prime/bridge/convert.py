@@ -80,16 +80,18 @@ def hf_to_mcore(hf_dir: str, out_dir: str, dtype: str = "auto") -> None:
     log("done")
 
 
-def write_hf(model, arch: HFArch, out_dir: str, hf_meta_dir: str, max_shard_bytes: int = 5 * 2**30) -> None:
-    """Stream ``model``'s weights into an HF checkpoint dir (atomic); all ranks must call this."""
+def write_hf(model, arch: HFArch, out_dir: str, hf_meta_dir: str, max_shard_bytes: int = 5 * 2**30,
+             adapter: str | None = None) -> None:
+    """Stream ``model``'s weights into an HF checkpoint dir (atomic); all ranks must call this.
+    With ``adapter`` (a LoRA model), the weights merged with that adapter."""
     with DistributedAtomicDir(out_dir) as tmp:
         if not is_rank0():
-            for _ in export_hf_weights(model, arch):  # take part in the gathers
+            for _ in export_hf_weights(model, arch, adapter=adapter):  # take part in the gathers
                 pass
             return
         writer = ShardedSafetensorsWriter(tmp, max_shard_bytes)
         count = 0
-        for bucket in export_hf_weights(model, arch):
+        for bucket in export_hf_weights(model, arch, adapter=adapter):
             for name, tensor in bucket:
                 writer.add(name, tensor)
                 count += 1

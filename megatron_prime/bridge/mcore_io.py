@@ -127,6 +127,12 @@ def read_arch(mcore_dir: str) -> HFArch:
 def load_model(model, mcore_dir: str) -> None:
     """Load a checkpoint written at any TP/PP into this rank's shards of ``model``."""
     read_arch(mcore_dir)
+    lora = read_meta(mcore_dir).get("lora")
+    if lora:
+        raise CheckpointError(
+            f"{mcore_dir}: holds only the LoRA adapter '{lora['adapter']}' (rank {lora['rank']}) of the base "
+            f"{lora['base']}, not a whole model: a LoRA run resumes from its checkpoint.dir, and exports the "
+            "merged model and the PEFT adapter when it ends (checkpoint.export_dir)")
     check_dcp_metadata(mcore_dir)
     inner = unwrap(model)
     requested = inner.sharded_state_dict()

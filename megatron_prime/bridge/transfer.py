@@ -44,10 +44,13 @@ Bucket = list[tuple[str, torch.Tensor]]
 
 
 def local_to_global_names(model) -> dict[str, str]:
-    """This stage's parameter names -> global canonical names (global layer numbers)."""
+    """This stage's parameter names -> global canonical names (global layer numbers); LoRA adapters'
+    parameters (not part of the HF model) are left out."""
     model = unwrap(model)
     out = {}
-    for name, _ in model.named_parameters():
+    for name, param in model.named_parameters():
+        if getattr(param, "is_lora", False):
+            continue
         if name.startswith("decoder.layers."):
             local, rest = name[len("decoder.layers."):].split(".", 1)
             global_index = model.decoder.layers[int(local)].layer_number - 1
@@ -79,7 +82,7 @@ def load_hf_weights(model, arch: HFArch, source: SliceSource, vocab_pad_multiple
             ) from None
 
 
-def _owner_stage(arch: HFArch, global_name: str, pp_size: int) -> int:
+def owner_stage(arch: HFArch, global_name: str, pp_size: int) -> int:
     if global_name.startswith("embedding."):
         return 0
     if global_name.startswith("decoder.layers."):
@@ -179,12 +182,13 @@ def _param_buckets(arch: HFArch, bucket_bytes: int, itemsize: int, tp_size: int)
 
 
 def export_hf_weights(model, arch: HFArch, bucket_bytes: int = 512 * 2**20,
-                      to_all_ranks: bool = False) -> Iterator[Bucket]:
+                      to_all_ranks: bool = False, adapter: str | None = None) -> Iterator[Bucket]:
     """Yield buckets of ``(hf_name, full tensor)`` on each replica's (tp 0, pp 0) rank, or on every
     rank with ``to_all_ranks`` (for engines fed by every rank: every TP rank sends its pieces to
     every other, and the owning pipeline stage broadcasts to the others). A bucket holds whole
     parameters' tensors, at most ``bucket_bytes`` unless one parameter is larger; the TP transfers
-    of a bucket are posted together."""
+    of a bucket are posted together. With ``adapter`` (a LoRA model), the layers that carry it give
+    their merged weights, ``W0 + (alpha / r) B A``, computed from the untouched base each time."""
     # No @torch.no_grad() here: its generator wrapper keeps the previously yielded bucket alive
     # while the next one is built (two buckets live). Grad mode is switched off per bucket below.
     pp_size = parallel_state.get_pipeline_model_parallel_world_size()
@@ -196,6 +200,7 @@ def export_hf_weights(model, arch: HFArch, bucket_bytes: int = 512 * 2**20,
     receives = to_all_ranks or (pp_rank == 0 and tp_rank == 0)
     local_params = dict(unwrap(model).named_parameters())
     params = {g: local_params[l] for l, g in local_to_global_names(model).items()}
+    merged = lora_modules_by_name(unwrap(model), adapter) if adapter is not None else {}
     dtype = next(iter(params.values())).dtype
     device = next(iter(params.values())).device
 
@@ -203,8 +208,10 @@ def export_hf_weights(model, arch: HFArch, bucket_bytes: int = 512 * 2**20,
         watchdog.heartbeat()
         bucket: Bucket = []
         with torch.no_grad():
-            gathers = {name: _start_gather(arch, param_spec(arch, name), params[name].detach(), to_all_ranks)
-                       for name in names if pp_rank == _owner_stage(arch, name, pp_size)}
+            gathers = {name: _start_gather(arch, param_spec(arch, name),
+                                           merged[name].merged_shard(adapter) if name in merged else params[name].detach(),
+                                           to_all_ranks)
+                       for name in names if pp_rank == owner_stage(arch, name, pp_size)}
             ops = [op for g in gathers.values() for op in g.ops]
             requests = dist.batch_isend_irecv(ops) if ops else []
             for g in gathers.values():  # while the other ranks' pieces arrive
@@ -212,7 +219,7 @@ def export_hf_weights(model, arch: HFArch, bucket_bytes: int = 512 * 2**20,
             for request in requests:
                 request.wait()
             for name in names:
-                owner = _owner_stage(arch, name, pp_size)
+                owner = owner_stage(arch, name, pp_size)
                 if name in gathers:
                     tensors = gathers.pop(name).finish()
                 elif receives:
@@ -249,9 +256,14 @@ def _share_across_stages(tensors, owner: int, pp_ranks, pp_group, to_all: bool, 
     return tensors
 
 
+def lora_modules_by_name(model, adapter: str) -> dict:
+    """Global base-weight name -> the LoRA linear of this stage that carries ``adapter``."""
+    return {m.lora_name: m for m in model.modules() if getattr(m, "lora_name", None) and adapter in m.lora}
+
+
 def iter_hf_tensors(model, arch: HFArch, bucket_bytes: int = 512 * 2**20,
-                    to_all_ranks: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
+                    to_all_ranks: bool = False, adapter: str | None = None) -> Iterator[tuple[str, torch.Tensor]]:
     """``export_hf_weights`` flattened to ``(hf_name, tensor)`` pairs (what engines consume)."""
-    for bucket in export_hf_weights(model, arch, bucket_bytes, to_all_ranks):
+    for bucket in export_hf_weights(model, arch, bucket_bytes, to_all_ranks, adapter):
         yield from bucket
         del bucket  # else it stays alive while the next bucket is built

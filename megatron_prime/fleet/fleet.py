@@ -9,6 +9,11 @@ post-processes it (verification), so generation and verification run in parallel
 Per-sample seeds use the global prompt index (``SamplingParams.prompt_offset``), so the samples
 do not depend on how many engines there are.
 
+Shared-base LoRA: the policy reaches the engines merged (``rollout.lora_sync=merged``: the export
+yields ``W0 + scale * B A``, computed from the untouched base each time) or as its adapter alone
+(``adapter``: engines started with LoRA keep the base they loaded and take the adapter in PEFT's
+layout, ~1% of the bytes).
+
 Remote (``rollout.mode=remote``): one engine handle, on global rank 0, for SGLang servers on
 other nodes; only rank 0 receives full tensors, which it broadcasts to the servers.
 
@@ -28,10 +33,12 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
+from megatron_prime.bridge.lora_export import adapter_hf_tensors, hf_modules, peft_config
 from megatron_prime.bridge.mapping import hf_param_names
 from megatron_prime.bridge.transfer import iter_hf_tensors
 from megatron_prime.config import Config
 from megatron_prime.models.hf_config import HFArch
+from megatron_prime.models.wrappers import unwrap
 from megatron_prime.platform import distributed
 from megatron_prime.platform.distributed import all_gather_object, picklable_error, run_everywhere
 from megatron_prime.rollout import RolloutEngine, RolloutError, build_engine
@@ -68,6 +75,8 @@ class RolloutFleet:
     end_tokens: tuple[int, ...] = ()  # what every response stops at (``rollout.base.end_token_ids``)
     bucket_bytes: int = 512 * 2**20
     max_restarts: int = 1
+    lora_sync: str = "merged"  # a LoRA policy: full merged weights, or its adapter alone ("adapter")
+    base_dir: str = ""  # the HF base the engines loaded (named in the adapter's PEFT config)
     released: list[str] = field(default_factory=list)  # memory tags the engines released
 
     @property
@@ -140,7 +149,11 @@ class RolloutFleet:
         # Remote: only data-parallel replica 0 exports (its rank 0 sends to the servers).
         if not self.export_to_all_ranks and parallel_state.get_data_parallel_rank() != 0:
             return
-        stream = iter_hf_tensors(self.policy, self.arch, self.bucket_bytes, self.export_to_all_ranks)
+        adapter = getattr(self.policy, "lora_adapter", None)
+        if adapter is not None and self.lora_sync == "adapter":
+            self._push_adapter(adapter)
+            return
+        stream = iter_hf_tensors(self.policy, self.arch, self.bucket_bytes, self.export_to_all_ranks, adapter=adapter)
         if self.engine is None:
             for _ in stream:  # take part in the export's collectives
                 pass
@@ -155,6 +168,12 @@ class RolloutFleet:
         if missing or len(sent) != len(set(sent)):
             raise RuntimeError(f"weight sync sent {len(sent)} tensors; missing {sorted(missing)[:5]}, "
                                f"duplicates {len(sent) - len(set(sent))}: the rollout engine would be stale")
+
+    def _push_adapter(self, adapter: str) -> None:
+        settings = unwrap(self.policy).lora_settings
+        tensors = adapter_hf_tensors(self.policy, self.arch, settings, adapter)  # collective: every rank
+        if self.engine is not None:
+            self.engine.update_adapter(tensors, peft_config(self.arch, settings, adapter, self.base_dir))
 
     # ---- work over the engines -------------------------------------------------------------
 
@@ -222,6 +241,9 @@ def build_fleet(cfg: Config, tokenizer, policy, arch: HFArch) -> RolloutFleet:
         return RolloutFleet(groups, run_everywhere(start), policy, arch, export_to_all_ranks=False,
                             end_tokens=end_tokens, bucket_bytes=r.bucket_mb * 2**20, max_restarts=r.max_restarts)
 
+    lora = {}
+    if cfg.model.lora.enabled and r.lora_sync == "adapter":
+        lora["lora_max_rank"] = cfg.model.lora.rank
     ranks_per_engine = 1 if r.engine == "hf" else r.tp
     groups = engine_groups(world, ranks_per_engine)
     index = rank // ranks_per_engine
@@ -242,13 +264,15 @@ def build_fleet(cfg: Config, tokenizer, policy, arch: HFArch) -> RolloutFleet:
                 "sglang", model_path=cfg.model.hf_path, tp_size=ranks_per_engine, group=group_pg,
                 base_gpu_id=torch.cuda.current_device() - group_rank, mem_fraction_static=r.mem_fraction,
                 seed=cfg.train.seed, port=r.base_port + 100 * index, nccl_port=r.base_port + 100 * index + 50,
-                bucket_bytes=r.bucket_mb * 2**20,
+                bucket_bytes=r.bucket_mb * 2**20, **lora,
+                lora_targets=[m.rsplit(".", 1)[-1] for t in cfg.model.lora.targets for m in hf_modules(arch, t)],
             )
         # CUDA graphs pay off on GPU; on CPU, compiling costs 20-40 s per start and restart.
         return build_engine("vllm", model_path=cfg.model.hf_path, tp_size=ranks_per_engine, seed=cfg.train.seed,
                             dtype=VLLM_DTYPES[cfg.model.dtype], gpu_memory_utilization=r.mem_fraction,
                             enforce_eager=not torch.cuda.is_available(),
-                            max_model_len=cfg.data.max_prompt_len + cfg.data.max_response_len)
+                            max_model_len=cfg.data.max_prompt_len + cfg.data.max_response_len, **lora)
 
     return RolloutFleet(groups, run_everywhere(start), policy, arch, export_to_all_ranks=True,
-                        end_tokens=end_tokens, bucket_bytes=r.bucket_mb * 2**20, max_restarts=r.max_restarts)
+                        end_tokens=end_tokens, bucket_bytes=r.bucket_mb * 2**20, max_restarts=r.max_restarts,
+                        lora_sync=r.lora_sync, base_dir=cfg.model.hf_path)

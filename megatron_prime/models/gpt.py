@@ -12,6 +12,7 @@ from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_prime.models.hf_config import HFArch
+from megatron_prime.models.lora import LoRASettings, name_lora_modules
 from megatron_prime.models.specs import gpt_block_spec, transformer_engine_available
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -129,8 +130,10 @@ def build_gpt_model(
     opts: ModelOptions,
     pre_process: bool | None = None,
     post_process: bool | None = None,
+    lora: LoRASettings | None = None,
 ) -> GPTModel:
-    """A GPTModel for this rank's pipeline stage (``parallel_state`` must be initialised)."""
+    """A GPTModel for this rank's pipeline stage (``parallel_state`` must be initialised); with
+    ``lora``, its linear layers carry those adapters (``models/lora.py``)."""
     if pre_process is None:
         pre_process = parallel_state.is_pipeline_first_stage()
     if post_process is None:
@@ -138,7 +141,7 @@ def build_gpt_model(
     config = transformer_config(arch, opts)
     model = GPTModel(
         config=config,
-        transformer_layer_spec=gpt_block_spec(config, qk_layernorm=arch.qk_norm, use_te=opts.use_te),
+        transformer_layer_spec=gpt_block_spec(config, qk_layernorm=arch.qk_norm, use_te=opts.use_te, lora=lora),
         vocab_size=padded_vocab_size(arch.vocab_size, opts.tp, opts.vocab_pad_multiple),
         max_sequence_length=arch.max_position_embeddings,
         pre_process=pre_process,
@@ -151,6 +154,8 @@ def build_gpt_model(
         "cuda" if torch.cuda.is_available() else "cpu"
     )
     model.true_vocab_size = arch.vocab_size
+    if lora is not None:
+        name_lora_modules(model)
     if torch.cuda.is_available():
         model.cuda()
     return model

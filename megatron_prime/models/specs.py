@@ -17,6 +17,7 @@ from megatron.core.models.gpt.gpt_layer_specs import (
     get_gpt_layer_local_spec,
     get_gpt_layer_with_transformer_engine_spec,
 )
+from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec
@@ -26,6 +27,8 @@ from megatron.core.transformer.transformer_block import (
     get_num_layers_to_build,
 )
 from megatron.core.transformer.transformer_config import TransformerConfig
+
+from megatron_prime.models.lora import COLUMN_PARALLEL, LoRASettings, lora_linear
 
 
 def transformer_engine_available() -> bool:
@@ -108,11 +111,16 @@ class RMSNorm(torch.nn.RMSNorm):
         self.weight.sequence_parallel = config.sequence_parallel
 
 
-def gpt_block_spec(config: TransformerConfig, *, qk_layernorm: bool, use_te: bool) -> ModuleSpec:
+def gpt_block_spec(config: TransformerConfig, *, qk_layernorm: bool, use_te: bool,
+                   lora: LoRASettings | None = None) -> ModuleSpec:
     """The decoder spec: Transformer Engine layers, or local layers with SDPAttention and
-    ``RMSNorm`` (this stage's layers plus the final norm)."""
+    ``RMSNorm`` (this stage's layers plus the final norm); with ``lora``, its target linear layers
+    carry the adapters (``models/lora.py``)."""
     if use_te:
-        return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=qk_layernorm)
+        layer = get_gpt_layer_with_transformer_engine_spec(qk_layernorm=qk_layernorm)
+        if lora is not None:
+            _te_lora(layer, lora)
+        return layer
     layer = get_gpt_layer_local_spec(qk_layernorm=qk_layernorm, normalization="RMSNorm")
     layer.submodules.input_layernorm = RMSNorm
     layer.submodules.pre_mlp_layernorm = RMSNorm
@@ -120,5 +128,30 @@ def gpt_block_spec(config: TransformerConfig, *, qk_layernorm: bool, use_te: boo
     attention.core_attention = SDPAttention
     if qk_layernorm:
         attention.q_layernorm = attention.k_layernorm = RMSNorm
+    if lora is not None:
+        _set_lora_linears(layer, lora_linear(ColumnParallelLinear, "column", lora),
+                          lora_linear(RowParallelLinear, "row", lora), lora.targets)
     return ModuleSpec(module=TransformerBlock, submodules=TransformerBlockSubmodules(
         layer_specs=[layer] * get_num_layers_to_build(config), layer_norm=RMSNorm))
+
+
+def _set_lora_linears(layer: ModuleSpec, column: type, row: type, targets) -> None:
+    attention, mlp = layer.submodules.self_attention.submodules, layer.submodules.mlp.submodules
+    for target, holder in (("linear_qkv", attention), ("linear_proj", attention), ("linear_fc1", mlp),
+                           ("linear_fc2", mlp)):
+        if target in targets:
+            setattr(holder, target, column if target in COLUMN_PARALLEL else row)
+
+
+def _te_lora(layer: ModuleSpec, lora: LoRASettings) -> None:
+    """The TE layer spec with LoRA: the norms unfused from linear_qkv / linear_fc1 (TENorm before
+    plain TE linears), so that the adapters see the normalised input. Written against
+    megatron-core's TE wrappers; it has not run here (no GPU on the development machine)."""
+    from megatron.core.extensions.transformer_engine import TEColumnParallelLinear, TENorm, TERowParallelLinear
+
+    attention, mlp = layer.submodules.self_attention.submodules, layer.submodules.mlp.submodules
+    layer.submodules.input_layernorm = TENorm
+    layer.submodules.pre_mlp_layernorm = TENorm
+    attention.linear_qkv = mlp.linear_fc1 = TEColumnParallelLinear
+    _set_lora_linears(layer, lora_linear(TEColumnParallelLinear, "column", lora),
+                      lora_linear(TERowParallelLinear, "row", lora), lora.targets)

@@ -23,6 +23,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megatron_prime.algorithm import accumulate_metrics
 from megatron_prime.models.forward import attention_mask_4d, broadcast_from_last_stage, position_ids_for
+from megatron_prime.models.lora import active_adapter
 from megatron_prime.models.wrappers import unwrap
 from megatron_prime.platform import watchdog
 from megatron_prime.passes.batch import RolloutBatch, micro_batch_rows
@@ -158,7 +159,8 @@ def run_pass(
     else:
         model.train()
     context = torch.no_grad() if forward_only else torch.enable_grad()
-    with context:
+    # shared-base LoRA: a trainable's pass adds its adapter, the reference's none (models/lora.py)
+    with context, active_adapter(inner, getattr(model, "lora_adapter", None)):
         outputs = get_forward_backward_func()(
             forward_step_func=forward_step,
             data_iterator=iter(micro_batches),

@@ -10,6 +10,7 @@ data-parallel ranks, which gives exact global-batch means.
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from dataclasses import dataclass
 
@@ -22,6 +23,7 @@ from megatron.core.transformer.module import Float16Module
 from megatron_prime.config import Config, OptimizerConfig
 from megatron_prime.models.gpt import ModelOptions, build_gpt_model, resolve_use_te
 from megatron_prime.models.hf_config import HFArch
+from megatron_prime.models.lora import LoRASettings, init_adapter_, lora_pairs
 
 
 NON_LEAF_GRAD_WARNING = "The .grad attribute of a Tensor that is not a leaf Tensor is being accessed"
@@ -32,6 +34,7 @@ class TrainableModel:
     model: DistributedDataParallel
     optimizer: object  # MegatronOptimizer
     scheduler: OptimizerParamScheduler
+    adapter: str | None = None  # shared-base LoRA: the adapter it trains (its DDP holds only that)
 
     def zero_grad(self) -> None:
         self.model.zero_grad_buffer()
@@ -66,7 +69,13 @@ def _wrap_half(model, opts: ModelOptions):
 def build_trainable(arch: HFArch, opts: ModelOptions, optim: OptimizerConfig, *, total_steps: int,
                     distributed_optimizer: bool) -> TrainableModel:
     gpt = build_gpt_model(arch, opts)
-    config = gpt.config
+    return _trainable(_wrap_half(gpt, opts), gpt.config, opts, optim, total_steps, distributed_optimizer)
+
+
+def _trainable(module, config, opts: ModelOptions, optim: OptimizerConfig, total_steps: int,
+               distributed_optimizer: bool, adapter: str | None = None) -> TrainableModel:
+    """DDP (over ``module``'s parameters that require grad), the optimizer and the lr schedule, with
+    ``config`` (the model's own TransformerConfig: the schedule reads these hooks from it)."""
     config.calculate_per_token_loss = True
     model = DistributedDataParallel(
         config,
@@ -76,8 +85,9 @@ def build_trainable(arch: HFArch, opts: ModelOptions, optim: OptimizerConfig, *,
             use_distributed_optimizer=distributed_optimizer,
             average_in_collective=False,  # per-token losses: finalize_model_grads divides
         ),
-        _wrap_half(gpt, opts),
+        module,
     )
+    model.lora_adapter = adapter  # which adapter a pass over this model activates (passes.forward_backward)
     optimizer = get_megatron_optimizer(
         MegatronOptimizerConfig(
             optimizer="adam",
@@ -111,7 +121,37 @@ def build_trainable(arch: HFArch, opts: ModelOptions, optim: OptimizerConfig, *,
         wd_incr_steps=max(total_steps, 1),
         wd_incr_style="constant",
     )
-    return TrainableModel(model, optimizer, scheduler)
+    return TrainableModel(model, optimizer, scheduler, adapter)
+
+
+def build_shared_base(arch: HFArch, opts: ModelOptions, settings: LoRASettings,
+                      adapters: dict[str, tuple[OptimizerConfig, int]], *, distributed_optimizer: bool,
+                      seed: int) -> tuple[dict[str, TrainableModel], object]:
+    """Shared-base LoRA: ONE model whose base weights are frozen and shared, and one trainable per
+    adapter in ``settings`` (``adapters``: name -> (optimizer config, total optimizer steps)). Each
+    trainable's DDP and optimizer hold only its adapter's parameters (an idle adapter never moves:
+    Adam would move parameters whose gradient is zero), and a pass over it activates its adapter.
+    Returns ``(trainables, reference)``: the reference is the same module with no adapter active,
+    i.e. the base itself, which nothing ever writes."""
+    gpt = build_gpt_model(arch, opts, lora=settings)
+    gpt.lora_settings = settings
+    module = _wrap_half(gpt, opts)
+    for p in module.parameters():
+        p.requires_grad_(False)
+    trainables = {}
+    for name, (optim, total_steps) in adapters.items():
+        init_adapter_(settings, name, seed)
+        params = [p for _, pair in lora_pairs(settings, name) for p in pair.parameters()]
+        for p in params:  # DDP and the optimizer take the parameters that require grad when built
+            p.requires_grad_(True)
+        trainables[name] = _trainable(module, dataclasses.replace(gpt.config), opts, optim, total_steps,
+                                      distributed_optimizer, adapter=name)
+        for p in params:
+            p.requires_grad_(False)
+    for name in adapters:
+        for _, pair in lora_pairs(settings, name):
+            pair.requires_grad_(True)
+    return trainables, module
 
 
 def build_frozen(arch: HFArch, opts: ModelOptions):

@@ -32,7 +32,8 @@ def format_layout(cfg: Config, arch: HFArch, gpus: int, gpus_per_node: int) -> s
     lines = [f"layout: {gpus} GPUs = {-(-gpus // gpus_per_node)} node(s) x {gpus_per_node}; TP={p.tp} PP={p.pp} "
              f"DP={dp} (rank = tp + {p.tp}*(dp + {dp}*pp)); sequence parallel "
              f"{'on' if p.sequence_parallel else 'off'}; distributed optimizer "
-             f"{'on' if p.distributed_optimizer else 'off'}"]
+             + ("off (LoRA adapters: their optimizers are whole on every rank)" if cfg.model.lora.enabled
+                else 'on' if p.distributed_optimizer else 'off')]
     per_stage = arch.num_layers // p.pp
     for stage in range(p.pp):
         replicas = [list(range(p.tp * (d + dp * stage), p.tp * (d + dp * stage) + p.tp)) for d in range(dp)]
@@ -72,8 +73,13 @@ def _plan(args, validate_run, outcome_only) -> int:
     print(f"model: {arch.architecture}, {num_parameters(arch) / 1e9:.2f}B parameters ({arch.num_layers} layers, "
           f"hidden {arch.hidden_size}, {arch.num_heads} heads / {arch.num_kv_heads} KV groups, MLP "
           f"{arch.ffn_hidden_size}, vocab {arch.vocab_size} padded to {vocab}); shape from {source}")
-    print(f"models on every rank: policy{' + PRM' if uses_prm else ''}{' + reference' if uses_reference else ''} "
-          f"(algorithm.estimator={cfg.algorithm.estimator})")
+    if cfg.model.lora.enabled:
+        print(f"models on every rank: one frozen base (the reference) + LoRA adapters: policy"
+              f"{' + PRM' if uses_prm else ''} (model.lora.rank={cfg.model.lora.rank}, "
+              f"algorithm.estimator={cfg.algorithm.estimator})")
+    else:
+        print(f"models on every rank: policy{' + PRM' if uses_prm else ''}{' + reference' if uses_reference else ''} "
+              f"(algorithm.estimator={cfg.algorithm.estimator})")
     search = dict(gpus=args.gpus, gpus_per_node=args.gpus_per_node, gpu_mem_gib=args.gpu_mem, uses_prm=uses_prm,
                   uses_reference=uses_reference)
     try:

@@ -1,7 +1,9 @@
 """Per-GPU memory of a PRIME run, phase by phase, and the layouts that fit.
 
 PRIME keeps three models on every rank (policy and implicit PRM trained, reference frozen) in one
-TP/PP/DP layout, and in colocated mode shares the GPUs with the rollout engine. A step goes
+TP/PP/DP layout, and in colocated mode shares the GPUs with the rollout engine. With shared-base
+LoRA (``model.lora``) they are one frozen base and two adapters, each with its own gradients and
+optimizer state (``state_memory.lora_parameters``). A step goes
 through phases whose peaks differ (``training/prime_step.py``):
 
     rollout          all parameters + the engine's share (``rollout.mem_fraction`` of the GPU:
@@ -30,6 +32,7 @@ from megatron_prime.planner.state_memory import (
     DTYPE_BYTES,
     StateBytes,
     frozen_state_bytes,
+    lora_parameters,
     num_parameters,
     stage_parameters,
     trainable_state_bytes,
@@ -142,13 +145,21 @@ def plan_layout(cfg: Config, arch: HFArch, layout: Layout, *, gpu_mem_gib: float
     offload = cfg.train.offload
     engine = _engine_memory(cfg, arch, gpu_mem, layout.gpus)
     best = None
+    lora = cfg.model.lora
     for stage in range(pp):
         first, last = stage == 0, stage == pp - 1
         params = stage_parameters(arch, tp=tp, pp=pp, pp_rank=stage, vocab_pad_multiple=cfg.model.vocab_pad_multiple)
         trained = ["policy"] + (["prm"] if uses_prm else [])
         models = {}
+        if lora.enabled:  # one frozen base (the reference too) carrying the adapters
+            models["base"] = ModelMemory(state=frozen_state_bytes(params, dtype=dtype))
         for name in trained:
-            state = _worst_over_dp(params, dtype=dtype, dp=dp, distributed_optimizer=cfg.parallel.distributed_optimizer)
+            if lora.enabled:  # the adapter alone; its optimizer whole on every DP rank (passes.trainable)
+                adapter = lora_parameters(arch, rank=lora.ranks[name], targets=lora.targets, tp=tp, pp=pp)
+                state = trainable_state_bytes(adapter, dtype=dtype, dp=dp, dp_rank=0, distributed_optimizer=False)
+            else:
+                state = _worst_over_dp(params, dtype=dtype, dp=dp,
+                                       distributed_optimizer=cfg.parallel.distributed_optimizer)
             in_flight = min(pp - stage, micro_batches[name])
             act = dict(dtype=dtype, tp=tp, sequence_parallel=sp, layers=arch.num_layers // pp, first_stage=first,
                        last_stage=last, spec=spec)
@@ -161,7 +172,7 @@ def plan_layout(cfg: Config, arch: HFArch, layout: Layout, *, gpu_mem_gib: float
                 logits_forward=logits_bytes(arch, mb.tokens, dtype=dtype, tp=tp, training=False,
                                             vocab_pad_multiple=cfg.model.vocab_pad_multiple) if last else 0,
             )
-        if uses_reference:
+        if uses_reference and not lora.enabled:
             models["reference"] = ModelMemory(state=frozen_state_bytes(params, dtype=dtype))
         all_params = sum(m.state.params for m in models.values())
         states = {n: models[n].state.grads + models[n].state.optimizer for n in trained}
@@ -257,7 +268,12 @@ def format_plan(plan: Plan, cfg: Config, arch: HFArch) -> str:
     ms = list(plan.models.values())
     row(f"parameters ({cfg.model.dtype})", [gib(m.state.params) for m in ms])
     row("gradients (fp32 buffer)", [gib(m.state.grads) for m in ms])
-    where = f"sharded over DP={lay.dp}" if cfg.parallel.distributed_optimizer else "replicated"
+    lora = cfg.model.lora
+    if lora.enabled:
+        lines.insert(0, f"LoRA: policy and PRM are adapters (rank {lora.ranks['policy']}"
+                        + (f" / {lora.ranks['prm']}" if "prm" in plan.models else "")
+                        + f", on {', '.join(lora.targets)}) on one frozen base, which is also the reference")
+    where = f"sharded over DP={lay.dp}" if cfg.parallel.distributed_optimizer and not lora.enabled else "replicated"
     row(f"optimizer (Adam{' + fp32 main' if DTYPE_BYTES[cfg.model.dtype] < 4 else ''}, {where})",
         [gib(m.state.optimizer) for m in ms])
     row(f"activations ({mb.sequences} x {mb.seq_len} tokens, in flight)", [gib(m.activations) for m in ms])

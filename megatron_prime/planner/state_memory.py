@@ -89,6 +89,28 @@ def stage_parameters(arch: HFArch, *, tp: int, pp: int, pp_rank: int, vocab_pad_
     return params
 
 
+# Megatron target -> (column-parallel, its input width, its output rows) for the LoRA sizes below
+def _lora_shapes(arch: HFArch) -> dict[str, tuple[bool, int, int]]:
+    h, d, ffn = arch.hidden_size, arch.head_dim, arch.ffn_hidden_size
+    return {"linear_qkv": (True, h, (arch.num_heads + 2 * arch.num_kv_heads) * d), "linear_proj": (False, arch.num_heads * d, h),
+            "linear_fc1": (True, h, 2 * ffn), "linear_fc2": (False, ffn, h)}
+
+
+def lora_parameters(arch: HFArch, *, rank: int, targets, tp: int, pp: int) -> list[Param]:
+    """One LoRA adapter's parameters on one TP rank of a stage (``models/lora.py``): on a
+    column-parallel base, A [r, in] replicated and B [out/tp, r]; on a row-parallel one, A [r, in/tp]
+    and B [out, r] replicated."""
+    shapes = _lora_shapes(arch)
+    params = []
+    for i in range(arch.num_layers // pp):
+        for target in targets:
+            column, fan_in, fan_out = shapes[target]
+            a = rank * (fan_in if column else fan_in // tp)
+            b = (fan_out // tp if column else fan_out) * rank
+            params += [Param(f"decoder.layers.{i}.{target}.lora.a", a), Param(f"decoder.layers.{i}.{target}.lora.b", b)]
+    return params
+
+
 def _ceil_to(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 

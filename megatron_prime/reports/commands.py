@@ -111,8 +111,9 @@ def score_parser() -> argparse.ArgumentParser:
         prog="megatron-prime score",
         description="Best-of-N with the implicit PRM (paper Eq. 3: beta * sum_t log pi_prm/pi_ref) against "
                     "majority vote, random choice and the oracle.")
-    p.add_argument("--prm", required=True, help="the implicit PRM: HF dir (the trainer's export_dir/prm) or a Megatron "
-                   "checkpoint (a trainer step's prm/)")
+    p.add_argument("--prm", required=True, help="the implicit PRM: HF dir (the trainer's export_dir/prm), a Megatron "
+                   "checkpoint (a trainer step's prm/), or a LoRA run's PEFT adapter (export_dir/prm_adapter), "
+                   "applied to --ref")
     p.add_argument("--ref", required=True, help="the reference model, HF or Megatron (the starting SFT model)")
     p.add_argument("--data", required=True, help="prompt file in the training format")
     p.add_argument("--benchmark", help="read --data in this evaluation set's format instead (e.g. math500)")
@@ -139,6 +140,19 @@ def _vocab_size(path: str) -> int:
         raise ReportError(f"{path}: not a Hugging Face checkpoint (no readable config.json with vocab_size)") from None
 
 
+def check_adapter_base(adapter_dir: str, ref: str) -> None:
+    """An implicit PRM given as a PEFT adapter is applied to --ref: refuse a --ref other than the base
+    the adapter was trained on (when that base is still where the adapter says)."""
+    try:
+        with open(os.path.join(adapter_dir, "adapter_config.json")) as f:
+            base = json.load(f).get("base_model_name_or_path") or ""
+    except (OSError, ValueError) as e:
+        raise ReportError(f"{adapter_dir}/adapter_config.json: not readable ({e})") from None
+    if base and os.path.isdir(base) and os.path.realpath(base) != os.path.realpath(ref):
+        raise ReportError(f"--prm {adapter_dir} is a LoRA adapter of {base}; --ref {ref} is another model. Give "
+                          f"--ref {base}: in shared-base LoRA PRIME the reference is the adapters' base")
+
+
 def score(argv) -> int:
     args = score_parser().parse_args(argv)
 
@@ -153,12 +167,17 @@ def score(argv) -> int:
         if args.samples < 1:
             raise ReportError(f"--samples must be >= 1, got {args.samples}")
         from megatron_prime.reports.engines import hf_checkpoint, is_hf_checkpoint
+        from megatron_prime.reports.implicit_prm import is_adapter
 
         out = args.out or bon.default_out(args.data)
         cache_dir = os.path.dirname(os.path.abspath(out))
         # A Megatron checkpoint (e.g. a trainer step's prm/) is converted to HF beside the results.
-        args.prm, args.ref = hf_checkpoint(args.prm, cache_dir), hf_checkpoint(args.ref, cache_dir)
-        models = {"--prm": args.prm, "--ref": args.ref}
+        args.ref = hf_checkpoint(args.ref, cache_dir)
+        models = {"--ref": args.ref}
+        if is_adapter(args.prm):
+            check_adapter_base(args.prm, args.ref)
+        else:
+            args.prm = models["--prm"] = hf_checkpoint(args.prm, cache_dir)
         if args.policy and is_hf_checkpoint(args.policy):  # a Megatron policy is converted later
             models["--policy"] = args.policy
         sizes = {flag: _vocab_size(path) for flag, path in models.items()}

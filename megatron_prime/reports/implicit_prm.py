@@ -1,6 +1,7 @@
 """The implicit PRM as a reward model of its own (paper Eq. 3): per-token rewards
 r_t = beta * (log pi_phi(y_t | x, y_<t) - log pi_ref(y_t | x, y_<t)) and the response's reward
-beta * sum_t (log pi_phi - log pi_ref), from the PRM and reference Hugging Face checkpoints.
+beta * sum_t (log pi_phi - log pi_ref), from the PRM and reference Hugging Face checkpoints (the PRM
+may be a PEFT adapter of the reference: shared-base LoRA PRIME).
 
 Log-probs are the models' own distributions (temperature 1), computed with transformers: the
 command reads HF checkpoints on one process, and transformers is the reference our Megatron
@@ -10,15 +11,29 @@ too large for one device is not supported here).
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from megatron_prime.algorithm import implicit_process_rewards
 
 
-def load_model(path: str, device: torch.device):
+def is_adapter(path: str) -> bool:
+    """A PEFT adapter directory (a LoRA run's export_dir/prm_adapter), not a whole model."""
+    return os.path.isfile(os.path.join(path, "adapter_config.json"))
+
+
+def load_model(path: str, device: torch.device, base: str | None = None):
+    """The HF model at ``path``; a PEFT adapter directory is applied to ``base`` (the model it was
+    trained on: for shared-base LoRA PRIME, the reference) and merged."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(path)
+    if is_adapter(path):
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), path).merge_and_unload()
+    else:
+        model = AutoModelForCausalLM.from_pretrained(path)
     dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
     return model.to(device=device, dtype=dtype).eval().requires_grad_(False)
 

@@ -124,7 +124,7 @@ def add_prm_rewards(scored: list[list[Scored]], prm_dir: str, ref_dir: str, beta
     flat = [s for group in scored for s in group]
     logprobs = {}
     for role, path in (("prm", prm_dir), ("ref", ref_dir)):
-        model = load_model(path, device)
+        model = load_model(path, device, base=ref_dir)
         logprobs[role] = response_logprobs(model, [s.prompt_ids for s in flat], [s.response_ids for s in flat])
         del model
     for s, rewards in zip(flat, token_rewards(logprobs["prm"], logprobs["ref"], beta)):

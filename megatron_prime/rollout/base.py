@@ -166,6 +166,13 @@ class RolloutEngine(abc.ABC):
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Consume a stream of ``(hf_name, full_tensor)`` pairs (the bridge's export)."""
 
+    def update_adapter(self, tensors: dict[str, torch.Tensor], peft_config: dict) -> None:
+        """Replace the policy's LoRA adapter (shared-base LoRA, ``rollout.lora_sync=adapter``): PEFT's
+        tensor names (``base_model.model.<module>.lora_A.weight``) and ``adapter_config.json``
+        contents; later ``generate`` calls use it on the base weights the engine loaded. Only
+        engines started with LoRA take it."""
+        raise RolloutError(self.name, "update_adapter", "this engine takes full weights only (rollout.lora_sync=merged)")
+
     @abc.abstractmethod
     def sleep(self) -> None:
         """Release the engine's accelerator memory (weights and KV cache)."""

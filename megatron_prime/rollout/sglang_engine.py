@@ -47,9 +47,12 @@ SGLANG_API_USED: dict[str, tuple[str, ...]] = {
     "srt/entrypoints/engine.py:Engine.__init__": (
         "model_path", "tp_size", "base_gpu_id", "gpu_id_step", "random_seed",
         "mem_fraction_static", "enable_memory_saver", "dtype", "port", "nccl_port",
-        "log_level", "enable_deterministic_inference",
+        "log_level", "enable_deterministic_inference", "enable_lora", "max_lora_rank", "lora_target_modules",
+        "max_loras_per_batch",
     ),
-    "srt/entrypoints/engine.py:Engine.generate": ("input_ids", "sampling_params", "return_logprob"),
+    "srt/entrypoints/engine.py:Engine.generate": ("input_ids", "sampling_params", "return_logprob", "lora_path"),
+    "srt/entrypoints/engine.py:Engine.load_lora_adapter_from_tensors": ("lora_name", "tensors", "config_dict"),
+    "srt/entrypoints/engine.py:Engine.unload_lora_adapter": ("lora_name",),
     "srt/entrypoints/engine.py:Engine.begin_weight_update": (),
     "srt/entrypoints/engine.py:Engine.end_weight_update": (),
     "srt/entrypoints/engine.py:Engine.update_weights_from_tensor": ("named_tensors", "load_format", "flush_cache"),
@@ -156,7 +159,8 @@ def check_result(engine: str, request: str, result: Any) -> None:
     if isinstance(result, tuple) and len(result) >= 2:
         success, message = result[0], result[1]
     else:
-        success, message = getattr(result, "success", True), getattr(result, "message", "")
+        success = getattr(result, "success", True)
+        message = getattr(result, "message", "") or getattr(result, "error_message", "")
     if not success:
         raise RolloutError(engine, request, f"SGLang answered failure: {message}")
 
@@ -195,6 +199,10 @@ class SGLangEngine(RolloutEngine):
     ``port``/``nccl_port`` must differ between engines sharing a node.
     ``deterministic=True`` starts SGLang with ``enable_deterministic_inference``, which is
     what makes ``SamplingParams.seed`` reproduce samples (slower).
+    ``lora_max_rank`` / ``lora_targets`` (HF module names): start with LoRA, for
+    ``update_adapter`` (shared-base LoRA PRIME, ``rollout.lora_sync=adapter``): each update loads
+    the policy adapter from memory under a new, versioned name (SGLang refuses a name twice),
+    unloads the previous one, and later ``generate`` calls ask for it.
     """
 
     name = "sglang"
@@ -213,6 +221,8 @@ class SGLangEngine(RolloutEngine):
         deterministic: bool = False,
         bucket_bytes: int = DEFAULT_BUCKET_BYTES,
         extra_server_args: dict | None = None,
+        lora_max_rank: int | None = None,
+        lora_targets: Sequence[str] = (),
     ):
         self.group = group
         self.tp_size = tp_size
@@ -236,6 +246,12 @@ class SGLangEngine(RolloutEngine):
             enable_deterministic_inference=deterministic,
             extra=dict(extra_server_args or {}),
         )
+        if lora_max_rank is not None:
+            self._start_kwargs["extra"].update(enable_lora=True, max_lora_rank=lora_max_rank,
+                                               lora_target_modules=list(lora_targets), max_loras_per_batch=1)
+        self.lora = lora_max_rank is not None
+        self._adapter_version = 0
+        self._adapter_name = None  # the loaded policy adapter's name (what generate asks for)
         self._engine = None
         self._collective("start", self._start)
 
@@ -257,6 +273,7 @@ class SGLangEngine(RolloutEngine):
             enable_deterministic_inference=kw["enable_deterministic_inference"],
             **kw["extra"],
         )
+        self._adapter_name = None  # a started engine has none
 
     # ---- group coordination -------------------------------------------------------------
 
@@ -300,7 +317,9 @@ class SGLangEngine(RolloutEngine):
             raise RolloutError(self.name, request, "engine is not running (shut down or failed to restart)")
         input_ids, params, prompt_of_row = expand_requests(prompt_token_ids, sampling)
         try:
-            outs = self._engine.generate(input_ids=input_ids, sampling_params=params, return_logprob=True)
+            lora_path = [self._adapter_name] * len(input_ids) if self._adapter_name else None
+            outs = self._engine.generate(input_ids=input_ids, sampling_params=params, return_logprob=True,
+                                         lora_path=lora_path)
         except Exception as exc:
             raise RolloutError(self.name, request, repr(exc)) from exc
         if len(outs) != len(input_ids):
@@ -327,6 +346,20 @@ class SGLangEngine(RolloutEngine):
         # Cached prefixes hold keys/values of the old weights.
         self._collective("flush_cache", lambda: self._engine.flush_cache())
         torch.cuda.ipc_collect()
+
+    def update_adapter(self, tensors: dict[str, torch.Tensor], peft_config: dict) -> None:
+        """Collective over the group: load the policy adapter (PEFT names, ``adapter_config.json``
+        contents) from the leader's tensors under a new name, then unload the previous one."""
+        if not self.lora:
+            raise RolloutError(self.name, "update_adapter", "the engine was started without LoRA (lora_max_rank)")
+        self._adapter_version += 1
+        name, previous = f"policy-v{self._adapter_version}", self._adapter_name
+        self._collective(f"load_lora_adapter_from_tensors({name})", lambda: self._engine.load_lora_adapter_from_tensors(
+            lora_name=name, tensors=tensors, config_dict=peft_config))
+        self._adapter_name = name
+        if previous is not None:
+            self._collective(f"unload_lora_adapter({previous})",
+                             lambda: self._engine.unload_lora_adapter(lora_name=previous))
 
     def sleep(self) -> None:
         """Release all GPU memory (weights, KV cache, CUDA graphs); the engine must be idle."""

@@ -23,6 +23,14 @@ computes with. A tied output layer receives no tensor of its own, so its process
 (``refresh_tied_layers``: on CPU it would keep computing with the old weights). Then the prefix
 cache is reset.
 
+LoRA (``lora_max_rank``; shared-base LoRA PRIME with ``rollout.lora_sync=adapter``): the engine keeps
+the base weights it loaded and takes the policy adapter in PEFT's layout, from memory:
+``update_adapter`` builds vLLM's ``LoRAModel.from_lora_tensors`` on the worker (through
+``collective_rpc`` with a function) from clones of the tensors (vLLM scales ``lora_B`` in place) and
+puts it in the worker LoRA manager's place for adapter id ``ADAPTER_ID``, replacing the previous one;
+then the prefix cache is reset (its key holds the adapter's name, not its contents). Every later
+``generate`` asks for that adapter.
+
 Memory: sleep mode (``enable_sleep_mode=True``; ``sleep()`` is ``LLM.sleep(level=1)``, weights
 to host memory and KV cache dropped; ``wake()`` restores weights, then the KV cache) where the
 platform has it (CUDA). Elsewhere (CPU) vLLM refuses it, so the engine starts without it and
@@ -78,9 +86,16 @@ VLLM_API_USED: dict[str, tuple[str, ...]] = {
     "entrypoints/llm.py:LLM.__init__": (
         "model", "tensor_parallel_size", "dtype", "seed", "gpu_memory_utilization", "enforce_eager",
         "enable_sleep_mode", "logprobs_mode", "distributed_executor_backend", "data_parallel_size",
-        "kv_cache_memory_bytes", "max_model_len",
+        "kv_cache_memory_bytes", "max_model_len", "enable_lora", "max_lora_rank", "max_loras",
     ),
-    "entrypoints/llm.py:LLM.generate": ("prompts", "sampling_params", "use_tqdm"),
+    "entrypoints/llm.py:LLM.generate": ("prompts", "sampling_params", "use_tqdm", "lora_request"),
+    "lora/request.py:LoRARequest": ("lora_name", "lora_int_id", "lora_path"),
+    # update_adapter: what load_adapter_in_worker calls on the worker
+    "lora/peft_helper.py:PEFTHelper.from_dict": ("config_dict",),
+    "lora/peft_helper.py:PEFTHelper.validate_legal": ("lora_config",),
+    "lora/lora_model.py:LoRAModel.from_lora_tensors": (
+        "lora_model_id", "tensors", "peft_helper", "device", "dtype", "model_vocab_size"),
+    "lora/worker_manager.py:WorkerLoRAManager.remove_adapter": ("adapter_id",),
     "entrypoints/llm.py:LLM.collective_rpc": ("method", "kwargs"),
     "entrypoints/llm.py:LLM.apply_model": ("func",),
     # refresh_tied_layers: what a tied lm_head's quant_method runs after loading.
@@ -111,6 +126,16 @@ VLLM_FIELDS_READ: dict[str, tuple[str, ...]] = {
 }
 # vLLM's globals that _close reads and resets (module-level names in distributed/parallel_state.py).
 VLLM_GLOBALS_USED = ("_WORLD", "_NODE_COUNT")
+# Attributes load_adapter_in_worker reads on vLLM's objects: "path:Class" -> attributes its __init__ sets.
+VLLM_ATTRS_READ: dict[str, tuple[str, ...]] = {
+    "v1/worker/lora_model_runner_mixin.py:LoRAModelRunnerMixin": ("lora_manager",),
+    "lora/worker_manager.py:WorkerLoRAManager": ("lora_config", "vocab_size", "_adapter_manager"),
+    "lora/model_manager.py:LoRAModelManager": (),  # add_adapter / activate_adapter, by name below
+}
+VLLM_MANAGER_METHODS = ("add_adapter", "activate_adapter")  # on WorkerLoRAManager._adapter_manager
+# max_lora_rank must be one of these (vLLM's LoRAConfig)
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+ADAPTER_ID = 1  # the policy adapter's id in the engine (one adapter at a time)
 
 
 def import_vllm():
@@ -191,6 +216,23 @@ def refresh_tied_layers(model) -> int:
     return len(tied)
 
 
+def load_adapter_in_worker(worker, adapter_id: int, tensors: dict, config: dict) -> None:
+    """Runs on vLLM's worker (``collective_rpc``): the adapter in PEFT's layout, from memory, replaces
+    adapter ``adapter_id`` in the worker's LoRA manager (vLLM itself only loads adapters from disk)."""
+    from vllm.lora.lora_model import LoRAModel
+    from vllm.lora.peft_helper import PEFTHelper
+
+    manager = worker.model_runner.lora_manager
+    peft_helper = PEFTHelper.from_dict(config_dict=config)
+    peft_helper.validate_legal(lora_config=manager.lora_config)
+    lora = LoRAModel.from_lora_tensors(lora_model_id=adapter_id, tensors=tensors, peft_helper=peft_helper,
+                                       device="cpu", dtype=manager.lora_config.lora_dtype,
+                                       model_vocab_size=manager.vocab_size)
+    manager.remove_adapter(adapter_id=adapter_id)
+    manager._adapter_manager.add_adapter(lora)
+    manager._adapter_manager.activate_adapter(adapter_id)
+
+
 class VLLMEngine(RolloutEngine):
     """``VLLMEngine(model_path, tp_size=1, seed=0, dtype="auto", gpu_memory_utilization=0.5,
     enforce_eager=False, max_model_len=None, kv_cache_bytes=None, extra_llm_args=None)``.
@@ -216,6 +258,7 @@ class VLLMEngine(RolloutEngine):
         max_model_len: int | None = None,
         kv_cache_bytes: int | None = None,
         extra_llm_args: dict | None = None,
+        lora_max_rank: int | None = None,
     ):
         self.model_path = model_path
         self.tp_size = tp_size
@@ -226,6 +269,8 @@ class VLLMEngine(RolloutEngine):
         self.max_model_len = max_model_len
         self.kv_cache_bytes = kv_cache_bytes
         self.extra_llm_args = dict(extra_llm_args or {})
+        self.lora_max_rank = lora_max_rank
+        self._lora_request = None  # the adapter generate asks for (after update_adapter)
         self._llm = None
         self._owns_world = False  # vLLM created torch's default process group (no trainer around)
         self._said_no_sleep = False
@@ -267,6 +312,13 @@ class VLLMEngine(RolloutEngine):
             memory["kv_cache_memory_bytes"] = int(kv_cache_bytes)
         if self.max_model_len is not None:
             memory["max_model_len"] = int(self.max_model_len)
+        lora = {}
+        if self.lora_max_rank is not None:
+            rank = next((r for r in VLLM_LORA_RANKS if r >= self.lora_max_rank), None)
+            if rank is None:
+                raise ValueError(f"vllm engine: LoRA rank {self.lora_max_rank} is above vLLM's largest, {VLLM_LORA_RANKS[-1]}")
+            lora = dict(enable_lora=True, max_lora_rank=rank, max_loras=1)
+        self._lora_request = None
         self._owns_world = not torch.distributed.is_initialized()
         try:
             with trainer_state_kept():
@@ -280,6 +332,7 @@ class VLLMEngine(RolloutEngine):
                     enable_sleep_mode=self.sleep_mode,
                     logprobs_mode="processed_logprobs",
                     **memory,
+                    **lora,
                     **parallel,
                     **self.extra_llm_args,
                 )
@@ -316,7 +369,8 @@ class VLLMEngine(RolloutEngine):
         ]
         try:
             with trainer_state_kept():
-                outs = llm.generate(prompts=prompts, sampling_params=params, use_tqdm=False)
+                outs = llm.generate(prompts=prompts, sampling_params=params, use_tqdm=False,
+                                    lora_request=self._lora_request)
         except Exception as exc:
             raise RolloutError(self.name, request, repr(exc)) from exc
         responses = []
@@ -346,6 +400,27 @@ class VLLMEngine(RolloutEngine):
                 llm.reset_prefix_cache()
         except Exception as exc:
             raise RolloutError(self.name, "update_weights", repr(exc)) from exc
+
+    def update_adapter(self, tensors: dict[str, torch.Tensor], peft_config: dict) -> None:
+        """Replace the policy adapter (PEFT names and ``adapter_config.json`` contents); later
+        ``generate`` calls use it on the base the engine loaded. Every rank of the engine calls this
+        with the full tensors."""
+        if self.lora_max_rank is None:
+            raise RolloutError(self.name, "update_adapter", "the engine was started without LoRA (lora_max_rank)")
+        llm = self._running("update_adapter")
+        from vllm.lora.request import LoRARequest
+
+        # clones: vLLM scales lora_B in place when it packs the adapter
+        clones = {name: t.detach().to("cpu", copy=True) for name, t in tensors.items()}
+        try:
+            with trainer_state_kept():
+                llm.collective_rpc(method=load_adapter_in_worker,
+                                   kwargs=dict(adapter_id=ADAPTER_ID, tensors=clones, config=peft_config))
+                llm.reset_prefix_cache()  # its key holds the adapter's name, not its weights
+        except Exception as exc:
+            raise RolloutError(self.name, "update_adapter", repr(exc)) from exc
+        self._lora_request = LoRARequest(lora_name="policy", lora_int_id=ADAPTER_ID,
+                                         lora_path="megatron-prime://policy-adapter")
 
     def _no_sleep_mode(self, what: str) -> bool:
         if self.sleep_mode:

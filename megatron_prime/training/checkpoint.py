@@ -20,6 +20,8 @@ nothing but torch's checkpoint metadata types (``mcore_io.check_dcp_metadata``).
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import os
 import re
 import shutil
@@ -76,7 +78,8 @@ def _restore_adam_step(tm: TrainableModel, optimizer_state: dict) -> None:
     chained = getattr(tm.optimizer, "chained_optimizers", [tm.optimizer])
     states = [optimizer_state] if len(chained) == 1 else [optimizer_state[i] for i in range(len(chained))]
     for opt, state in zip(chained, states):
-        steps = {g["step"] for g in state["optimizer"]["param_groups"] if "step" in g}
+        inner = state.get("optimizer", state)  # the (distributed) mixed-precision optimizers nest it
+        steps = {g["step"] for g in inner["param_groups"] if "step" in g}
         if len(steps) != 1:
             continue
         step = float(steps.pop())
@@ -89,6 +92,8 @@ def _model_state(tm: TrainableModel, is_loading: bool) -> dict:
     if is_loading:
         _materialize_optimizer_state(tm)
     model_sd = unwrap(tm.model).sharded_state_dict()
+    if tm.adapter is not None:  # shared-base LoRA: the adapter alone (the base is model.hf_path, frozen)
+        model_sd = {k: v for k, v in model_sd.items() if f".lora.{tm.adapter}." in k}
     return {
         "model": model_sd,
         # "dp_reshardable": megatron-core 0.16 rejects its default format, and without Apex/TE
@@ -124,6 +129,8 @@ def save_checkpoint(root: str, step: int, models: dict[str, TrainableModel], tra
                 # None for an SFT run's checkpoints: their weights are a starting point of their own.
                 meta = {"dtype": dtype, "step": step, "role": name,
                         "reference": os.path.abspath(reference) if reference else None, **_layout()}
+                if tm.adapter is not None:
+                    meta["lora"] = lora_meta(tm, hf_meta_dir)
                 write_model_metadata(path, hf_meta_dir, meta)
         rank = dist.get_rank() if dist.is_initialized() else 0
         if is_rank0():
@@ -188,12 +195,70 @@ def _layout() -> dict:
             "pp": parallel_state.get_pipeline_model_parallel_world_size()}
 
 
+def lora_meta(tm: TrainableModel, base_dir: str) -> dict:
+    """What a LoRA checkpoint's adapter needs to be resumed: the base it was trained on (its path and
+    fingerprint), and the adapter's shape."""
+    settings = unwrap(tm.model).lora_settings
+    return {"adapter": tm.adapter, "base": os.path.abspath(base_dir), "base_fingerprint": base_fingerprint(base_dir),
+            "rank": settings.ranks[tm.adapter], "alpha": settings.alpha, "targets": list(settings.targets)}
+
+
+@functools.lru_cache(maxsize=8)
+def base_fingerprint(hf_dir: str) -> str:
+    """A checksum of an HF checkpoint that is cheap at 70B: config.json, and of every safetensors
+    file its size, its header (every tensor's name, dtype, shape and offsets) and its first and last
+    MiB of data. Different weights of the same shape differ there unless crafted not to."""
+    digest = hashlib.sha256()
+    names = sorted(n for n in os.listdir(hf_dir) if n.endswith(".safetensors") or n == "config.json")
+    for name in names:
+        path = os.path.join(hf_dir, name)
+        size = os.path.getsize(path)
+        digest.update(f"{name}:{size}:".encode())
+        with open(path, "rb") as f:
+            if name == "config.json":
+                digest.update(f.read())
+                continue
+            header = int.from_bytes(f.read(8), "little")
+            digest.update(f.read(min(header, size)))
+            digest.update(f.read(2**20))
+            f.seek(max(0, size - 2**20))
+            digest.update(f.read())
+    return digest.hexdigest()
+
+
+def check_lora(path: str, name: str, expected: dict | None) -> None:
+    """Refuse (one line) to resume ``path``'s ``name`` into a model it does not fit: a LoRA adapter
+    into a full model or the reverse, onto another base, or with another adapter shape. ``expected``:
+    this run's ``lora_meta`` (None: full fine-tuning)."""
+    try:
+        saved = read_meta(os.path.join(path, name)).get("lora")
+    except (CheckpointError, ValueError):
+        return  # unreadable: loading it reports the problem
+    where = os.path.join(path, name)
+    if (saved is None) != (expected is None):
+        kind = "LoRA adapters" if saved is not None else "full models"
+        raise CheckpointError(f"{where}: holds {kind}, this run has model.lora.rank="
+                              f"{expected['rank'] if expected else 0}: resume with the model.lora it was written with")
+    if saved is None:
+        return
+    if saved["base_fingerprint"] != expected["base_fingerprint"]:
+        raise CheckpointError(f"{where}: its adapter was trained on the base {saved['base']}, this run's "
+                              f"model.hf_path {expected['base']} holds other weights (fingerprint "
+                              f"{expected['base_fingerprint'][:12]}, expected {saved['base_fingerprint'][:12]})")
+    for key in ("rank", "alpha", "targets"):
+        if saved[key] != expected[key]:
+            raise CheckpointError(f"{where}: written with model.lora {key}={saved[key]}, this run has {expected[key]}")
+
+
 def check_layout(path: str, name: str) -> None:
-    """The optimizer state reloads only at the TP/PP it was written at: say so up front."""
+    """The optimizer state reloads only at the TP/PP it was written at: say so up front. (A LoRA
+    checkpoint's is kept whole per parameter, not the distributed optimizer's: it reshards.)"""
     try:
         saved = read_meta(os.path.join(path, name))
     except (CheckpointError, ValueError):
         return  # unreadable: loading it reports the problem
+    if saved.get("lora"):
+        return
     now = _layout()
     if any(key in saved and saved[key] != now[key] for key in now):
         raise CheckpointError(
@@ -211,7 +276,10 @@ def load_checkpoint(path: str, models: dict[str, TrainableModel]) -> dict:
         sub = os.path.join(path, name)
         check_dcp_metadata(sub)
         state = dist_checkpointing.load(_model_state(tm, is_loading=True), sub)
-        unwrap(tm.model).load_state_dict(state["model"])
+        missing, unexpected = unwrap(tm.model).load_state_dict(state["model"], strict=tm.adapter is None)
+        if unexpected or any(f".lora.{tm.adapter}." in k for k in missing):
+            raise CheckpointError(f"{sub}: the adapter does not fit the model: missing "
+                                  f"{[k for k in missing if '.lora.' in k][:3]}, unexpected {unexpected[:3]}")
         with torch.no_grad():  # the loader copies into parameters in place
             tm.optimizer.load_state_dict(state["optimizer"])
         _restore_adam_step(tm, state["optimizer"])
@@ -226,8 +294,9 @@ def load_checkpoint(path: str, models: dict[str, TrainableModel]) -> dict:
     return load_plain_data(os.path.join(path, "trainer_state.pt"))
 
 
-def resume(root: str, resume_from: str, models: dict[str, TrainableModel]) -> dict | None:
+def resume(root: str, resume_from: str, models: dict[str, TrainableModel], base_dir: str = "") -> dict | None:
     """``resume_from``: "none", "latest" (newest loadable under ``root``) or a step directory.
+    ``base_dir``: the shared base of LoRA models (``model.hf_path``).
 
     A checkpoint that fails to load on any rank is skipped with a warning and the one before it
     is tried. Returns the trainer state, or None when starting fresh."""
@@ -236,6 +305,8 @@ def resume(root: str, resume_from: str, models: dict[str, TrainableModel]) -> di
     candidates = [resume_from] if resume_from != "latest" else list(reversed(list_checkpoints(root)))
     if candidates:  # older checkpoints share the newest one's layout: no point in falling back
         check_layout(candidates[0], "policy")
+        for name, tm in models.items():
+            check_lora(candidates[0], name, lora_meta(tm, base_dir) if tm.adapter is not None else None)
     failures = []
     for path in candidates:
         error = None

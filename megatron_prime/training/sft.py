@@ -104,6 +104,9 @@ def _sft(cfg: Config, stop: StopRequest) -> dict:
         checkpoint.remove_leftovers(ckpt_root)
     arch = read_hf_config(cfg.model.hf_path)
     tokenizer = AutoTokenizer.from_pretrained(cfg.model.hf_path)
+    if cfg.model.lora.enabled and is_rank0():
+        print(f"[sft] model.lora.rank={cfg.model.lora.rank} applies to PRIME training: SFT trains every weight "
+              "(its model becomes the base the adapters share)", flush=True)
     policy = build_trainable(arch, model_options(cfg), s.optim, total_steps=s.steps,
                              distributed_optimizer=cfg.parallel.distributed_optimizer)
     load_initial_weights(policy, cfg.model.mcore_path or cfg.model.hf_path, arch, cfg)

@@ -20,6 +20,7 @@ import torch
 
 from megatron_prime.algorithm import OUTCOME_ONLY_ESTIMATORS, PromptBuffer, set_kernel_fusion
 from megatron_prime.bridge.convert import write_hf
+from megatron_prime.bridge.lora_export import write_peft_adapter
 from megatron_prime.config import Config, config_to_dict
 from megatron_prime.data import DatasetError, PromptRow, PromptSampler, load_prompt_dataset, render_prompt
 from megatron_prime.data.lengths import describe_dropped, split_overlong_prompts
@@ -29,7 +30,8 @@ from megatron_prime.fleet.grading import fleet_greedy_accuracy
 from megatron_prime.metrics import MetricsLogger, SustainedWarning, sample_records
 from megatron_prime.models.hf_config import read_hf_config
 from megatron_prime.models.wrappers import unwrap
-from megatron_prime.passes.trainable import build_frozen, build_trainable, model_options
+from megatron_prime.models.lora import LoRASettings
+from megatron_prime.passes.trainable import build_frozen, build_shared_base, build_trainable, model_options
 from megatron_prime.platform import distributed, watchdog
 from megatron_prime.platform.distributed import broadcast_object, is_rank0, on_rank0
 from megatron_prime.training import checkpoint
@@ -112,7 +114,7 @@ class PrimeRun:
         """Load the newest complete checkpoint (``checkpoint.resume``) and put the engines on the
         policy; returns the first step to run."""
         cfg, ctx = self.cfg, self.ctx
-        state = checkpoint.resume(cfg.checkpoint.dir, cfg.checkpoint.resume, self.trainables)
+        state = checkpoint.resume(cfg.checkpoint.dir, cfg.checkpoint.resume, self.trainables, cfg.model.hf_path)
         first = 0
         if state is not None:
             first = state["step"] + 1
@@ -178,7 +180,12 @@ class PrimeRun:
                 for name, tm in self.trainables.items():
                     out = os.path.join(cfg.checkpoint.export_dir, name)
                     with watchdog.phase("export"):
-                        write_hf(unwrap(tm.model), self.ctx.arch, out, cfg.model.hf_path)
+                        # a LoRA model: merged with its adapter, and the adapter alone beside it (PEFT)
+                        write_hf(unwrap(tm.model), self.ctx.arch, out, cfg.model.hf_path, adapter=tm.adapter)
+                        if tm.adapter is not None:
+                            write_peft_adapter(tm.model, self.ctx.arch, unwrap(tm.model).lora_settings, tm.adapter,
+                                               f"{out}_adapter", base_model_dir=cfg.model.hf_path)
+                            summary[f"export_{name}_adapter"] = f"{out}_adapter"
                     summary[f"export_{name}"] = out
         if self.logger:
             self.logger.close()
@@ -192,29 +199,9 @@ def build_context(cfg: Config, sources: WeightSources | None = None) -> PrimeCon
     from transformers import AutoTokenizer
 
     arch = read_hf_config(cfg.model.hf_path)
-    opts = model_options(cfg)
     tokenizer = AutoTokenizer.from_pretrained(cfg.model.hf_path)
-    uses_prm = cfg.algorithm.estimator not in OUTCOME_ONLY_ESTIMATORS
     sources = sources or weight_sources(cfg)
-    updates_per_step = cfg.train.prompts_per_step * cfg.rollout.n // cfg.train.mini_batch_responses
-    policy = build_trainable(arch, opts, cfg.optim.policy,
-                             total_steps=cfg.train.steps * updates_per_step * cfg.algorithm.ppo_epochs,
-                             distributed_optimizer=cfg.parallel.distributed_optimizer)
-    load_initial_weights(policy, sources.policy, arch, cfg)
-    loaded = {"policy": sources.policy}
-    prm = reference = None
-    if uses_prm:
-        prm_updates = cfg.train.prompts_per_step * cfg.rollout.n // cfg.train.prm_responses_per_update
-        prm = build_trainable(arch, opts, cfg.optim.prm, total_steps=cfg.train.steps * prm_updates,
-                              distributed_optimizer=cfg.parallel.distributed_optimizer)
-        load_initial_weights(prm, sources.prm, arch, cfg)
-        loaded["implicit PRM"] = sources.prm
-    if uses_prm or cfg.algorithm.kl_coef:
-        reference = build_frozen(arch, opts)
-        load_initial_weights(reference, sources.reference, arch, cfg)
-        loaded["reference"] = sources.reference
-    if is_rank0():
-        print("weights: " + "; ".join(f"{role} from {path}" for role, path in loaded.items()), flush=True)
+    policy, prm, reference = build_models(cfg, arch, sources)
 
     # Rank 0 owns the prompts; a bad file fails every rank.
     sampler = on_rank0(lambda: load_prompts(cfg, tokenizer, render_prompt))
@@ -228,6 +215,53 @@ def build_context(cfg: Config, sources: WeightSources | None = None) -> PrimeCon
                   "algorithm.rollout_correction=none leaves that lag uncorrected (token_tis corrects it)", flush=True)
     return PrimeContext(cfg=cfg, arch=arch, policy=policy, prm=prm, reference=reference, fleet=fleet,
                         sampler=sampler, buffer=buffer, tokenizer=tokenizer, render=render_prompt, ahead=ahead)
+
+
+def build_models(cfg: Config, arch, sources: WeightSources):
+    """The policy, the implicit PRM (None for outcome-only estimators) and the reference (None when
+    neither the PRM nor a KL penalty needs it), in this rank's layout, with their starting weights.
+    With ``model.lora``: one frozen base (``model.hf_path``) carrying two adapters, the reference
+    being that base with no adapter active."""
+    opts = model_options(cfg)
+    uses_prm = cfg.algorithm.estimator not in OUTCOME_ONLY_ESTIMATORS
+    needs_reference = uses_prm or bool(cfg.algorithm.kl_coef)
+    t = cfg.train
+    steps = {"policy": t.steps * (t.prompts_per_step * cfg.rollout.n // t.mini_batch_responses) * cfg.algorithm.ppo_epochs,
+             "prm": t.steps * (t.prompts_per_step * cfg.rollout.n // t.prm_responses_per_update)}
+    optims = {"policy": cfg.optim.policy, "prm": cfg.optim.prm}
+    roles = ["policy", "prm"] if uses_prm else ["policy"]
+    lora = cfg.model.lora
+    if lora.enabled:
+        settings = LoRASettings(ranks={r: lora.ranks[r] for r in roles}, alpha=lora.alpha, targets=tuple(lora.targets))
+        # The adapters' optimizer state is ~1% of the model's: kept whole on every data-parallel rank
+        # (not the distributed optimizer), which also lets it resume at another TP/PP.
+        trainables, base = build_shared_base(arch, opts, settings, {r: (optims[r], steps[r]) for r in roles},
+                                             distributed_optimizer=False, seed=cfg.train.seed)
+        load_initial_weights(base, sources.policy, arch, cfg)
+        for tm in trainables.values():  # the optimizers' fp32 copies of the adapters, taken at build
+            tm.optimizer.reload_model_params()
+        if is_rank0():
+            print(f"weights: one base from {sources.policy} (the reference: no adapter), LoRA adapters "
+                  + ", ".join(f"{r} rank {settings.ranks[r]}" for r in roles) + f", alpha {lora.alpha}, on "
+                  + ", ".join(settings.targets), flush=True)
+        return trainables["policy"], trainables.get("prm"), base if needs_reference else None
+    policy = build_trainable(arch, opts, cfg.optim.policy, total_steps=steps["policy"],
+                             distributed_optimizer=cfg.parallel.distributed_optimizer)
+    load_initial_weights(policy, sources.policy, arch, cfg)
+    loaded = {"policy": sources.policy}
+    prm = reference = None
+    if uses_prm:
+        prm = build_trainable(arch, opts, cfg.optim.prm, total_steps=steps["prm"],
+                              distributed_optimizer=cfg.parallel.distributed_optimizer)
+        load_initial_weights(prm, sources.prm, arch, cfg)
+        loaded["implicit PRM"] = sources.prm
+    if needs_reference:
+        reference = build_frozen(arch, opts)
+        load_initial_weights(reference, sources.reference, arch, cfg)
+        loaded["reference"] = sources.reference
+    if is_rank0():
+        print("weights: " + "; ".join(f"{role} from {path}" for role, path in loaded.items()), flush=True)
+    return policy, prm, reference
 
 
 def fitting_prompts(files: list[str], what: str, cfg: Config, tokenizer, render) -> list:

@@ -102,3 +102,32 @@ def test_prime_steps_on_cuda(tmp_path):
         assert (end_params[name] - p).abs().mean().item() < 1e-3, name
         moved += not torch.equal(end_params[name], p)
     assert moved > 0  # ... but the updates did land
+
+
+def _lora_prime_steps(rank, world_size, fixture, root):
+    from megatron_prime.config import load_config
+    from megatron_prime.models.specs import transformer_engine_available
+    from megatron_prime.training.trainer import train
+
+    register_test_verifier()
+    cfg = load_config(None, overrides(fixture, root, "model.dtype=bf16", "train.steps=3", "checkpoint.interval=2",
+                                      "model.lora.rank=8", "model.lora.alpha=16", "optim.policy.lr=1e-3",
+                                      "optim.prm.lr=1e-3"))
+    return {"summary": train(cfg), "te": transformer_engine_available()}
+
+
+@cuda
+def test_lora_prime_steps_on_cuda(tmp_path):
+    """Shared-base LoRA PRIME on CUDA, with the Transformer Engine spec where TE is installed (its
+    LoRA linears, the norms unfused) and the local spec otherwise."""
+    import math
+
+    fixture = make_trainer_fixture(str(tmp_path))
+    result = run_distributed(_lora_prime_steps, fixture, str(tmp_path), world_size=1, backend="nccl")
+    metrics = result["summary"]["last_metrics"]
+    print("transformer engine:", result["te"], {k: v for k, v in metrics.items() if k.startswith(("time/", "prm/", "policy/", "rollout/"))})
+    for key in ("prm/loss", "policy/loss", "rollout/abs_logprob_diff", "policy/grad_norm", "prm/grad_norm"):
+        assert math.isfinite(metrics[key]), key
+    assert metrics["policy/grad_norm"] > 0 and metrics["prm/grad_norm"] > 0
+    assert metrics["rollout/abs_logprob_diff"] < 0.05  # the hf engine got the merged bf16 policy
+    assert (tmp_path / "export" / "policy_adapter" / "adapter_model.safetensors").exists()

@@ -3,6 +3,8 @@ activation estimate against a measured CPU peak, and its verdicts for the exampl
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from megatron_prime.models.hf_config import arch_from_dict
@@ -97,7 +99,49 @@ def _state_checks(rank, world_size, cases):
         })
         del trainable, frozen
     activations = [_activation_check(*case) for case in ACTIVATION_CASES[world_size]]
-    return distributed.all_gather_object({"state": results, "activations": activations})
+    lora = [_lora_check(*case) for case in LORA_CASES]
+    return distributed.all_gather_object({"state": results, "activations": activations, "lora": lora})
+
+
+LORA_CASES = [("qwen2", 2, 1, "bf16", ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2")),
+              ("qwen3", 1, 2, "fp32", ("linear_fc1", "linear_fc2"))]
+
+
+def _lora_check(family, tp, pp, dtype, targets):
+    """Shared-base LoRA: each adapter's parameters, gradient buffer and optimizer state, and the one
+    base, against the planner's ``lora_parameters``."""
+    from megatron_prime.config import OptimizerConfig
+    from megatron_prime.models.gpt import ModelOptions
+    from megatron_prime.models.lora import LoRASettings
+    from megatron_prime.passes.trainable import build_shared_base
+    from megatron_prime.planner.state_memory import lora_parameters, stage_parameters, trainable_state_bytes
+    from megatron_prime.platform import distributed
+
+    from megatron.core import parallel_state
+
+    arch = arch_from_dict(SHAPES[family])
+    distributed.init_model_parallel(tp=tp, pp=pp)
+    ranks = {"policy": 8, "prm": 4}
+    settings = LoRASettings(ranks=ranks, alpha=16.0, targets=targets)
+    trainables, base = build_shared_base(arch, ModelOptions(dtype=dtype, tp=tp, pp=pp), settings,
+                                         {n: (OptimizerConfig(lr=1e-3), 1) for n in ranks},
+                                         distributed_optimizer=False, seed=0)
+    out = {"case": (family, tp, pp, dtype, targets)}
+    for name, tm in trainables.items():
+        tm.zero_grad()
+        tm.step()
+        adapter = [p for p in base.parameters() if getattr(p, "is_lora", False) and p in set(tm.model.buffers[0].params)]
+        measured = _allocated(tm)
+        measured["params"] = _storage_bytes(adapter)
+        planned = trainable_state_bytes(lora_parameters(arch, rank=ranks[name], targets=targets, tp=tp, pp=pp),
+                                        dtype=dtype, dp=parallel_state.get_data_parallel_world_size(), dp_rank=0,
+                                        distributed_optimizer=False)
+        out[name] = (measured, {"params": planned.params, "grads": planned.grads, "optimizer": planned.optimizer})
+    base_params = [p for p in base.parameters() if not getattr(p, "is_lora", False)]
+    stage = stage_parameters(arch, tp=tp, pp=pp, pp_rank=parallel_state.get_pipeline_model_parallel_rank(),
+                             vocab_pad_multiple=128)
+    out["base"] = (sum(p.numel() for p in base_params), sum(p.numel for p in stage))
+    return out
 
 
 # The activation model: a 4-layer GQA model, 2 sequences of 128 tokens.
@@ -180,6 +224,15 @@ def test_state_bytes_equal_megatron_allocations(measured):
     assert dp_case["measured"]["optimizer"] != dp_case_1["measured"]["optimizer"]
 
 
+def test_lora_state_bytes_equal_megatron_allocations(measured):
+    for rank, results in enumerate(measured):
+        for r in results["lora"]:
+            for name in ("policy", "prm"):
+                got, planned = r[name]
+                assert got == planned, (rank, r["case"], name)
+            assert r["base"][0] == r["base"][1], (rank, r["case"])  # one base, as the frozen reference
+
+
 def test_activation_estimate_against_measured_cpu_memory(measured):
     for r in measured[0]["activations"] + measured[1]["activations"]:
         # what the forward keeps for backward: exact on the local spec
@@ -218,6 +271,14 @@ def test_70b_config_needs_more_than_one_node(capsys):
     assert code == 1 and "no TP/PP/micro-batch layout fits on 8 GPUs; the fewest that fit: 40 (5 nodes of 8)" in out
     code, out = _plan(capsys, "examples/configs/prime_70b.yaml", "--gpus", "64", "--gpu-mem", "80")
     assert code == 0 and "FITS" in out and "TP=8 PP=4 DP=2 on 64 GPUs (8 nodes)" in out
+
+
+def test_70b_lora_config_fits_one_node_of_80gb(capsys):
+    code, out = _plan(capsys, "examples/configs/prime_70b_lora.yaml", "--gpus", "8", "--gpu-mem", "80")
+    assert code == 0 and "\nFITS: peak" in out and "TP=8 PP=1 DP=1 on 8 GPUs (1 node)" in out, out
+    assert "one frozen base (the reference) + LoRA adapters: policy + PRM" in out
+    # one base copy (16.4 GiB: 70.55B bf16 parameters over TP=8), not three
+    assert re.search(r"parameters \(bf16\)\s+16\.4\s+0\.2\s+0\.2\n", out), out
 
 
 def test_plan_figures_by_hand():

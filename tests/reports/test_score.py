@@ -9,6 +9,7 @@ response; the selection strategies against hand-worked cases.
 from __future__ import annotations
 
 import json
+import os
 import random
 
 import pytest
@@ -193,3 +194,32 @@ def test_sampling_from_a_policy_and_bad_inputs(toy, capsys, tmp_path):
     short.write_text('{"index": 99, "response": "1"}\n')
     assert commands.score([*base, "--responses", str(short)]) == 2
     assert f"{short} record 1: expected" in capsys.readouterr().err
+
+
+def test_a_lora_prm_adapter_is_applied_to_its_base(toy, tmp_path):
+    """A shared-base LoRA run's PRM comes as a PEFT adapter of the reference (export_dir/prm_adapter):
+    scored like the whole PRM it stands for; a --ref that is not its base is refused."""
+    import peft
+    import transformers
+
+    base = transformers.AutoModelForCausalLM.from_pretrained(toy["ref"])
+    adapted = peft.get_peft_model(base, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"],
+                                                        init_lora_weights=False))  # random, nonzero B
+    adapter_dir = str(tmp_path / "prm_adapter")
+    adapted.save_pretrained(adapter_dir)
+    config = json.loads(open(os.path.join(adapter_dir, "adapter_config.json")).read())
+    config["base_model_name_or_path"] = toy["ref"]
+    open(os.path.join(adapter_dir, "adapter_config.json"), "w").write(json.dumps(config))
+    out = tmp_path / "lora.json"
+    args = ["--prm", adapter_dir, "--ref", toy["ref"], "--data", toy["eval"], "--responses", toy["responses"],
+            "--samples", "4", "--beta", str(BETA), "--limit", "4", "--out", str(out)]
+    assert commands.score(args) == 0
+    problems = [json.loads(line) for line in open(toy["eval"])]
+    reference = transformers.AutoModelForCausalLM.from_pretrained(toy["ref"]).float().eval()
+    adapted.eval()
+    responses = json.loads(out.read_text())["responses"]
+    for r in responses[::3]:
+        expected = _independent_rewards(toy, [adapted, reference], problems[r["prompt_index"]]["prompt"], r["response"])
+        assert max(abs(x) for x in expected) > 1e-3
+        assert r["token_rewards"] == pytest.approx(expected, abs=1e-5)
+    assert commands.score([*args[:2], "--ref", toy["prm"], *args[4:]]) == 2  # not the adapter's base

@@ -21,7 +21,15 @@ from pathlib import Path
 import pytest
 
 from megatron_prime.rollout import vllm_engine
-from megatron_prime.rollout.vllm_engine import VLLM_API_USED, VLLM_FIELDS_READ, VLLM_GLOBALS_USED, VLLM_VERSION
+from megatron_prime.rollout.vllm_engine import (
+    VLLM_API_USED,
+    VLLM_ATTRS_READ,
+    VLLM_FIELDS_READ,
+    VLLM_GLOBALS_USED,
+    VLLM_LORA_RANKS,
+    VLLM_MANAGER_METHODS,
+    VLLM_VERSION,
+)
 from tests.rollout.test_sglang_contract import Release, check_api_table, class_fields, parameters
 
 vllm = pytest.importorskip("vllm", reason="vLLM is not installed (scripts/setup.sh installs its CPU build)")
@@ -84,6 +92,19 @@ def test_table_against_release(release):
     groups = release.text("distributed/parallel_state.py")
     for name in VLLM_GLOBALS_USED:  # module-level globals (annotated assignments)
         assert re.search(rf"^{name}\b[^=\n]*=", groups, re.M), f"{name} is not a global of distributed/parallel_state.py"
+    # What load_adapter_in_worker reads on vLLM's objects: attributes their methods set, methods they have.
+    for key, attrs in VLLM_ATTRS_READ.items():
+        path, name = key.split(":")
+        source = ast.unparse(release.find(path, name))
+        for attr in attrs:
+            assert re.search(rf"self\.{attr}\b[^=\n]*=[^=]", source), f"{key} never sets self.{attr}"
+    manager = release.find("lora/model_manager.py", "LoRAModelManager")
+    methods = {f.name for f in manager.body if isinstance(f, ast.FunctionDef)}
+    assert set(VLLM_MANAGER_METHODS) <= methods, set(VLLM_MANAGER_METHODS) - methods
+    assert "LoRAModelRunnerMixin" in ast.unparse(release.find("v1/worker/gpu_model_runner.py", "GPUModelRunner").bases[-1]) \
+        or "LoRAModelRunnerMixin" in release.text("v1/worker/gpu_model_runner.py")
+    ranks = release.text("config/lora.py")
+    assert "MaxLoRARanks = Literal[" + ", ".join(map(str, VLLM_LORA_RANKS)) + "]" in ranks
     # The CPU worker gets reload_weights from the GPU worker it subclasses.
     assert "class CPUWorker(Worker):" in release.text("v1/worker/cpu_worker.py")
 
@@ -110,6 +131,26 @@ def test_module_calls_only_listed_api():
         assert keywords <= set(VLLM_API_USED[key]), f"{key}: unlisted keywords {keywords - set(VLLM_API_USED[key])}"
     # reload_weights is reached by name through collective_rpc.
     assert 'method="reload_weights"' in Path(vllm_engine.__file__).read_text()
+    # vLLM classes imported by name (the LoRA path): every call to one is in the table, by keyword.
+    imported = {a.asname or a.name: node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)
+                and (node.module or "").startswith("vllm.") for a in node.names}
+    listed = {key.split(":")[1] for key in VLLM_API_USED}
+    instances = {"current_platform": "Platform"}  # module-level instances vLLM exports
+    for node in ast.walk(tree):
+        if not isinstance(node, ast.Call):
+            continue
+        func = node.func
+        if isinstance(func, ast.Name) and func.id in imported:
+            name = func.id
+        elif isinstance(func, ast.Attribute) and isinstance(func.value, ast.Name) and func.value.id in imported:
+            name = f"{instances.get(func.value.id, func.value.id)}.{func.attr}"
+        elif isinstance(func, ast.Attribute) and isinstance(func.value, ast.Name) and func.value.id in (
+                "manager", "peft_helper"):
+            name = {"manager": "WorkerLoRAManager", "peft_helper": "PEFTHelper"}[func.value.id] + f".{func.attr}"
+        else:
+            continue
+        assert name in listed, f"line {node.lineno}: {name} is not in VLLM_API_USED"
+        assert not node.args, f"line {node.lineno}: {name} called with positional arguments"
 
 
 def _requirement_name(requirement: str) -> str:
