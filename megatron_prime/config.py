@@ -67,6 +67,8 @@ class ModelConfig:
     # hf_path does not exist yet (e.g. examples/models/Qwen2.5-Math-7B/config.json)
     shape_from: str = ""
     lora: LoRAConfig = field(default_factory=LoRAConfig)
+    # mixture-of-experts bases: the routers' load-balancing loss coefficient (0: off, as RL usually has it)
+    moe_aux_loss_coef: float = 0.0
 
 
 @dataclass
@@ -140,6 +142,9 @@ class AlgorithmConfig:
     # [low, high]; null: the mode's default (token_tis [0, 2], icepop [0.5, 5], seq_mask [0.999, 1.001])
     rollout_correction_bounds: Optional[list[float]] = None
     ppo_epochs: int = 1
+    # mixture-of-experts bases: the policy update replays the experts its old-log-prob pass chose for every
+    # token (R2), so that the PPO ratio compares the same experts; the PRM and the reference route freely
+    routing_replay: bool = True
     compile_kernels: bool = False  # fuse Eq. 3/5 and the losses' elementwise kernels with torch.compile
 
 
@@ -389,10 +394,12 @@ class ModelShape(typing.Protocol):
     num_layers: int
     num_heads: int
     num_kv_heads: int
+    num_experts: int
 
 
 def validate_parallel(parallel: ParallelConfig, *, num_layers: int | None = None, num_heads: int | None = None,
-                      num_kv_heads: int | None = None, world_size: int | None = None) -> None:
+                      num_kv_heads: int | None = None, num_experts: int | None = None,
+                      world_size: int | None = None) -> None:
     """Check the parallel layout against the model's shape and the number of ranks, where known."""
     for name in ("tp", "pp", "cp", "ep"):
         _check(getattr(parallel, name) >= 1, f"parallel.{name}", getattr(parallel, name), "must be >= 1")
@@ -406,10 +413,20 @@ def validate_parallel(parallel: ParallelConfig, *, num_layers: int | None = None
     if num_layers is not None:
         _check(num_layers % pp == 0, "parallel.pp", pp,
                f"must divide the number of layers ({num_layers}); try {_divisors(num_layers)}")
+    ep = parallel.ep
+    if num_experts is not None:
+        _check(ep == 1 or num_experts > 0, "parallel.ep", ep,
+               "must be 1 for a dense model (expert parallelism splits a mixture-of-experts model's experts)")
+        _check(num_experts == 0 or num_experts % ep == 0, "parallel.ep", ep,
+               f"must divide the number of experts ({num_experts}); try {_divisors(num_experts)}")
     if world_size is not None:
         model_parallel = tp * pp * parallel.cp
         _check(world_size % model_parallel == 0, "parallel", f"tp={tp} pp={pp} cp={parallel.cp}",
                f"tp*pp*cp = {model_parallel} must divide the world size ({world_size})")
+        dp = world_size // model_parallel
+        _check(dp % ep == 0, "parallel.ep", ep,
+               f"expert parallelism splits the data-parallel ranks: must divide DP = {dp} (world size {world_size} "
+               f"/ (tp {tp} x pp {pp})); try {_divisors(dp)}")
 
 
 def _validate_lora(cfg: Config) -> None:
@@ -521,6 +538,7 @@ def validate(cfg: Config, world_size: int | None = None, *, model_shape: ModelSh
            "train.micro_batch_tokens", t.micro_batch_tokens,
            "must hold at least one full sequence (data.max_prompt_len + data.max_response_len)")
     _check(cfg.checkpoint.keep_last >= 1, "checkpoint.keep_last", cfg.checkpoint.keep_last, "must be >= 1")
+    _check(cfg.model.moe_aux_loss_coef >= 0, "model.moe_aux_loss_coef", cfg.model.moe_aux_loss_coef, "must be >= 0")
     _check(cfg.model.vocab_pad_multiple >= 1, "model.vocab_pad_multiple", cfg.model.vocab_pad_multiple,
            "must be >= 1")
     _check(cfg.checkpoint.interval >= 1, "checkpoint.interval", cfg.checkpoint.interval,
@@ -533,13 +551,16 @@ def validate(cfg: Config, world_size: int | None = None, *, model_shape: ModelSh
     _check(cfg.parallel.cp == 1, "parallel.cp", cfg.parallel.cp,
            "must be 1: the trainer does not split sequences over context-parallel ranks (every rank "
            "would see whole sequences and the attention would be wrong); use parallel.tp/parallel.pp")
-    _check(cfg.parallel.ep == 1, "parallel.ep", cfg.parallel.ep,
-           "must be 1: the supported models (Llama, Qwen2/2.5, Qwen3 dense) have no experts to split")
     _validate_lora(cfg)
     if cfg.parallel.sequence_parallel:
         _check(cfg.parallel.tp > 1, "parallel.sequence_parallel", True, "needs parallel.tp > 1")
     shape = dict(num_layers=model_shape.num_layers, num_heads=model_shape.num_heads,
-                 num_kv_heads=model_shape.num_kv_heads) if model_shape is not None else {}
+                 num_kv_heads=model_shape.num_kv_heads, num_experts=model_shape.num_experts) if model_shape is not None else {}
+    if model_shape is not None and model_shape.num_experts and cfg.model.lora.enabled:
+        mlp = [t for t in cfg.model.lora.targets if t in ("linear_fc1", "linear_fc2")]
+        _check(not mlp, "model.lora.targets", cfg.model.lora.targets,
+               f"a mixture-of-experts model's MLPs are its experts, which take no LoRA adapters here: leave out "
+               f"{', '.join(mlp)} (e.g. model.lora.targets=[linear_qkv,linear_proj])")
     validate_parallel(cfg.parallel, world_size=world_size, **shape)
     if world_size is not None:
         p = cfg.parallel

@@ -118,10 +118,22 @@ FAMILIES = {
 }
 
 
+# Mixture-of-experts bases: 4 experts, 2 per token; Qwen3-MoE with the softmax over all experts
+# (norm_topk_prob=false), Mixtral with the k chosen ones renormalised. head_dim 32: vLLM's CPU
+# attention refuses 16.
+_MOE_COMMON = dict(_COMMON, hidden_size=64, num_attention_heads=2, num_key_value_heads=2, num_experts_per_tok=2)
+MOE_FAMILIES = {
+    "qwen3_moe": lambda: transformers.Qwen3MoeConfig(num_experts=4, moe_intermediate_size=48, norm_topk_prob=False,
+                                                     head_dim=32, tie_word_embeddings=False, **_MOE_COMMON),
+    "mixtral": lambda: transformers.MixtralConfig(num_local_experts=4, tie_word_embeddings=False,
+                                                  **{**_MOE_COMMON, "intermediate_size": 48}),
+}
+
+
 def make_tiny_hf(family: str, out_dir: str, seed: int = 0, dtype=torch.float32):
     """Save a random model whose logits are O(1) (weights std 0.2, norms around 1)."""
     torch.manual_seed(seed)
-    config = FAMILIES[family]()
+    config = {**FAMILIES, **MOE_FAMILIES}[family]()
     model = transformers.AutoModelForCausalLM.from_config(config).to(dtype)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -197,7 +209,10 @@ def register_test_verifier() -> None:
     register_data_source(CONTAINS7, CONTAINS7)
 
 
-def make_trainer_fixture(root: str, seed: int = 0) -> dict:
+def make_trainer_fixture(root: str, seed: int = 0, moe: bool = False) -> dict:
+    """The toy task's files, the tiny model (``moe``: a Qwen3-MoE of 4 experts, top-2, routed as
+    Qwen3-30B-A3B is, its weights drawn with std 0.2 so that routing matters) and a perturbed copy for
+    the implicit PRM."""
     import torch
     import transformers
 
@@ -206,10 +221,20 @@ def make_trainer_fixture(root: str, seed: int = 0) -> dict:
     task = build_toy_task(os.path.join(root, "data"), seed=seed, num_sft=64, num_rl=64, num_eval=16)
     tokenizer = transformers.AutoTokenizer.from_pretrained(str(task.tokenizer))
     torch.manual_seed(seed)
-    config = transformers.Qwen2Config(vocab_size=len(tokenizer), eos_token_id=tokenizer.eos_token_id,
-                                      pad_token_id=tokenizer.pad_token_id, **TINY)
+    special = dict(vocab_size=len(tokenizer), eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    if moe:
+        config = MOE_FAMILIES["qwen3_moe"]()
+        # Qwen3-30B-A3B's routing: the softmax of the k chosen experts' logits
+        for key, value in {**special, "max_position_embeddings": 64, "norm_topk_prob": True}.items():
+            setattr(config, key, value)
+    else:
+        config = transformers.Qwen2Config(**special, **TINY)
     hf_dir = os.path.join(root, "hf")
-    model = transformers.Qwen2ForCausalLM(config)
+    model = transformers.AutoModelForCausalLM.from_config(config)
+    if moe:
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                p.copy_(1.0 + 0.1 * torch.randn_like(p)) if "norm" in name else p.normal_(0.0, 0.2)
     model.save_pretrained(hf_dir)
     tokenizer.save_pretrained(hf_dir)
     # A different starting point for the implicit PRM, so q_t != 0 from the first step.

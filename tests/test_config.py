@@ -153,7 +153,7 @@ TINY = {"num_layers": 2, "num_heads": 4, "num_kv_heads": 2}
           r"rollout.tp' = 3.*must divide the GPUs per node \(8\)"),
         (["rollout.engine=vllm", "rollout.tp=4"], 6, None, r"rollout.tp' = 4.*must divide the world size \(6\)"),
         (["parallel.cp=2"], 2, None, r"parallel.cp' = 2.*does not split sequences"),
-        (["parallel.ep=2"], 2, None, r"parallel.ep' = 2.*no experts"),
+        (["parallel.ep=2"], 2, None, r"parallel.ep' = 2.*must be 1 for a dense model"),
         (["train.prompts_per_step=3", "train.mini_batch_responses=4"], 8, None,
          r"train.prompts_per_step' = 3.*12 responses must split evenly over the 8 data-parallel ranks"
          r".*try prompts_per_step a multiple of 2"),
@@ -169,6 +169,21 @@ def test_layouts_refused_before_they_go_wrong(overrides, world_size, per_node, m
     cfg = config_from_dict({}, overrides)
     with pytest.raises(ConfigError, match=message):
         validate(cfg, world_size, model_shape=_Shape(**TINY), gpus_per_node=per_node)
+
+
+@pytest.mark.parametrize(
+    "overrides, world_size, message",
+    [
+        (["parallel.ep=3"], 6, r"parallel.ep' = 3.*must divide the number of experts \(4\); try one of 1, 2, 4"),
+        (["parallel.ep=4", "parallel.tp=2"], 4, r"parallel.ep' = 4.*must divide DP = 2"),
+        (["model.lora.rank=8"], 2, r"model.lora.targets.*experts, which take no LoRA.*leave out linear_fc1"),
+    ],
+)
+def test_expert_layouts_refused(overrides, world_size, message):
+    with pytest.raises(ConfigError, match=message):
+        validate(config_from_dict({}, overrides), world_size, model_shape=_Shape(**TINY, num_experts=4))
+    validate(config_from_dict({}, ["parallel.ep=2", "model.lora.rank=8", "model.lora.targets=[linear_qkv,linear_proj]"]),
+             2, model_shape=_Shape(**TINY, num_experts=4))
 
 
 def test_sft_batch_split_over_data_parallel_ranks():
@@ -196,5 +211,6 @@ def test_gpus_per_node_from_the_launcher():
 
 
 class _Shape:
-    def __init__(self, num_layers, num_heads, num_kv_heads):
+    def __init__(self, num_layers, num_heads, num_kv_heads, num_experts=0):
         self.num_layers, self.num_heads, self.num_kv_heads = num_layers, num_heads, num_kv_heads
+        self.num_experts = num_experts

@@ -16,6 +16,7 @@ def parser(prog: str, description: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog, description=description)
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel size (run under torchrun for >1)")
     p.add_argument("--pp", type=int, default=1, help="pipeline-parallel size")
+    p.add_argument("--ep", type=int, default=1, help="expert-parallel size (mixture-of-experts models)")
     return p
 
 
@@ -25,7 +26,7 @@ def run(main, args) -> int:
     from megatron_prime.platform import distributed
 
     def command():
-        distributed.setup(tp=args.tp, pp=args.pp)
+        distributed.setup(tp=args.tp, pp=args.pp, ep=args.ep)
         return main(args)
 
     code = exit_code(command)

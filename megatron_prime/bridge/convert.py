@@ -38,6 +38,7 @@ def model_options(dtype: str, vocab_pad_multiple: int = 128, use_te: bool = Fals
         vocab_pad_multiple=vocab_pad_multiple,
         tp=parallel_state.get_tensor_model_parallel_world_size(),
         pp=parallel_state.get_pipeline_model_parallel_world_size(),
+        ep=parallel_state.get_expert_model_parallel_world_size(),
     )
 
 

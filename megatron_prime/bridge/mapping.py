@@ -9,6 +9,11 @@ Megatron fuses and shards differently from HF:
 * column-parallel weights (qkv, fc1, embedding, output layer) are cut along dim 0, row-parallel
   ones (``linear_proj``, ``linear_fc2``) along dim 1; norms are replicated.
 * the embedding and output layer are padded with zero rows to the padded vocabulary.
+* mixture-of-experts layers (Qwen3-MoE, Mixtral): the router ``mlp.router.weight`` is HF's gate
+  (replicated); each expert is a small MLP, ``mlp.experts.local_experts.{e}.linear_fc1`` = its
+  ``[gate; up]`` and ``linear_fc2`` = its down projection, sharded over TP like a dense MLP. Names
+  here use the global expert index ``e``; expert parallelism holds experts
+  ``ep_rank * E / EP .. (ep_rank + 1) * E / EP - 1`` on each rank (``local_experts.{e - offset}``).
 
 Everything here is pure tensor layout: the sources of slices (``SliceSource``) live in
 ``hf_io.py``, the collectives in ``transfer.py``.
@@ -68,6 +73,8 @@ def param_spec(arch: HFArch, name: str) -> ParamSpec:
     layer, suffix = name[len("decoder.layers."):].split(".", 1)
     hf = f"model.layers.{int(layer)}."
     suffix = canonical_layer_param(suffix)
+    if suffix.startswith("mlp.router.") or suffix.startswith("mlp.experts."):
+        return _expert_spec(arch, name, hf, suffix)
     table = {
         "input_layernorm.weight": ParamSpec("plain", (hf + "input_layernorm.weight",), None),
         "pre_mlp_layernorm.weight": ParamSpec("plain", (hf + "post_attention_layernorm.weight",), None),
@@ -90,6 +97,34 @@ def param_spec(arch: HFArch, name: str) -> ParamSpec:
     return table[suffix]
 
 
+# HF names of the MoE parts per family: (router, expert prefix, gate, up, down)
+_MOE_HF = {"qwen3_moe": ("mlp.gate", "mlp.experts", "gate_proj", "up_proj", "down_proj"),
+           "mixtral": ("block_sparse_moe.gate", "block_sparse_moe.experts", "w1", "w3", "w2")}
+
+
+def _expert_spec(arch: HFArch, name: str, hf: str, suffix: str) -> ParamSpec:
+    if not arch.is_moe:
+        raise KeyError(f"no Hugging Face mapping for Megatron parameter '{name}' (a dense {arch.family} model)")
+    router, experts, gate, up, down = _MOE_HF[arch.family]
+    if suffix == "mlp.router.weight":
+        return ParamSpec("plain", (f"{hf}{router}.weight",), None)
+    _, _, _, expert, linear = suffix.split(".", 4)  # mlp.experts.local_experts.{e}.linear_fcN.weight
+    prefix = f"{hf}{experts}.{int(expert)}."
+    if linear == "linear_fc1.weight":
+        return ParamSpec("fc1", (f"{prefix}{gate}.weight", f"{prefix}{up}.weight"), 0)
+    if linear == "linear_fc2.weight":
+        return ParamSpec("plain", (f"{prefix}{down}.weight",), 1)
+    raise KeyError(f"no Hugging Face mapping for Megatron parameter '{name}'")
+
+
+def expert_of(name: str) -> int | None:
+    """The global expert index of an expert parameter's canonical name (None: not an expert's)."""
+    marker = ".mlp.experts.local_experts."
+    if marker not in name:
+        return None
+    return int(name.split(marker, 1)[1].split(".", 1)[0])
+
+
 def megatron_param_names(arch: HFArch) -> list[str]:
     """All global Megatron parameter names of the model, in HF-like order (canonical names)."""
     names = ["embedding.word_embeddings.weight"]
@@ -100,12 +135,14 @@ def megatron_param_names(arch: HFArch) -> list[str]:
             names.append(p + "self_attention.linear_qkv.bias")
         if arch.qk_norm:
             names += [p + "self_attention.q_layernorm.weight", p + "self_attention.k_layernorm.weight"]
-        names += [
-            p + "self_attention.linear_proj.weight",
-            p + "pre_mlp_layernorm.weight",
-            p + "mlp.linear_fc1.weight",
-            p + "mlp.linear_fc2.weight",
-        ]
+        names += [p + "self_attention.linear_proj.weight", p + "pre_mlp_layernorm.weight"]
+        if arch.is_moe:
+            names.append(p + "mlp.router.weight")
+            for e in range(arch.num_experts):
+                names += [p + f"mlp.experts.local_experts.{e}.linear_fc1.weight",
+                          p + f"mlp.experts.local_experts.{e}.linear_fc2.weight"]
+        else:
+            names += [p + "mlp.linear_fc1.weight", p + "mlp.linear_fc2.weight"]
     names.append("decoder.final_layernorm.weight")
     if not arch.tie_embeddings:
         names.append("output_layer.weight")
@@ -122,6 +159,9 @@ def hf_param_names(arch: HFArch) -> list[str]:
 def expected_hf_shape(arch: HFArch, hf_name: str) -> tuple[int, ...]:
     h, hd = arch.hidden_size, arch.head_dim
     suffix = hf_name.split(".", 3)[-1] if hf_name.startswith("model.layers.") else hf_name
+    if ".experts." in suffix:  # one expert's projection: the same shape for every expert
+        owner, rest = suffix.split(".experts.", 1)
+        suffix = f"{owner}.experts.{rest.split('.', 1)[1]}"
     shapes = {
         "model.embed_tokens.weight": (arch.vocab_size, h),
         "lm_head.weight": (arch.vocab_size, h),
@@ -140,6 +180,15 @@ def expected_hf_shape(arch: HFArch, hf_name: str) -> tuple[int, ...]:
         "mlp.gate_proj.weight": (arch.ffn_hidden_size, h),
         "mlp.up_proj.weight": (arch.ffn_hidden_size, h),
         "mlp.down_proj.weight": (h, arch.ffn_hidden_size),
+        # mixture of experts (Qwen3-MoE, Mixtral)
+        "mlp.gate.weight": (arch.num_experts, h),
+        "mlp.experts.gate_proj.weight": (arch.moe_ffn_hidden_size, h),
+        "mlp.experts.up_proj.weight": (arch.moe_ffn_hidden_size, h),
+        "mlp.experts.down_proj.weight": (h, arch.moe_ffn_hidden_size),
+        "block_sparse_moe.gate.weight": (arch.num_experts, h),
+        "block_sparse_moe.experts.w1.weight": (arch.moe_ffn_hidden_size, h),
+        "block_sparse_moe.experts.w3.weight": (arch.moe_ffn_hidden_size, h),
+        "block_sparse_moe.experts.w2.weight": (h, arch.moe_ffn_hidden_size),
     }
     return shapes[suffix]
 
@@ -185,8 +234,8 @@ def shard_pieces(arch: HFArch, spec: ParamSpec, tp_rank: int, tp_size: int, padd
                        Piece(v, base + q_rows + hd, hd, 0, g * hd, hd)]
         return pieces
     if spec.kind == "fc1":
-        rows = arch.ffn_hidden_size // tp_size
         gate, up = spec.hf_names
+        rows = expected_hf_shape(arch, gate)[0] // tp_size  # a dense MLP's or one expert's width
         return [Piece(gate, 0, rows, 0, tp_rank * rows, rows), Piece(up, rows, rows, 0, tp_rank * rows, rows)]
     (name,) = spec.hf_names
     full = expected_hf_shape(arch, name)
@@ -205,7 +254,7 @@ def shard_rows(arch: HFArch, spec: ParamSpec, tp_size: int, padded_vocab: int) -
     if spec.kind == "qkv":
         return arch.num_kv_heads // tp_size * (arch.num_heads // arch.num_kv_heads + 2) * arch.head_dim
     if spec.kind == "fc1":
-        return 2 * arch.ffn_hidden_size // tp_size
+        return 2 * expected_hf_shape(arch, spec.hf_names[0])[0] // tp_size
     rows = padded_vocab if spec.vocab_padded else expected_hf_shape(arch, spec.hf_names[0])[0]
     return rows // tp_size if spec.tp_dim == 0 else rows
 

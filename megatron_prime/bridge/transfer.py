@@ -19,6 +19,7 @@
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -30,6 +31,7 @@ from megatron_prime.bridge.hf_io import CheckpointError
 from megatron_prime.bridge.mapping import (
     SliceSource,
     expected_hf_shape,
+    expert_of,
     load_shard,
     megatron_param_names,
     param_spec,
@@ -47,6 +49,7 @@ def local_to_global_names(model) -> dict[str, str]:
     """This stage's parameter names -> global canonical names (global layer numbers); LoRA adapters'
     parameters (not part of the HF model) are left out."""
     model = unwrap(model)
+    offset = expert_offset(model)
     out = {}
     for name, param in model.named_parameters():
         if getattr(param, "is_lora", False):
@@ -54,10 +57,31 @@ def local_to_global_names(model) -> dict[str, str]:
         if name.startswith("decoder.layers."):
             local, rest = name[len("decoder.layers."):].split(".", 1)
             global_index = model.decoder.layers[int(local)].layer_number - 1
-            out[name] = f"decoder.layers.{global_index}.{rest}"
+            out[name] = f"decoder.layers.{global_index}.{_global_expert(rest, offset)}"
         else:
             out[name] = name
     return out
+
+
+_GROUPED_EXPERT = re.compile(r"^mlp\.experts\.(linear_fc[12])\.weight(\d+)$")  # Transformer Engine's TEGroupedMLP
+_LOCAL_EXPERT = re.compile(r"^mlp\.experts\.local_experts\.(\d+)\.(linear_fc[12]\.weight)$")  # SequentialMLP
+
+
+def _global_expert(rest: str, offset: int) -> str:
+    """A layer parameter's name with this rank's local expert index made global (expert parallelism
+    holds experts ep_rank * E / EP ...), in SequentialMLP's form whatever the spec."""
+    grouped, local = _GROUPED_EXPERT.match(rest), _LOCAL_EXPERT.match(rest)
+    if not grouped and not local:
+        return rest
+    index, linear = (int(grouped.group(2)), f"{grouped.group(1)}.weight") if grouped else (int(local.group(1)), local.group(2))
+    return f"mlp.experts.local_experts.{offset + index}.{linear}"
+
+
+def expert_offset(model) -> int:
+    """The global index of this rank's first expert (0 for a dense model)."""
+    experts = getattr(unwrap(model).config, "num_moe_experts", None) or 0
+    ep_size = parallel_state.get_expert_model_parallel_world_size()
+    return parallel_state.get_expert_model_parallel_rank() * (experts // ep_size) if experts else 0
 
 
 def load_hf_weights(model, arch: HFArch, source: SliceSource, vocab_pad_multiple: int = 128) -> None:
@@ -198,6 +222,11 @@ def export_hf_weights(model, arch: HFArch, bucket_bytes: int = 512 * 2**20,
     pp_group = parallel_state.get_pipeline_model_parallel_group() if pp_size > 1 else None
     pp_ranks = dist.get_process_group_ranks(pp_group) if pp_size > 1 else None
     receives = to_all_ranks or (pp_rank == 0 and tp_rank == 0)
+    holds = to_all_ranks or tp_rank == 0  # has a parameter's full tensors after its stage's TP gather
+    ep_size = parallel_state.get_expert_model_parallel_world_size()
+    ep_rank = parallel_state.get_expert_model_parallel_rank()
+    ep_group = parallel_state.get_expert_model_parallel_group() if ep_size > 1 else None
+    experts_per_rank = arch.num_experts // ep_size if arch.is_moe else 0
     local_params = dict(unwrap(model).named_parameters())
     params = {g: local_params[l] for l, g in local_to_global_names(model).items()}
     merged = lora_modules_by_name(unwrap(model), adapter) if adapter is not None else {}
@@ -211,7 +240,8 @@ def export_hf_weights(model, arch: HFArch, bucket_bytes: int = 512 * 2**20,
             gathers = {name: _start_gather(arch, param_spec(arch, name),
                                            merged[name].merged_shard(adapter) if name in merged else params[name].detach(),
                                            to_all_ranks)
-                       for name in names if pp_rank == owner_stage(arch, name, pp_size)}
+                       for name in names if pp_rank == owner_stage(arch, name, pp_size)
+                       and (expert_of(name) is None or expert_of(name) // experts_per_rank == ep_rank)}
             ops = [op for g in gathers.values() for op in g.ops]
             requests = dist.batch_isend_irecv(ops) if ops else []
             for g in gathers.values():  # while the other ranks' pieces arrive
@@ -220,13 +250,19 @@ def export_hf_weights(model, arch: HFArch, bucket_bytes: int = 512 * 2**20,
                 request.wait()
             for name in names:
                 owner = owner_stage(arch, name, pp_size)
+                # an expert's tensors reach the other expert-parallel ranks of its stage first
+                expert_share = ep_group is not None and expert_of(name) is not None and pp_rank == owner and holds
                 if name in gathers:
                     tensors = gathers.pop(name).finish()
-                elif receives:
+                elif receives or expert_share:
                     tensors = [(n, torch.empty(expected_hf_shape(arch, n), dtype=dtype, device=device))
                                for n in param_spec(arch, name).hf_names]
                 else:
                     tensors = []
+                if expert_share:
+                    src = dist.get_global_rank(ep_group, expert_of(name) // experts_per_rank)
+                    for _, t in tensors:
+                        dist.broadcast(t, src=src, group=ep_group)
                 if pp_size > 1 and owner != 0 or to_all_ranks:
                     tensors = _share_across_stages(tensors, owner, pp_ranks, pp_group, to_all_ranks, receives)
                 if receives:

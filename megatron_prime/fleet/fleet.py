@@ -146,8 +146,10 @@ class RolloutFleet:
         self._with_restarts("the weight sync", self._push_weights, after_restart=lambda: None)
 
     def _push_weights(self) -> None:
-        # Remote: only data-parallel replica 0 exports (its rank 0 sends to the servers).
-        if not self.export_to_all_ranks and parallel_state.get_data_parallel_rank() != 0:
+        # Remote: only data-parallel replica 0 exports (its rank 0 sends to the servers), unless the
+        # experts of a mixture-of-experts model are spread over the data-parallel ranks (EP).
+        if (not self.export_to_all_ranks and parallel_state.get_data_parallel_rank() != 0
+                and parallel_state.get_expert_model_parallel_world_size() == 1):
             return
         adapter = getattr(self.policy, "lora_adapter", None)
         if adapter is not None and self.lora_sync == "adapter":

@@ -1,4 +1,5 @@
-"""Build a megatron-core ``GPTModel`` from a Hugging Face architecture (Llama, Qwen2, Qwen3)."""
+"""Build a megatron-core ``GPTModel`` from a Hugging Face architecture (Llama, Qwen2, Qwen3, and the
+mixture-of-experts Qwen3-MoE and Mixtral)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron_prime.models.hf_config import HFArch
 from megatron_prime.models.lora import LoRASettings, name_lora_modules
 from megatron_prime.models.specs import gpt_block_spec, transformer_engine_available
+from megatron_prime.platform import cpu_backend
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -29,6 +31,9 @@ class ModelOptions:
     tp: int = 1
     pp: int = 1
     sequence_parallel: bool = False
+    ep: int = 1  # expert parallelism (mixture-of-experts models)
+    moe_aux_loss_coef: float = 0.0  # the router's load-balancing loss (0: off)
+    routing_replay: bool = False  # the routers can record and replay their top-k (megatron-core's RouterReplay)
 
 
 def resolve_use_te(setting: str) -> bool:
@@ -83,8 +88,9 @@ def transformer_config(arch: HFArch, opts: ModelOptions) -> TransformerConfig:
         # Frees pipeline outputs early and runs backward through the autograd engine directly
         # (megatron-core's custom_backward), which also keeps the CPU backend's mode active there.
         deallocate_pipeline_outputs=True,
-        moe_token_dispatcher_type="alltoall",  # dense models; allgather rejects variable lengths
+        moe_token_dispatcher_type="alltoall",  # allgather dies with unequal token counts over EP ranks
         fp8=opts.fp8,
+        **_moe_options(arch, opts),
         # Every model is loaded from a checkpoint right after it is built (conversion, trainer, SFT),
         # so random weights would be drawn only to be overwritten. Megatron-core still allocates the
         # weights, zeroes the biases and sets the tensor-parallel attributes (which
@@ -95,6 +101,21 @@ def transformer_config(arch: HFArch, opts: ModelOptions) -> TransformerConfig:
         init_method=_keep,
         output_layer_init_method=_keep,
         embedding_init_method=_keep,
+    )
+
+
+def _moe_options(arch: HFArch, opts: ModelOptions) -> dict:
+    """The experts of a Qwen3-MoE / Mixtral model: one MoE MLP per layer, top-k softmax routing,
+    experts split over ``opts.ep`` ranks (and over TP like a dense MLP). Grouped GEMM, the permute
+    and router fusions need CUDA (Transformer Engine): only with the TE spec."""
+    if not arch.is_moe:
+        return {}
+    return dict(
+        num_moe_experts=arch.num_experts, moe_ffn_hidden_size=arch.moe_ffn_hidden_size, moe_router_topk=arch.moe_topk,
+        moe_router_pre_softmax=arch.moe_pre_softmax, moe_router_score_function="softmax",
+        moe_router_load_balancing_type="aux_loss" if opts.moe_aux_loss_coef > 0 else "none",
+        moe_aux_loss_coeff=opts.moe_aux_loss_coef, moe_grouped_gemm=opts.use_te,
+        expert_model_parallel_size=opts.ep, moe_enable_routing_replay=opts.routing_replay,
     )
 
 
@@ -139,6 +160,8 @@ def build_gpt_model(
     if post_process is None:
         post_process = parallel_state.is_pipeline_last_stage()
     config = transformer_config(arch, opts)
+    if arch.is_moe:
+        cpu_backend.fill_moe_gaps()  # also on a GPU without Transformer Engine
     model = GPTModel(
         config=config,
         transformer_layer_spec=gpt_block_spec(config, qk_layernorm=arch.qk_norm, use_te=opts.use_te, lora=lora),

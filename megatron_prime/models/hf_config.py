@@ -22,7 +22,10 @@ SUPPORTED_ARCHITECTURES = {
     "LlamaForCausalLM": "llama",
     "Qwen2ForCausalLM": "qwen2",
     "Qwen3ForCausalLM": "qwen3",
+    "Qwen3MoeForCausalLM": "qwen3_moe",
+    "MixtralForCausalLM": "mixtral",
 }
+MOE_FAMILIES = ("qwen3_moe", "mixtral")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 
 
@@ -45,6 +48,17 @@ class HFArch:
     tie_embeddings: bool = False
     qkv_bias: bool = False
     qk_norm: bool = False
+    # mixture of experts (every layer's MLP; 0 experts: a dense model)
+    num_experts: int = 0
+    moe_ffn_hidden_size: int = 0  # one expert's MLP width
+    moe_topk: int = 0  # experts per token
+    # softmax over all experts before the top-k, without renormalising the k weights (Qwen3-MoE with
+    # norm_topk_prob=false); else the softmax of the k chosen logits (Mixtral, Qwen3-MoE's default)
+    moe_pre_softmax: bool = False
+
+    @property
+    def is_moe(self) -> bool:
+        return self.num_experts > 0
 
 
 def _require(cfg: dict, key: str, path: str):
@@ -84,6 +98,7 @@ def arch_from_dict(cfg: dict, path: str = "config.json") -> HFArch:
         raise ModelConfigError(
             f"{path}: num_attention_heads={heads} is not a multiple of num_key_value_heads={kv_heads}"
         )
+    moe = _moe_fields(cfg, family, path) if family in MOE_FAMILIES else {}
     return HFArch(
         architecture=arch,
         family=family,
@@ -102,8 +117,32 @@ def arch_from_dict(cfg: dict, path: str = "config.json") -> HFArch:
         tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
         # Qwen2 always has q/k/v biases; Llama and Qwen3 only with attention_bias=true.
         qkv_bias=family == "qwen2" or bool(cfg.get("attention_bias", False)),
-        qk_norm=family == "qwen3",
+        qk_norm=family in ("qwen3", "qwen3_moe"),
+        **moe,
     )
+
+
+def _moe_fields(cfg: dict, family: str, path: str) -> dict:
+    """The expert layout of a Qwen3-MoE or Mixtral config; what we cannot build is refused."""
+    experts = int(cfg.get("num_experts") or cfg.get("num_local_experts") or 0)
+    if experts < 2:
+        raise ModelConfigError(f"{path}: a {family} model needs num_experts (or num_local_experts) >= 2")
+    if family == "qwen3_moe":
+        if int(cfg.get("decoder_sparse_step", 1)) != 1 or cfg.get("mlp_only_layers"):
+            raise ModelConfigError(f"{path}: dense layers between the MoE layers (decoder_sparse_step != 1 or "
+                                   "mlp_only_layers) are not supported: every layer must be a MoE layer")
+        if cfg.get("shared_expert_intermediate_size"):
+            raise ModelConfigError(f"{path}: shared experts are not supported")
+        ffn, pre_softmax = int(_require(cfg, "moe_intermediate_size", path)), not cfg.get("norm_topk_prob", False)
+    else:
+        if cfg.get("router_jitter_noise"):
+            raise ModelConfigError(f"{path}: router_jitter_noise={cfg['router_jitter_noise']} is not supported "
+                                   "(routing must be deterministic)")
+        if cfg.get("sliding_window"):
+            raise ModelConfigError(f"{path}: sliding_window={cfg['sliding_window']} is not supported")
+        ffn, pre_softmax = int(_require(cfg, "intermediate_size", path)), False
+    return {"num_experts": experts, "moe_ffn_hidden_size": ffn, "moe_topk": int(_require(cfg, "num_experts_per_tok", path)),
+            "moe_pre_softmax": pre_softmax}
 
 
 def read_hf_config(hf_dir: str) -> HFArch:

@@ -116,12 +116,16 @@ def gpt_block_spec(config: TransformerConfig, *, qk_layernorm: bool, use_te: boo
     """The decoder spec: Transformer Engine layers, or local layers with SDPAttention and
     ``RMSNorm`` (this stage's layers plus the final norm); with ``lora``, its target linear layers
     carry the adapters (``models/lora.py``)."""
+    experts = config.num_moe_experts
     if use_te:
-        layer = get_gpt_layer_with_transformer_engine_spec(qk_layernorm=qk_layernorm)
+        layer = get_gpt_layer_with_transformer_engine_spec(num_experts=experts, moe_grouped_gemm=bool(experts),
+                                                           qk_layernorm=qk_layernorm)
         if lora is not None:
             _te_lora(layer, lora)
         return layer
-    layer = get_gpt_layer_local_spec(qk_layernorm=qk_layernorm, normalization="RMSNorm")
+    # MoE: megatron-core's SequentialMLP (one local MLP per expert; grouped GEMM needs CUDA)
+    layer = get_gpt_layer_local_spec(num_experts=experts, moe_grouped_gemm=False, qk_layernorm=qk_layernorm,
+                                     normalization="RMSNorm")
     layer.submodules.input_layernorm = RMSNorm
     layer.submodules.pre_mlp_layernorm = RMSNorm
     attention = layer.submodules.self_attention.submodules

@@ -26,6 +26,7 @@ from megatron_prime.models.forward import attention_mask_4d, broadcast_from_last
 from megatron_prime.models.lora import active_adapter
 from megatron_prime.models.wrappers import unwrap
 from megatron_prime.platform import watchdog
+from megatron_prime.passes import routing_replay
 from megatron_prime.passes.batch import RolloutBatch, micro_batch_rows
 from megatron_prime.passes.vocab_parallel import output_layer_logprobs
 
@@ -39,6 +40,7 @@ class PassResult:
     logprobs: torch.Tensor  # [n, R] for the rows passed in (detached, 0 on padding), on every rank of the replica
     entropy: torch.Tensor | None  # [n, R] likewise, with ``with_entropy``
     metrics: dict  # summed (sum, count) pairs of this rank's micro-batches (last stage; else empty)
+    routes: torch.Tensor | None = None  # mixture of experts, ``routing="record"``: this stage's routes per row
 
 
 def _micro_batch(batch: RolloutBatch, rows: torch.Tensor, device, length_multiple: int) -> dict:
@@ -53,6 +55,7 @@ def _micro_batch(batch: RolloutBatch, rows: torch.Tensor, device, length_multipl
     position = sub.response_index[row, column]  # the logits at position t predict token t + 1
     return {
         "batch": sub,
+        "rows": rows,
         "input_ids": ids.to(device),
         "position_ids": position_ids_for(ids).to(device),
         "attention_mask": attention_mask_4d(F.pad(sub.attention_mask[:, :length], (0, width - length))).to(device),
@@ -119,9 +122,13 @@ def run_pass(
     loss_fn: LossFn | None = None,
     with_entropy: bool = False,
     entropy_grad: bool = False,
+    routing: str | None = None,
 ) -> PassResult:
     """One pass over all rows of ``batch``: forward only (``loss_fn=None``) or forward + backward
-    with gradients accumulated into the DDP buffers (the caller zeroes and steps the optimizer)."""
+    with gradients accumulated into the DDP buffers (the caller zeroes and steps the optimizer).
+    ``routing`` (a mixture-of-experts model that can replay): "record" its routes per row
+    (``PassResult.routes``), "replay" ``batch.extras["routes"]``, or "observe" how far its own choice
+    drifts from them (``passes/routing_replay.py``; metric ``routing/flipped_frac``)."""
     forward_only = loss_fn is None
     inner = unwrap(model)
     device = next(inner.parameters()).device
@@ -131,6 +138,9 @@ def run_pass(
     row_groups = micro_batch_rows(lengths, token_budget)
     multiple = parallel_state.get_tensor_model_parallel_world_size() if inner.config.sequence_parallel else 1
     micro_batches = [_micro_batch(batch, rows, device, multiple) for rows in row_groups]
+    routes = None
+    if routing is not None and routing_replay.routers(inner):
+        routes = routing_replay.RoutePass(inner, routing, batch.size, batch.input_ids.shape[1], device)
 
     def loss_func(mb, hidden, non_loss_data=False):
         logprobs, entropy = response_logprobs(
@@ -150,8 +160,12 @@ def run_pass(
         mb = next(data_iterator)
         # Only around the model call: the schedule's finalize_model_grads must see the last stage
         # as it is, or a tied output layer skips the embedding all-reduce the first stage is in.
+        if routes is not None:
+            routes.before(mb)
         with hidden_states_out(inner):
             output = model_chunk(mb["input_ids"], mb["position_ids"], mb["attention_mask"])
+        if routes is not None:
+            routes.after(mb, mb["rows"])
         return output, partial(loss_func, mb)
 
     if forward_only:
@@ -160,7 +174,7 @@ def run_pass(
         model.train()
     context = torch.no_grad() if forward_only else torch.enable_grad()
     # shared-base LoRA: a trainable's pass adds its adapter, the reference's none (models/lora.py)
-    with context, active_adapter(inner, getattr(model, "lora_adapter", None)):
+    with context, active_adapter(inner, getattr(model, "lora_adapter", None)), _finishing(routes):
         outputs = get_forward_backward_func()(
             forward_step_func=forward_step,
             data_iterator=iter(micro_batches),
@@ -184,5 +198,17 @@ def run_pass(
     logprobs = broadcast_from_last_stage(logprobs)
     if with_entropy:
         entropy = broadcast_from_last_stage(entropy)
-    return PassResult(logprobs=logprobs, entropy=entropy, metrics=metrics)
+    if routes is not None and routes.mode != "record":  # every stage's layers count (summed over ranks)
+        metrics["routing/flipped_frac"] = torch.tensor([float(routes.flipped), float(routes.compared)])
+    return PassResult(logprobs=logprobs, entropy=entropy, metrics=metrics,
+                      routes=routes.routes if routes is not None else None)
+
+
+@contextmanager
+def _finishing(routes):
+    try:
+        yield
+    finally:
+        if routes is not None:
+            routes.finish()
 

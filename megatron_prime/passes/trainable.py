@@ -24,6 +24,7 @@ from megatron_prime.config import Config, OptimizerConfig
 from megatron_prime.models.gpt import ModelOptions, build_gpt_model, resolve_use_te
 from megatron_prime.models.hf_config import HFArch
 from megatron_prime.models.lora import LoRASettings, init_adapter_, lora_pairs
+from megatron_prime.passes import routing_replay
 
 
 NON_LEAF_GRAD_WARNING = "The .grad attribute of a Tensor that is not a leaf Tensor is being accessed"
@@ -53,12 +54,14 @@ class TrainableModel:
                 "update_ok": bool(ok)}
 
 
-def model_options(cfg: Config) -> ModelOptions:
-    """How the run's models are built (dtype, Transformer Engine, vocabulary padding, TP/PP)."""
+def model_options(cfg: Config, *, routing_replay: bool = False) -> ModelOptions:
+    """How the run's models are built (dtype, Transformer Engine, vocabulary padding, TP/PP/EP);
+    ``routing_replay``: the routers of a mixture-of-experts model can record and replay (the policy)."""
     return ModelOptions(
         dtype=cfg.model.dtype, fp8=cfg.model.fp8, use_te=resolve_use_te(cfg.model.transformer_engine),
         vocab_pad_multiple=cfg.model.vocab_pad_multiple, tp=cfg.parallel.tp, pp=cfg.parallel.pp,
-        sequence_parallel=cfg.parallel.sequence_parallel,
+        sequence_parallel=cfg.parallel.sequence_parallel, ep=cfg.parallel.ep,
+        moe_aux_loss_coef=cfg.model.moe_aux_loss_coef, routing_replay=routing_replay,
     )
 
 
@@ -69,6 +72,8 @@ def _wrap_half(model, opts: ModelOptions):
 def build_trainable(arch: HFArch, opts: ModelOptions, optim: OptimizerConfig, *, total_steps: int,
                     distributed_optimizer: bool) -> TrainableModel:
     gpt = build_gpt_model(arch, opts)
+    if opts.routing_replay:
+        routing_replay.install(gpt)
     return _trainable(_wrap_half(gpt, opts), gpt.config, opts, optim, total_steps, distributed_optimizer)
 
 
@@ -135,6 +140,8 @@ def build_shared_base(arch: HFArch, opts: ModelOptions, settings: LoRASettings,
     i.e. the base itself, which nothing ever writes."""
     gpt = build_gpt_model(arch, opts, lora=settings)
     gpt.lora_settings = settings
+    if opts.routing_replay:
+        routing_replay.install(gpt)
     module = _wrap_half(gpt, opts)
     for p in module.parameters():
         p.requires_grad_(False)

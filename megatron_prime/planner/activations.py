@@ -17,6 +17,10 @@ f MLP size:
     attention output            B·a·d/t   (also the projection's input)
     softmax log-sum-exp         4·a/t     (float32)
     MLP                         5·B·f/t   (fc1 output 2f, silu(gate) f, up + offset f, fc2 input f)
+    MoE MLP (instead)           4·E + k·(5·B·f_e/t + 2·B·h)   router scores in float32; per routed copy
+                                                                 of the token: its expert's MLP, and the
+                                                                 token dispatched to it and back (an
+                                                                 estimate: not measured)
 
 plus, per layer, the rotary cos/sin tables (4·B·s·d) and, for SDPAttention,
 the additive mask its kernel keeps (B·b·s², not split over TP). Fused kernels (Transformer
@@ -79,9 +83,13 @@ def layer_activation_bytes(arch: HFArch, mb: MicroBatch, *, dtype: str, tp: int,
     h, a, g, d, f = arch.hidden_size, arch.num_heads, arch.num_kv_heads, arch.head_dim, arch.ffn_hidden_size
     sigma = tp if sequence_parallel else 1
     k = g if spec == "te" else a
+    if arch.is_moe:  # router scores (fp32), and per routed copy: the expert MLP and the dispatched token
+        mlp = 4 * arch.num_experts + arch.moe_topk * (5 * B * arch.moe_ffn_hidden_size / tp + 2 * B * h)
+    else:
+        mlp = 5 * B * f / tp
     per_token = (2 * (_norm_bytes(B, h, spec) + 4) / sigma
                  + B * (a + 2 * k) * d / tp + B * a * d / tp + 4 * a / tp
-                 + 5 * B * f / tp)
+                 + mlp)
     per_layer = 4 * B * mb.seq_len * d  # rotary cos/sin
     if spec == "local":
         per_layer += B * mb.sequences * mb.seq_len ** 2  # SDPA's additive mask

@@ -92,7 +92,8 @@ def _plan(args, validate_run, outcome_only) -> int:
     if args.show_config:
         print("validated config:")
         print("  " + yaml.safe_dump(config_to_dict(cfg), sort_keys=False).rstrip().replace("\n", "\n  "))
-    layout = Layout(args.gpus, args.gpus_per_node, cfg.parallel.tp, cfg.parallel.pp, cfg.train.micro_batch_tokens)
+    layout = Layout(args.gpus, args.gpus_per_node, cfg.parallel.tp, cfg.parallel.pp, cfg.train.micro_batch_tokens,
+                    cfg.parallel.ep)
     plan = plan_layout(cfg, arch, layout, gpu_mem_gib=args.gpu_mem, uses_prm=uses_prm, uses_reference=uses_reference)
     print(format_plan(plan, cfg, arch))
     print(verdict(plan))
@@ -110,5 +111,6 @@ def _print_alternatives(plans, args) -> None:
               f"({plans[0].layout.gpus // args.gpus_per_node} nodes of {args.gpus_per_node})")
     for alt in plans:
         lay = alt.layout
+        ep = f" parallel.ep={lay.ep}" if lay.ep > 1 else ""
         print(f"  fits: {lay.describe()}, peak {gib(alt.peak)} GiB ({alt.peak_phase}): --gpus {lay.gpus} "
-              f"parallel.tp={lay.tp} parallel.pp={lay.pp} train.micro_batch_tokens={lay.micro_batch_tokens}")
+              f"parallel.tp={lay.tp} parallel.pp={lay.pp}{ep} train.micro_batch_tokens={lay.micro_batch_tokens}")

@@ -50,6 +50,7 @@ class Layout:
     tp: int
     pp: int
     micro_batch_tokens: int
+    ep: int = 1  # expert parallelism (mixture-of-experts models): splits the DP ranks
 
     @property
     def dp(self) -> int:
@@ -57,7 +58,8 @@ class Layout:
 
     def describe(self) -> str:
         nodes = -(-self.gpus // self.gpus_per_node)
-        return (f"TP={self.tp} PP={self.pp} DP={self.dp} on {self.gpus} GPUs ({nodes} node{'s' * (nodes > 1)}), "
+        ep = f" EP={self.ep}" if self.ep > 1 else ""
+        return (f"TP={self.tp} PP={self.pp} DP={self.dp}{ep} on {self.gpus} GPUs ({nodes} node{'s' * (nodes > 1)}), "
                 f"micro_batch_tokens={self.micro_batch_tokens}")
 
 
@@ -124,8 +126,9 @@ def _engine_memory(cfg: Config, arch: HFArch, gpu_mem: int, gpus: int) -> Engine
                         engines=gpus // r.tp)
 
 
-def _worst_over_dp(params, *, dtype: str, dp: int, distributed_optimizer: bool) -> StateBytes:
-    states = [trainable_state_bytes(params, dtype=dtype, dp=dp, dp_rank=r, distributed_optimizer=distributed_optimizer)
+def _worst_over_dp(params, *, dtype: str, dp: int, distributed_optimizer: bool, ep: int = 1) -> StateBytes:
+    states = [trainable_state_bytes(params, dtype=dtype, dp=dp, dp_rank=r, distributed_optimizer=distributed_optimizer,
+                                    ep=ep)
               for r in range(dp if distributed_optimizer else 1)]
     return max(states, key=lambda s: s.total)
 
@@ -148,7 +151,8 @@ def plan_layout(cfg: Config, arch: HFArch, layout: Layout, *, gpu_mem_gib: float
     lora = cfg.model.lora
     for stage in range(pp):
         first, last = stage == 0, stage == pp - 1
-        params = stage_parameters(arch, tp=tp, pp=pp, pp_rank=stage, vocab_pad_multiple=cfg.model.vocab_pad_multiple)
+        params = stage_parameters(arch, tp=tp, pp=pp, pp_rank=stage, vocab_pad_multiple=cfg.model.vocab_pad_multiple,
+                                  ep=layout.ep)
         trained = ["policy"] + (["prm"] if uses_prm else [])
         models = {}
         if lora.enabled:  # one frozen base (the reference too) carrying the adapters
@@ -158,7 +162,7 @@ def plan_layout(cfg: Config, arch: HFArch, layout: Layout, *, gpu_mem_gib: float
                 adapter = lora_parameters(arch, rank=lora.ranks[name], targets=lora.targets, tp=tp, pp=pp)
                 state = trainable_state_bytes(adapter, dtype=dtype, dp=dp, dp_rank=0, distributed_optimizer=False)
             else:
-                state = _worst_over_dp(params, dtype=dtype, dp=dp,
+                state = _worst_over_dp(params, dtype=dtype, dp=dp, ep=layout.ep,
                                        distributed_optimizer=cfg.parallel.distributed_optimizer)
             in_flight = min(pp - stage, micro_batches[name])
             act = dict(dtype=dtype, tp=tp, sequence_parallel=sp, layers=arch.num_layers // pp, first_stage=first,
@@ -201,22 +205,23 @@ def plan_layout(cfg: Config, arch: HFArch, layout: Layout, *, gpu_mem_gib: float
     return best
 
 
-def _accepts(cfg: Config, layout: Layout) -> bool:
+def _accepts(cfg: Config, arch: HFArch, layout: Layout) -> bool:
     """Whether ``validate`` takes this layout (batches split over DP, engines fit a node, ...)."""
-    trial = dataclasses.replace(cfg, parallel=dataclasses.replace(cfg.parallel, tp=layout.tp, pp=layout.pp,
+    trial = dataclasses.replace(cfg, parallel=dataclasses.replace(cfg.parallel, tp=layout.tp, pp=layout.pp, ep=layout.ep,
                                                                    sequence_parallel=cfg.parallel.sequence_parallel
                                                                    and layout.tp > 1),
                                 train=dataclasses.replace(cfg.train, micro_batch_tokens=layout.micro_batch_tokens))
     try:
-        validate(trial, layout.gpus, gpus_per_node=layout.gpus_per_node)
+        validate(trial, layout.gpus, gpus_per_node=layout.gpus_per_node, model_shape=arch)
     except ConfigError:
         return False
     return True
 
 
 def candidate_layouts(cfg: Config, arch: HFArch, gpus: int, gpus_per_node: int) -> list[Layout]:
-    """TP (dividing heads and KV groups, within a node) x PP (dividing the layers) x micro-batch
-    token budgets (the configured one and full sequences x powers of two below it)."""
+    """TP (dividing heads and KV groups, within a node) x PP (dividing the layers) x EP (a
+    mixture-of-experts model: dividing the experts and DP) x micro-batch token budgets (the
+    configured one and full sequences x powers of two below it)."""
     seq = cfg.data.max_prompt_len + cfg.data.max_response_len
     budgets = {cfg.train.micro_batch_tokens} | {seq * 2 ** k for k in range(12) if seq * 2 ** k < cfg.train.micro_batch_tokens}
     heads = math.gcd(arch.num_heads, arch.num_kv_heads)
@@ -225,10 +230,13 @@ def candidate_layouts(cfg: Config, arch: HFArch, gpus: int, gpus_per_node: int) 
         for pp in (p for p in range(1, arch.num_layers + 1) if arch.num_layers % p == 0):
             if gpus % (tp * pp):
                 continue
-            for budget in sorted(budgets, reverse=True):
-                layout = Layout(gpus, gpus_per_node, tp, pp, budget)
-                if _accepts(cfg, layout):
-                    out.append(layout)
+            dp = gpus // (tp * pp)
+            eps = [e for e in range(1, dp + 1) if dp % e == 0 and arch.num_experts % e == 0] if arch.is_moe else [1]
+            for ep in eps:
+                for budget in sorted(budgets, reverse=True):
+                    layout = Layout(gpus, gpus_per_node, tp, pp, budget, ep)
+                    if _accepts(cfg, arch, layout):
+                        out.append(layout)
     return out
 
 
@@ -243,7 +251,8 @@ def fitting_layouts(cfg: Config, arch: HFArch, *, gpus: int, gpus_per_node: int,
                  for layout in candidate_layouts(cfg, arch, count, gpus_per_node)]
         fitting = [p for p in plans if p.fits]
         if fitting:
-            fitting.sort(key=lambda p: (p.layout.tp * p.layout.pp, -p.layout.micro_batch_tokens, -p.layout.tp, p.peak))
+            fitting.sort(key=lambda p: (p.layout.tp * p.layout.pp, -p.layout.micro_batch_tokens, -p.layout.tp,
+                                        p.layout.ep, p.peak))
             return fitting[:limit]
     return []
 

@@ -16,6 +16,9 @@ TP=1, TP=2 and PP=2 in ``tests/planner/test_plan.py``):
   of its own. The parameters then live in that buffer (``param_data``) and the gradients in a
   float32 twin (``grad_data``, ``grad_reduce_in_fp32``). Without the distributed optimizer
   nothing is padded and the parameters keep their own storage.
+- A mixture-of-experts model's experts (``param.allreduce = False``) get a buffer of their own, laid
+  out by the same rules over the expert-data-parallel ranks (DP / EP), which the distributed
+  optimizer shards over.
 - The distributed optimizer gives DP rank r the r-th of DP equal slices of every bucket; it keeps
   Adam's two moments (float32) for the elements of real parameters in its slice, and for
   half-precision models a float32 main copy of them too. Without it, every rank keeps those for
@@ -40,6 +43,7 @@ class Param:
     name: str
     numel: int
     shared_embedding: bool = False  # the tied embedding / output weight under PP > 1
+    expert: bool = False  # a mixture-of-experts expert's: its own DDP buffer, over the expert-data-parallel ranks
 
 
 @dataclass(frozen=True)
@@ -59,8 +63,10 @@ def padded_vocab(vocab_size: int, tp: int, multiple: int) -> int:
     return -(-vocab_size // unit) * unit
 
 
-def stage_parameters(arch: HFArch, *, tp: int, pp: int, pp_rank: int, vocab_pad_multiple: int) -> list[Param]:
-    """This stage's parameters on one TP rank, in ``named_parameters()`` order."""
+def stage_parameters(arch: HFArch, *, tp: int, pp: int, pp_rank: int, vocab_pad_multiple: int,
+                     ep: int = 1) -> list[Param]:
+    """This stage's parameters on one TP rank (and EP rank: E / EP experts per MoE layer), in
+    ``named_parameters()`` order."""
     h, d = arch.hidden_size, arch.head_dim
     qkv_rows = (arch.num_heads + 2 * arch.num_kv_heads) * d // tp
     vocab_rows = padded_vocab(arch.vocab_size, tp, vocab_pad_multiple) // tp
@@ -79,9 +85,17 @@ def stage_parameters(arch: HFArch, *, tp: int, pp: int, pp_rank: int, vocab_pad_
         if arch.qk_norm:
             params += [Param(layer + "self_attention.q_layernorm.weight", d),
                        Param(layer + "self_attention.k_layernorm.weight", d)]
-        params += [Param(layer + "pre_mlp_layernorm.weight", h),
-                   Param(layer + "mlp.linear_fc1.weight", 2 * arch.ffn_hidden_size // tp * h),
-                   Param(layer + "mlp.linear_fc2.weight", h * arch.ffn_hidden_size // tp)]
+        params.append(Param(layer + "pre_mlp_layernorm.weight", h))
+        if arch.is_moe:  # the router (replicated), then this rank's experts, each a small MLP split over TP
+            params.append(Param(layer + "mlp.router.weight", arch.num_experts * h))
+            f = arch.moe_ffn_hidden_size
+            for j in range(arch.num_experts // ep):
+                expert = f"{layer}mlp.experts.local_experts.{j}."
+                params += [Param(expert + "linear_fc1.weight", 2 * f // tp * h, expert=True),
+                           Param(expert + "linear_fc2.weight", h * f // tp, expert=True)]
+        else:
+            params += [Param(layer + "mlp.linear_fc1.weight", 2 * arch.ffn_hidden_size // tp * h),
+                       Param(layer + "mlp.linear_fc2.weight", h * arch.ffn_hidden_size // tp)]
     if last:
         params.append(Param("decoder.final_layernorm.weight", h))
         if not arch.tie_embeddings or not first:  # tied at PP=1: the embedding is the output layer
@@ -151,8 +165,23 @@ def buffer_layout(params: list[Param], *, dp: int, distributed_optimizer: bool):
 
 
 def trainable_state_bytes(params: list[Param], *, dtype: str, dp: int, dp_rank: int,
-                          distributed_optimizer: bool) -> StateBytes:
-    """Parameter, gradient and optimizer bytes of a trained model on one rank."""
+                          distributed_optimizer: bool, ep: int = 1) -> StateBytes:
+    """Parameter, gradient and optimizer bytes of a trained model on one rank: the dense
+    parameters' buffer over the DP ranks and, for a mixture-of-experts model, the experts' own buffer
+    over the expert-data-parallel ranks (DP / EP)."""
+    dense = [p for p in params if not p.expert]
+    experts = [p for p in params if p.expert]
+    state = _buffer_state_bytes(dense, dtype=dtype, dp=dp, dp_rank=dp_rank, distributed_optimizer=distributed_optimizer)
+    if experts:
+        edp = dp // ep
+        more = _buffer_state_bytes(experts, dtype=dtype, dp=edp, dp_rank=dp_rank % edp,
+                                   distributed_optimizer=distributed_optimizer)
+        state = StateBytes(state.params + more.params, state.grads + more.grads, state.optimizer + more.optimizer)
+    return state
+
+
+def _buffer_state_bytes(params: list[Param], *, dtype: str, dp: int, dp_rank: int,
+                        distributed_optimizer: bool) -> StateBytes:
     total, placed, buckets = buffer_layout(params, dp=dp, distributed_optimizer=distributed_optimizer)
     if not distributed_optimizer:
         owned = total

@@ -8,7 +8,11 @@ CUDA to CPU at the torch level, in this one module:
 * a ``TorchFunctionMode`` rewrites CUDA device arguments to ``cpu``, makes ``.cuda()`` a no-op,
   and reports CPU float tensors' ``.type()`` as their CUDA names (the optimizer checks);
 * a few ``torch.cuda`` functions that have no tensor argument (``current_device``, RNG state,
-  ``synchronize``, ``manual_seed``, ``empty_cache``, streams) are replaced by CPU equivalents.
+  ``synchronize``, ``manual_seed``, ``empty_cache``, streams and their events) are replaced by CPU
+  equivalents;
+* megatron-core's MoE token dispatcher hands its split sizes to ``all_to_all_single`` as Python
+  lists only after moving them off the GPU (``maybe_move_tensor_to_cpu``): on CPU they are CPU
+  tensors already, which it leaves as tensors, so CPU tensors are converted too.
 
 ``enable()`` does nothing when CUDA is available, so GPU runs use megatron-core untouched.
 """
@@ -66,7 +70,20 @@ class _NullStream:
         pass
 
     def record_event(self, event=None):
-        return event
+        return event if event is not None else _NullEvent()
+
+
+class _NullEvent:
+    """Stands in for ``torch.cuda.Event``: everything recorded on CPU has happened already."""
+
+    def synchronize(self):
+        pass
+
+    def wait(self, stream=None):
+        pass
+
+    def query(self):
+        return True
 
 
 def _patch_torch_cuda():
@@ -86,7 +103,32 @@ def _patch_torch_cuda():
     cuda.current_stream = lambda device=None: _NullStream()
     cuda.default_stream = lambda device=None: _NullStream()
     cuda.Stream = _NullStream
+    cuda.Event = _NullEvent
     cuda.stream = lambda stream=None: contextlib.nullcontext()
+    _patch_moe_dispatcher()
+
+
+def _patch_moe_dispatcher():
+    from megatron.core.transformer.moe import moe_utils, token_dispatcher
+
+    cuda_only = moe_utils.maybe_move_tensor_to_cpu
+
+    def to_host(tensor, as_numpy: bool = False, record_stream: bool = False):
+        if torch.is_tensor(tensor) and not tensor.is_cuda:
+            return tensor.numpy() if as_numpy else tensor
+        return cuda_only(tensor, as_numpy=as_numpy, record_stream=record_stream)
+
+    moe_utils.maybe_move_tensor_to_cpu = token_dispatcher.maybe_move_tensor_to_cpu = to_host
+    fill_moe_gaps()
+
+
+def fill_moe_gaps() -> None:
+    """megatron-core 0.16 without Transformer Engine leaves ``te_general_gemm`` undefined in
+    ``moe_utils`` while its router gating tests it for None (fixed in 0.17): define it as None."""
+    from megatron.core.transformer.moe import moe_utils
+
+    if not hasattr(moe_utils, "te_general_gemm"):
+        moe_utils.te_general_gemm = None
 
 
 def enable() -> bool:

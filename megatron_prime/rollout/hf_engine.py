@@ -14,6 +14,7 @@ import dataclasses
 import inspect
 import os
 import random
+import re
 from typing import Iterable, Sequence
 
 import torch
@@ -27,6 +28,10 @@ from .base import (
     describe_request,
 )
 from .sampling import choose_tokens
+
+# one expert's projection in a checkpoint: Qwen3-MoE (gate/up/down_proj) and Mixtral (w1/w3/w2)
+_CHECKPOINT_EXPERT = re.compile(
+    r"^(model\.layers\.\d+)\.(?:mlp|block_sparse_moe)\.experts\.(\d+)\.(gate_proj|up_proj|down_proj|w1|w3|w2)\.weight$")
 
 
 class HFEngine(RolloutEngine):
@@ -200,18 +205,18 @@ class HFEngine(RolloutEngine):
         the model was written (tied aliases count once)."""
         written: set[int] = set()
         for name, tensor in named_tensors:
-            param = self._params.get(name)
+            param, place = self._place_of(name)
             if param is None:
                 raise ValueError(
                     f"hf engine: update_weights got unknown parameter '{name}' "
                     f"(model has {len(self._params)} names, e.g. {sorted(self._params)[:3]})"
                 )
-            if tuple(tensor.shape) != tuple(param.shape):
+            if tuple(tensor.shape) != tuple(place.shape):
                 raise ValueError(
                     f"hf engine: update_weights shape mismatch for '{name}': "
-                    f"model has {tuple(param.shape)}, got {tuple(tensor.shape)}"
+                    f"model has {tuple(place.shape)}, got {tuple(tensor.shape)}"
                 )
-            param.data.copy_(tensor)  # casts dtype and crosses devices as needed
+            place.copy_(tensor)  # casts dtype and crosses devices as needed
             written.add(id(param))
         if strict:
             missing = sorted(
@@ -222,6 +227,29 @@ class HFEngine(RolloutEngine):
                     f"hf engine: update_weights(strict=True) left {len(missing)} parameters "
                     f"unwritten: {missing[:10]}{' ...' if len(missing) > 10 else ''}"
                 )
+
+    def _place_of(self, name: str):
+        """(parameter, the view of it that checkpoint tensor ``name`` fills). transformers holds a
+        mixture-of-experts layer's experts fused in memory (``mlp.experts.gate_up_proj``
+        ``[E, 2I, H]``, gate first, and ``mlp.experts.down_proj`` ``[E, H, I]``; Mixtral's
+        ``block_sparse_moe`` renamed ``mlp``) while checkpoints hold one tensor per expert."""
+        param = self._params.get(name)
+        if param is not None:
+            return param, param.data
+        match = _CHECKPOINT_EXPERT.match(name)
+        if match:
+            layer, expert, part = match.group(1), int(match.group(2)), match.group(3)
+            fused = self._params.get(f"{layer}.mlp.experts.{'down_proj' if part in ('down_proj', 'w2') else 'gate_up_proj'}")
+            if fused is None:
+                return None, None
+            view = fused.data[expert]
+            if part in ("gate_proj", "w1", "up_proj", "w3"):
+                half = view.shape[0] // 2
+                view = view[:half] if part in ("gate_proj", "w1") else view[half:]
+            return fused, view
+        renamed = name.replace(".block_sparse_moe.gate.", ".mlp.gate.")
+        param = self._params.get(renamed) if renamed != name else None
+        return (param, param.data) if param is not None else (None, None)
 
     def sleep(self) -> None:
         """On CUDA: move the weights to CPU and return cached blocks to the driver (the KV

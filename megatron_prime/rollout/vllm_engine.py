@@ -31,6 +31,13 @@ puts it in the worker LoRA manager's place for adapter id ``ADAPTER_ID``, replac
 then the prefix cache is reset (its key holds the adapter's name, not its contents). Every later
 ``generate`` asks for that adapter.
 
+Mixture-of-experts models on vLLM's CPU build: its in-place reload is not exact for them (reloading
+the very same weights moved log-probs by up to 6.75 nats, measured with 0.32.0; upstream vllm
+#42821, RFC #48312), so there ``update_weights`` writes the tensors as a checkpoint (a private
+directory: the model's config and tokenizer files, one safetensors file) and restarts the engine
+from it: exact, and seconds per sync on a small model (``restart_to_update``). On GPU the in-place
+reload is used for every model.
+
 Memory: sleep mode (``enable_sleep_mode=True``; ``sleep()`` is ``LLM.sleep(level=1)``, weights
 to host memory and KV cache dropped; ``wake()`` restores weights, then the KV cache) where the
 platform has it (CUDA). Elsewhere (CPU) vLLM refuses it, so the engine starts without it and
@@ -54,12 +61,16 @@ of the truncated distribution (vLLM offers no untruncated-but-scaled mode).
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import dataclasses
 import gc
+import json
 import os
 import random
+import shutil
 import sys
+import tempfile
 import warnings
 from typing import Iterable, Sequence
 
@@ -216,6 +227,16 @@ def refresh_tied_layers(model) -> int:
     return len(tied)
 
 
+def is_moe_checkpoint(model_path: str) -> bool:
+    """Whether the HF checkpoint at ``model_path`` is a mixture-of-experts model (its config.json)."""
+    try:
+        with open(os.path.join(model_path, "config.json")) as f:
+            config = json.load(f)
+    except (OSError, ValueError):
+        return False
+    return bool(config.get("num_experts") or config.get("num_local_experts"))
+
+
 def load_adapter_in_worker(worker, adapter_id: int, tensors: dict, config: dict) -> None:
     """Runs on vLLM's worker (``collective_rpc``): the adapter in PEFT's layout, from memory, replaces
     adapter ``adapter_id`` in the worker's LoRA manager (vLLM itself only loads adapters from disk)."""
@@ -271,6 +292,8 @@ class VLLMEngine(RolloutEngine):
         self.extra_llm_args = dict(extra_llm_args or {})
         self.lora_max_rank = lora_max_rank
         self._lora_request = None  # the adapter generate asks for (after update_adapter)
+        self.restart_to_update = is_moe_checkpoint(model_path) and not torch.cuda.is_available()
+        self._weights_dir = None  # restart_to_update: the checkpoint of the latest weights
         self._llm = None
         self._owns_world = False  # vLLM created torch's default process group (no trainer around)
         self._said_no_sleep = False
@@ -391,6 +414,9 @@ class VLLMEngine(RolloutEngine):
         restored at least the weights). Every rank of the engine calls this with the full
         tensors; the engine holds no reference to them afterwards."""
         llm = self._running("update_weights")
+        if self.restart_to_update:
+            self._restart_with(named_tensors)
+            return
         try:
             with trainer_state_kept():
                 llm.collective_rpc(method="reload_weights",
@@ -400,6 +426,28 @@ class VLLMEngine(RolloutEngine):
                 llm.reset_prefix_cache()
         except Exception as exc:
             raise RolloutError(self.name, "update_weights", repr(exc)) from exc
+
+    def _restart_with(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """The exact update where the in-place reload is not: the tensors as a checkpoint beside a
+        copy of the model's other files, and the engine restarted from it."""
+        from safetensors.torch import save_file
+
+        if self._weights_dir is None:
+            self._weights_dir = tempfile.mkdtemp(prefix="megatron-prime-vllm-weights-")
+            atexit.register(shutil.rmtree, self._weights_dir, ignore_errors=True)
+            for name in os.listdir(self.model_path):
+                path = os.path.join(self.model_path, name)
+                if os.path.isfile(path) and not name.endswith(".safetensors") and name != "model.safetensors.index.json":
+                    shutil.copy(path, self._weights_dir)
+        try:
+            tensors = {name: t.detach().to("cpu", copy=True).contiguous() for name, t in named_tensors}
+            save_file(tensors, os.path.join(self._weights_dir, "model.safetensors"), metadata={"format": "pt"})
+        except Exception as exc:
+            raise RolloutError(self.name, "update_weights (write the checkpoint to restart from)", repr(exc)) from exc
+        del tensors
+        self.shutdown()
+        self.model_path = self._weights_dir
+        self._start()
 
     def update_adapter(self, tensors: dict[str, torch.Tensor], peft_config: dict) -> None:
         """Replace the policy adapter (PEFT names and ``adapter_config.json`` contents); later

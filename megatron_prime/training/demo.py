@@ -15,27 +15,32 @@ DEFAULT_CONFIG = os.path.join(SHIPPED_EXAMPLES, "configs", "tiny_cpu.yaml")
 # ~0.8M parameters: the toy task is learnable with it in demo time on 2 CPU cores
 TINY_MODEL = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,
                   num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=True)
+# the mixture-of-experts variant (demo --moe): a Qwen3-MoE of 4 experts, 2 per token, routed as
+# Qwen3-30B-A3B; its experts are half as wide as the dense MLP, so a token's compute stays the same
+TINY_MOE = dict(TINY_MODEL, intermediate_size=384, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=192,
+                norm_topk_prob=True, head_dim=32)
 
 
-def make_tiny_model(tokenizer_dir: str, out_dir: str, seed: int, max_positions: int = 64) -> str:
-    """A randomly initialised Qwen2 with the toy tokenizer, saved as a Hugging Face checkpoint."""
+def make_tiny_model(tokenizer_dir: str, out_dir: str, seed: int, max_positions: int = 64, moe: bool = False) -> str:
+    """A randomly initialised Qwen2 (``moe``: Qwen3-MoE) with the toy tokenizer, saved as a Hugging
+    Face checkpoint."""
     import torch
     import transformers
 
     tokenizer = transformers.AutoTokenizer.from_pretrained(tokenizer_dir)
     torch.manual_seed(seed)
-    config = transformers.Qwen2Config(
+    config = (transformers.Qwen3MoeConfig if moe else transformers.Qwen2Config)(
         vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id, **{**TINY_MODEL, "max_position_embeddings": max_positions},
+        pad_token_id=tokenizer.pad_token_id, **{**(TINY_MOE if moe else TINY_MODEL), "max_position_embeddings": max_positions},
     )
-    model = transformers.Qwen2ForCausalLM(config)
+    model = transformers.AutoModelForCausalLM.from_config(config)
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     return out_dir
 
 
 def demo_configs(out: str, seed: int, config_path: str | None, overrides: list[str],
-                 task_preset: str = "default") -> tuple[Config, str]:
+                 task_preset: str = "default", moe: bool = False) -> tuple[Config, str]:
     """The demo's config (the tiny CPU config, its paths filled in) and the tiny model's initial HF
     checkpoint, for the toy task ``task_preset`` (``data.toy.PRESETS``). A preset other than the
     default sizes the prompt and response limits (and the model's positions) to its problems."""
@@ -49,7 +54,7 @@ def demo_configs(out: str, seed: int, config_path: str | None, overrides: list[s
         prompt_len, response_len = meta["max_prompt_chars"], meta["max_response_chars"] + 8
         lengths = [f"data.max_prompt_len={prompt_len}", f"data.max_response_len={response_len}"]
         positions = 64 * -(-(prompt_len + response_len) // 64)
-    init_hf = make_tiny_model(str(task.tokenizer), os.path.join(out, "init_hf"), seed, positions)
+    init_hf = make_tiny_model(str(task.tokenizer), os.path.join(out, "init_hf"), seed, positions, moe=moe)
     paths = [*lengths,
         f"model.hf_path={init_hf}",
         f"sft.train_file={task.sft}",
@@ -88,13 +93,13 @@ def local_rollout_server(cfg: Config):
 
 
 def run_demo(out: str = "outputs/demo", seed: int = 1, config_path: str | None = None,
-             overrides: list[str] = (), task_preset: str = "default") -> dict:
+             overrides: list[str] = (), task_preset: str = "default", moe: bool = False) -> dict:
     from megatron_prime.training.sft import sft
     from megatron_prime.training.trainer import train
 
     t0 = time.time()
-    print(f"[demo] building the toy task and a tiny model under {out}", flush=True)
-    cfg, _ = demo_configs(out, seed, config_path, overrides, task_preset)
+    print(f"[demo] building the toy task and a tiny {'mixture-of-experts ' if moe else ''}model under {out}", flush=True)
+    cfg, _ = demo_configs(out, seed, config_path, overrides, task_preset, moe)
     print(f"[demo] SFT: {cfg.sft.steps} steps, batch {cfg.sft.batch_size}", flush=True)
     sft_result = sft(cfg)
     t_sft = time.time() - t0

@@ -46,12 +46,14 @@ def demo(argv) -> int:
                    "(examples/configs/tiny_cpu.yaml)")
     p.add_argument("--task", default="default", choices=sorted(TOY_PRESETS),
                    help="the toy task's preset (multistep: a+b*c-d*e+f*g, every intermediate result written)")
+    p.add_argument("--moe", action="store_true", help="a tiny mixture-of-experts model (Qwen3-MoE: 4 experts, 2 per "
+                   "token) instead of the dense Qwen2")
     p.add_argument("overrides", nargs="*")
     args = p.parse_args(argv)
 
     def run():
         from megatron_prime.training.demo import run_demo
 
-        run_demo(args.out, args.seed, args.config, args.overrides, args.task)
+        run_demo(args.out, args.seed, args.config, args.overrides, args.task, args.moe)
 
     return exit_code(run)

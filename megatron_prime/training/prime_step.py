@@ -90,8 +90,8 @@ def prime_step(ctx: PrimeContext, step: int) -> tuple[dict[str, float], list[Gro
     share.keep("advantages", advantages)
     # Alg. 1 l.10: update pi_theta by the PPO loss (Eq. 6), pi_theta_old recomputed by Megatron and
     # the engine's samples weighted for what separates it from pi_theta_old.
-    with timer("old_logprobs"):
-        old_logprobs = share.logprobs(ctx.policy.model, "old_logprobs", **policy_args)
+    with timer("old_logprobs"):  # mixture of experts: the routes of pi_theta_old, for the update to replay
+        old_logprobs = share.logprobs(ctx.policy.model, "old_logprobs", routing="record", **policy_args)
     correct_for_the_engine(cfg, share, old_logprobs, metrics)
     with timer("policy_update"), offloaded(ctx.prm, enabled=ctx.offload):
         metrics.update(update_policy(ctx, share.local, step, policy_args))
@@ -121,10 +121,13 @@ class BatchShare:
 
     def logprobs(self, model, name: str, **pass_args) -> torch.Tensor:
         """Per-token log-probs of the whole batch: this rank's rows through ``model``, gathered over
-        data-parallel ranks; this rank's rows are also kept for the losses as ``local.extras[name]``."""
-        mine = run_pass(model, self.local, **pass_args).logprobs
-        self.local.extras[name] = mine
-        return gather_dp_rows(mine)
+        data-parallel ranks; this rank's rows are also kept for the losses as ``local.extras[name]``
+        (and the routes a mixture-of-experts model recorded as ``local.extras["routes"]``)."""
+        result = run_pass(model, self.local, **pass_args)
+        self.local.extras[name] = result.logprobs
+        if result.routes is not None:
+            self.local.extras["routes"] = result.routes
+        return gather_dp_rows(result.logprobs)
 
     def keep(self, name: str, whole: torch.Tensor) -> None:
         """This rank's rows of a whole-batch tensor, for the losses."""
@@ -284,6 +287,8 @@ def update_policy(ctx: PrimeContext, local: RolloutBatch, step: int, pass_args: 
     per_rank = cfg.train.mini_batch_responses // dp_size
     num_minibatches = local.size // per_rank
     generator = torch.Generator().manual_seed(cfg.train.seed * 100003 + step)
+    # mixture of experts: the experts pi_theta_old chose (R2), or the drift from them measured only
+    routing = ("replay" if a.routing_replay else "observe") if "routes" in local.extras else None
 
     def loss_fn(mb: RolloutBatch, logprobs, entropy):
         mask = mb.extras.get("policy_mask", mb.response_mask)  # seq_mask's dropped responses leave it
@@ -309,7 +314,7 @@ def update_policy(ctx: PrimeContext, local: RolloutBatch, step: int, pass_args: 
                 continue
             ctx.policy.zero_grad()
             result = run_pass(ctx.policy.model, local.rows(rows), loss_fn=loss_fn, with_entropy=True,
-                              entropy_grad=a.entropy_coef != 0.0, **pass_args)
+                              entropy_grad=a.entropy_coef != 0.0, routing=routing, **pass_args)
             steps.append(ctx.policy.step())
             accumulate_metrics(pairs, result.metrics)
     metrics = metric_means(reduce_metric_pairs(pairs))

@@ -223,6 +223,9 @@ def build_models(cfg: Config, arch, sources: WeightSources):
     With ``model.lora``: one frozen base (``model.hf_path``) carrying two adapters, the reference
     being that base with no adapter active."""
     opts = model_options(cfg)
+    # mixture of experts: the policy's routers record and replay (algorithm.routing_replay); with one
+    # shared base the PRM's and the reference's passes just never ask them to
+    replay_opts = model_options(cfg, routing_replay=cfg.algorithm.routing_replay and arch.is_moe)
     uses_prm = cfg.algorithm.estimator not in OUTCOME_ONLY_ESTIMATORS
     needs_reference = uses_prm or bool(cfg.algorithm.kl_coef)
     t = cfg.train
@@ -235,7 +238,7 @@ def build_models(cfg: Config, arch, sources: WeightSources):
         settings = LoRASettings(ranks={r: lora.ranks[r] for r in roles}, alpha=lora.alpha, targets=tuple(lora.targets))
         # The adapters' optimizer state is ~1% of the model's: kept whole on every data-parallel rank
         # (not the distributed optimizer), which also lets it resume at another TP/PP.
-        trainables, base = build_shared_base(arch, opts, settings, {r: (optims[r], steps[r]) for r in roles},
+        trainables, base = build_shared_base(arch, replay_opts, settings, {r: (optims[r], steps[r]) for r in roles},
                                              distributed_optimizer=False, seed=cfg.train.seed)
         load_initial_weights(base, sources.policy, arch, cfg)
         for tm in trainables.values():  # the optimizers' fp32 copies of the adapters, taken at build
@@ -245,7 +248,7 @@ def build_models(cfg: Config, arch, sources: WeightSources):
                   + ", ".join(f"{r} rank {settings.ranks[r]}" for r in roles) + f", alpha {lora.alpha}, on "
                   + ", ".join(settings.targets), flush=True)
         return trainables["policy"], trainables.get("prm"), base if needs_reference else None
-    policy = build_trainable(arch, opts, cfg.optim.policy, total_steps=steps["policy"],
+    policy = build_trainable(arch, replay_opts, cfg.optim.policy, total_steps=steps["policy"],
                              distributed_optimizer=cfg.parallel.distributed_optimizer)
     load_initial_weights(policy, sources.policy, arch, cfg)
     loaded = {"policy": sources.policy}

@@ -25,7 +25,14 @@ SHAPES = {
     "llama": dict(architectures=["LlamaForCausalLM"], hidden_size=64, intermediate_size=160,
                   num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=2, vocab_size=1000,
                   max_position_embeddings=256, tie_word_embeddings=False),
+    # mixture of experts: the experts' own buffer, split over EP and sharded over DP / EP
+    "qwen3_moe": dict(architectures=["Qwen3MoeForCausalLM"], hidden_size=64, intermediate_size=96, head_dim=16,
+                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, vocab_size=300,
+                      max_position_embeddings=256, tie_word_embeddings=False, num_experts=4,
+                      num_experts_per_tok=2, moe_intermediate_size=40, norm_topk_prob=True),
 }
+MOE_CASES = [("qwen3_moe", 1, 1, "bf16", True, 2), ("qwen3_moe", 1, 1, "bf16", True, 1),
+             ("qwen3_moe", 2, 1, "fp32", False, 1), ("qwen3_moe", 1, 2, "bf16", True, 1)]  # (..., ep)
 LAYOUTS = [(1, 1), (2, 1), (1, 2)]  # (tp, pp) on 2 ranks: DP=2, TP=2, PP=2
 
 
@@ -44,7 +51,7 @@ def _allocated(trainable) -> dict:
     """Bytes the DDP buffers (or the parameters themselves) and the optimizer hold on this rank."""
     ddp = trainable.model
     params = list(ddp.module.parameters())
-    buffers = ddp.buffers
+    buffers = ddp.buffers + ddp.expert_parallel_buffers
     if buffers and buffers[0].param_data is not None:
         param_bytes = sum(b.param_data.untyped_storage().nbytes() for b in buffers)
         param_tensors = [b.param_data for b in buffers]
@@ -74,10 +81,11 @@ def _state_checks(rank, world_size, cases):
     from megatron_prime.passes.trainable import build_frozen, build_trainable
 
     results = []
-    for family, tp, pp, dtype, dist_opt in cases:
+    for family, tp, pp, dtype, dist_opt, *ep in cases:
+        ep = ep[0] if ep else 1
         arch = arch_from_dict(SHAPES[family])
-        distributed.init_model_parallel(tp=tp, pp=pp)
-        opts = ModelOptions(dtype=dtype, tp=tp, pp=pp)
+        distributed.init_model_parallel(tp=tp, pp=pp, ep=ep)
+        opts = ModelOptions(dtype=dtype, tp=tp, pp=pp, ep=ep)
         trainable = build_trainable(arch, opts, OptimizerConfig(lr=1e-3), total_steps=1,
                                     distributed_optimizer=dist_opt)
         trainable.zero_grad()
@@ -85,14 +93,14 @@ def _state_checks(rank, world_size, cases):
         measured = _allocated(trainable)
         pp_rank = parallel_state.get_pipeline_model_parallel_rank()
         dp = parallel_state.get_data_parallel_world_size()
-        params = stage_parameters(arch, tp=tp, pp=pp, pp_rank=pp_rank, vocab_pad_multiple=128)
+        params = stage_parameters(arch, tp=tp, pp=pp, pp_rank=pp_rank, vocab_pad_multiple=128, ep=ep)
         names = [n for n, _ in trainable.model.module.named_parameters()]
         planned = trainable_state_bytes(params, dtype=dtype, dp=dp, dp_rank=parallel_state.get_data_parallel_rank(),
-                                        distributed_optimizer=dist_opt)
+                                        distributed_optimizer=dist_opt, ep=ep)
         frozen = build_frozen(arch, opts)
         frozen_bytes = sum(p.numel() * p.element_size() for p in frozen.parameters())
         results.append({
-            "case": (family, tp, pp, dtype, dist_opt), "measured": measured,
+            "case": (family, tp, pp, dtype, dist_opt, ep), "measured": measured,
             "planned": {"params": planned.params, "grads": planned.grads, "optimizer": planned.optimizer},
             "names_match": [n.removeprefix("module.") for n in names] == [p.name for p in params],
             "frozen": (frozen_bytes, frozen_state_bytes(params, dtype=dtype).params),
@@ -206,8 +214,9 @@ def _activation_check(dtype, tp, sp, sequences=2, seq_len=128):
 @pytest.fixture(scope="module")
 def measured():
     """One 2-rank gloo launch for all measurements (starting processes costs more than measuring)."""
-    cases = [(family, tp, pp, dtype, True) for family in SHAPES for tp, pp in LAYOUTS for dtype in ("bf16", "fp32")]
-    cases += [("qwen2", 1, 1, "bf16", False), ("qwen3", 1, 2, "fp32", False)]
+    cases = [(family, tp, pp, dtype, True) for family in SHAPES if family != "qwen3_moe" for tp, pp in LAYOUTS
+             for dtype in ("bf16", "fp32")]
+    cases += [("qwen2", 1, 1, "bf16", False), ("qwen3", 1, 2, "fp32", False), *MOE_CASES]
     return run_distributed(_state_checks, cases, world_size=2)
 
 
@@ -219,8 +228,8 @@ def test_state_bytes_equal_megatron_allocations(measured):
             assert r["planned"] == r["measured"], (rank, r["case"])
             assert r["frozen"][0] == r["frozen"][1], (rank, r["case"])
     # DP=2 really splits the optimizer unevenly here, so the per-rank arithmetic is exercised
-    dp_case = [r for r in per_rank[0]["state"] if r["case"] == ("qwen2", 1, 1, "bf16", True)][0]
-    dp_case_1 = [r for r in per_rank[1]["state"] if r["case"] == ("qwen2", 1, 1, "bf16", True)][0]
+    dp_case = [r for r in per_rank[0]["state"] if r["case"] == ("qwen2", 1, 1, "bf16", True, 1)][0]
+    dp_case_1 = [r for r in per_rank[1]["state"] if r["case"] == ("qwen2", 1, 1, "bf16", True, 1)][0]
     assert dp_case["measured"]["optimizer"] != dp_case_1["measured"]["optimizer"]
 
 
@@ -279,6 +288,19 @@ def test_70b_lora_config_fits_one_node_of_80gb(capsys):
     assert "one frozen base (the reference) + LoRA adapters: policy + PRM" in out
     # one base copy (16.4 GiB: 70.55B bf16 parameters over TP=8), not three
     assert re.search(r"parameters \(bf16\)\s+16\.4\s+0\.2\s+0\.2\n", out), out
+
+
+def test_qwen3_moe_example_needs_two_nodes_and_one_with_lora(capsys):
+    code, out = _plan(capsys, "examples/configs/prime_qwen3_30b_a3b.yaml", "--gpus", "8", "--gpu-mem", "80")
+    assert code == 1 and "30.53B parameters" in out
+    assert "no TP/PP/micro-batch layout fits on 8 GPUs; the fewest that fit: 16 (2 nodes of 8)" in out
+    code, out = _plan(capsys, "examples/configs/prime_qwen3_30b_a3b.yaml", "--gpus", "16", "--gpu-mem", "80")
+    assert code == 0 and "FITS" in out and "TP=4 PP=1 DP=4 EP=4 on 16 GPUs (2 nodes)" in out, out
+    # one frozen base with attention adapters (the experts take none): one node
+    code, out = _plan(capsys, "examples/configs/prime_qwen3_30b_a3b.yaml", "--gpus", "8", "--gpu-mem", "80",
+                      "model.lora.rank=32", "model.lora.targets=[linear_qkv,linear_proj]", "parallel.tp=1",
+                      "parallel.ep=8", "parallel.sequence_parallel=false")
+    assert code == 0 and "FITS" in out and "EP=8 on 8 GPUs (1 node)" in out, out
 
 
 def test_plan_figures_by_hand():
