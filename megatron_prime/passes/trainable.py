@@ -1,5 +1,7 @@
 """The three models of PRIME in one parallel layout: trainable policy and implicit PRM (each with
-its own DDP buffers, distributed optimizer and lr schedule), and the frozen reference.
+its own DDP buffers, distributed optimizer and lr schedule), and the frozen reference; or, with
+shared-base LoRA (``build_shared_base``), one frozen model carrying the policy's and the PRM's
+adapters, each adapter with its own DDP buffer and optimizer.
 
 Each model gets its own ``TransformerConfig``; megatron-core reads ``finalize_model_grads_func``,
 ``grad_scale_func`` and ``no_sync_func`` from it but never sets them, so we do. Losses are

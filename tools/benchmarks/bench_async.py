@@ -29,6 +29,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import print_table, quiet  # noqa: E402
 
 TRAINER_CPU, SERVER_CPU = 0, 1
+LAUNCH_VARIABLES = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")
 
 
 def run(cfg_overrides: list[str], hf: str, log_dir: str, staleness: int) -> list[float]:
@@ -46,7 +47,9 @@ def run(cfg_overrides: list[str], hf: str, log_dir: str, staleness: int) -> list
                 f"checkpoint.dir={log_dir}/ckpt", "checkpoint.export_hf=false", "checkpoint.interval=1000",
                 "data.eval_files=[]", "algorithm.filter_low=0", "algorithm.filter_high=1", *cfg_overrides]
         cmd = ["taskset", "-c", str(TRAINER_CPU), sys.executable, "-m", "megatron_prime.cli", "train", *args]
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+        # a fresh single-process launch: not the rendezvous this process used for its SFT
+        env = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARIABLES}
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(env, OMP_NUM_THREADS="1"))
     if proc.returncode != 0:
         raise SystemExit(f"the trainer failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     rows = [json.loads(line) for line in open(os.path.join(log_dir, "scalars.jsonl"))]
@@ -65,15 +68,15 @@ def main() -> None:
         raise SystemExit("needs two CPU cores: one for the trainer, one for the rollout server")
     quiet()
     work = args.workdir or tempfile.mkdtemp(prefix="bench_async_")
+    from megatron_prime.training.demo import demo_configs
+
+    cfg, _ = demo_configs(os.path.join(work, "demo"), 1, None, ["sft.steps=100", "sft.log_every=1000"])
     hf = args.hf
     if hf is None:
-        from megatron_prime.training.demo import demo_configs
+        from megatron_prime.platform import distributed
         from megatron_prime.training.sft import sft
 
-        cfg, _ = demo_configs(os.path.join(work, "demo"), 1, None, ["sft.steps=100", "sft.log_every=1000"])
         hf = sft(cfg)["hf"]
-        from megatron_prime.platform import distributed
-
         distributed.teardown()
     data = os.path.join(work, "demo", "data")
     common = [f"data.train_files=[{data}/rl.jsonl]", f"train.steps={args.steps}"]
