@@ -561,6 +561,10 @@ def validate(cfg: Config, world_size: int | None = None, *, model_shape: ModelSh
         _check(not mlp, "model.lora.targets", cfg.model.lora.targets,
                f"a mixture-of-experts model's MLPs are its experts, which take no LoRA adapters here: leave out "
                f"{', '.join(mlp)} (e.g. model.lora.targets=[linear_qkv,linear_proj])")
+    if model_shape is not None and model_shape.num_experts and cfg.parallel.tp > 1:
+        _check(cfg.parallel.sequence_parallel, "parallel.sequence_parallel", False,
+               f"must be true for a mixture-of-experts model at parallel.tp={cfg.parallel.tp}: megatron-core's "
+               "MoE layer trains with tensor parallelism only under sequence parallelism")
     validate_parallel(cfg.parallel, world_size=world_size, **shape)
     if world_size is not None:
         p = cfg.parallel

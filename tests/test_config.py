@@ -175,7 +175,9 @@ def test_layouts_refused_before_they_go_wrong(overrides, world_size, per_node, m
     "overrides, world_size, message",
     [
         (["parallel.ep=3"], 6, r"parallel.ep' = 3.*must divide the number of experts \(4\); try one of 1, 2, 4"),
-        (["parallel.ep=4", "parallel.tp=2"], 4, r"parallel.ep' = 4.*must divide DP = 2"),
+        (["parallel.ep=4", "parallel.tp=2", "parallel.sequence_parallel=true"], 4, r"parallel.ep' = 4.*must divide DP = 2"),
+        (["parallel.tp=2"], 2, r"parallel.sequence_parallel.*must be true for a mixture-of-experts model at "
+                               r"parallel.tp=2"),
         (["model.lora.rank=8"], 2, r"model.lora.targets.*experts, which take no LoRA.*leave out linear_fc1"),
     ],
 )

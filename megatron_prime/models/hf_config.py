@@ -141,8 +141,16 @@ def _moe_fields(cfg: dict, family: str, path: str) -> dict:
         if cfg.get("sliding_window"):
             raise ModelConfigError(f"{path}: sliding_window={cfg['sliding_window']} is not supported")
         ffn, pre_softmax = int(_require(cfg, "intermediate_size", path)), False
-    return {"num_experts": experts, "moe_ffn_hidden_size": ffn, "moe_topk": int(_require(cfg, "num_experts_per_tok", path)),
-            "moe_pre_softmax": pre_softmax}
+    topk = int(_require(cfg, "num_experts_per_tok", path))
+    if not 1 <= topk <= experts:
+        raise ModelConfigError(f"{path}: num_experts_per_tok={topk}: expected 1 to num_experts ({experts})")
+    if topk == 1 and not pre_softmax:
+        # renormalised over one expert its weight is 1.0; megatron-core's top-1 router weighs it by its
+        # softmax probability over all experts instead
+        field = "norm_topk_prob=true" if family == "qwen3_moe" else "a Mixtral router (always renormalised)"
+        raise ModelConfigError(f"{path}: num_experts_per_tok=1 with {field} is not supported: the chosen "
+                               "expert's weight would differ from transformers'")
+    return {"num_experts": experts, "moe_ffn_hidden_size": ffn, "moe_topk": topk, "moe_pre_softmax": pre_softmax}
 
 
 def read_hf_config(hf_dir: str) -> HFArch:

@@ -166,7 +166,10 @@ def name_lora_modules(gpt_model) -> None:
     (``decoder.layers.{global layer}.self_attention.linear_qkv.weight``, ...)."""
     for layer in gpt_model.decoder.layers:
         for path in LAYER_PATHS.values():
-            module = layer.get_submodule(path)
+            try:
+                module = layer.get_submodule(path)
+            except AttributeError:  # a mixture-of-experts layer's MLP has experts, not linear_fc1/fc2
+                continue
             if isinstance(module, _LoRAMixin):
                 module.lora_name = f"decoder.layers.{layer.layer_number - 1}.{path}.weight"
 

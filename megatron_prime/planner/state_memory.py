@@ -173,11 +173,16 @@ def trainable_state_bytes(params: list[Param], *, dtype: str, dp: int, dp_rank: 
     experts = [p for p in params if p.expert]
     state = _buffer_state_bytes(dense, dtype=dtype, dp=dp, dp_rank=dp_rank, distributed_optimizer=distributed_optimizer)
     if experts:
-        edp = dp // ep
-        more = _buffer_state_bytes(experts, dtype=dtype, dp=edp, dp_rank=dp_rank % edp,
+        more = _buffer_state_bytes(experts, dtype=dtype, dp=dp // ep, dp_rank=expert_data_parallel_rank(dp_rank, ep),
                                    distributed_optimizer=distributed_optimizer)
         state = StateBytes(state.params + more.params, state.grads + more.grads, state.optimizer + more.optimizer)
     return state
+
+
+def expert_data_parallel_rank(dp_rank: int, ep: int) -> int:
+    """The expert-data-parallel rank of data-parallel rank ``dp_rank``: megatron-core's rank order
+    (tp-cp-ep-dp-pp) has the expert-parallel rank vary fastest inside the data-parallel ranks."""
+    return dp_rank // ep
 
 
 def _buffer_state_bytes(params: list[Param], *, dtype: str, dp: int, dp_rank: int,

@@ -192,7 +192,8 @@ def trainer_checkpoint_of(model_dir: str) -> dict | None:
 
 def _layout() -> dict:
     return {"tp": parallel_state.get_tensor_model_parallel_world_size(),
-            "pp": parallel_state.get_pipeline_model_parallel_world_size()}
+            "pp": parallel_state.get_pipeline_model_parallel_world_size(),
+            "ep": parallel_state.get_expert_model_parallel_world_size()}
 
 
 def lora_meta(tm: TrainableModel, base_dir: str) -> dict:
@@ -251,7 +252,7 @@ def check_lora(path: str, name: str, expected: dict | None) -> None:
 
 
 def check_layout(path: str, name: str) -> None:
-    """The optimizer state reloads only at the TP/PP it was written at: say so up front. (A LoRA
+    """The optimizer state reloads only at the TP/PP/EP it was written at: say so up front. (A LoRA
     checkpoint's is kept whole per parameter, not the distributed optimizer's: it reshards.)"""
     try:
         saved = read_meta(os.path.join(path, name))
@@ -261,10 +262,12 @@ def check_layout(path: str, name: str) -> None:
         return
     now = _layout()
     if any(key in saved and saved[key] != now[key] for key in now):
+        was = {key: saved.get(key, 1 if key == "ep" else None) for key in now}
         raise CheckpointError(
-            f"{path}: written at tp={saved.get('tp')} pp={saved.get('pp')}, this run has tp={now['tp']} "
-            f"pp={now['pp']}; the optimizer state resumes only at the same layout. Resume with "
-            f"parallel.tp={saved.get('tp')} parallel.pp={saved.get('pp')}, or continue from its weights "
+            f"{path}: written at {' '.join(f'{k}={v}' for k, v in was.items())}, this run has "
+            f"{' '.join(f'{k}={v}' for k, v in now.items())}; the optimizer state resumes only at the same "
+            f"layout. Resume with {' '.join(f'parallel.{k}={v}' for k, v in was.items())}, or continue from "
+            f"its weights "
             f"(policy and implicit PRM resharded, the same reference model; fresh optimizers, starting at "
             f"step 0) with model.mcore_path={os.path.join(path, 'policy')} and a new checkpoint.dir"
         )

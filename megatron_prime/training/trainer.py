@@ -223,9 +223,10 @@ def build_models(cfg: Config, arch, sources: WeightSources):
     With ``model.lora``: one frozen base (``model.hf_path``) carrying two adapters, the reference
     being that base with no adapter active."""
     opts = model_options(cfg)
-    # mixture of experts: the policy's routers record and replay (algorithm.routing_replay); with one
+    # mixture of experts: the policy's routers can record and replay; algorithm.routing_replay chooses
+    # whether its update replays the recorded routes or only counts how many it would change. With one
     # shared base the PRM's and the reference's passes just never ask them to
-    replay_opts = model_options(cfg, routing_replay=cfg.algorithm.routing_replay and arch.is_moe)
+    replay_opts = model_options(cfg, routing_replay=arch.is_moe)
     uses_prm = cfg.algorithm.estimator not in OUTCOME_ONLY_ESTIMATORS
     needs_reference = uses_prm or bool(cfg.algorithm.kl_coef)
     t = cfg.train

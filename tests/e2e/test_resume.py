@@ -314,7 +314,7 @@ def test_torchrun_preemption_and_resume_at_another_layout(fixture, tmp_path):
     # At TP=1 the optimizer state cannot be resumed: the run stops with what to do instead ...
     ckpt = os.path.join(whole, "ckpt", "step_00000003")
     out = run_failing(overrides(fixture, whole, "train.steps=5"))
-    assert "written at tp=2 pp=1, this run has tp=1 pp=1" in out and f"model.mcore_path={ckpt}/policy" in out
+    assert "written at tp=2 pp=1 ep=1, this run has tp=1 pp=1 ep=1" in out and f"model.mcore_path={ckpt}/policy" in out
     assert sorted(os.listdir(os.path.join(whole, "ckpt"))) == ["step_00000003"]  # untouched
     # ... and continuing from the weights that way keeps the reference and the trained PRM.
     out = run(overrides(fixture, str(tmp_path / "tp1"), f"model.mcore_path={ckpt}/policy"),

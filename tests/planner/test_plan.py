@@ -332,3 +332,19 @@ def test_planner_needs_neither_torch_nor_megatron():
             "print(sorted(m for m in ('torch', 'megatron', 'transformers') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+@pytest.mark.parametrize("dp,ep", [(4, 2), (8, 2), (8, 4), (2, 2)])
+def test_expert_data_parallel_rank_is_megatrons(dp, ep):
+    """Each rank's dense shard is counted with its own expert shard: the expert-data-parallel rank of
+    every data-parallel rank as megatron-core's rank generator assigns it."""
+    from megatron.core.parallel_state import RankGenerator
+
+    from megatron_prime.planner.state_memory import expert_data_parallel_rank
+
+    order = "tp-cp-ep-dp-pp"
+    dense = RankGenerator(tp=2, ep=1, dp=dp, pp=1, cp=1, order=order).get_ranks("dp")
+    expert = RankGenerator(tp=2, ep=ep, dp=dp // ep, pp=1, cp=1, order=order).get_ranks("dp")
+    dp_rank = {rank: group.index(rank) for group in dense for rank in group}
+    edp_rank = {rank: group.index(rank) for group in expert for rank in group}
+    assert all(expert_data_parallel_rank(dp_rank[r], ep) == edp_rank[r] for r in dp_rank)

@@ -6,7 +6,10 @@
 * a run stopped after step 1 at EP=2 resumes exactly: step 2's numbers and the final weights are
   those of the run that did not stop;
 * the policy update replays the old pass's routes (``routing/flipped_frac`` counts the routes the
-  updated policy would have changed in the second mini-batch).
+  updated policy would have changed in the second mini-batch);
+* shared-base LoRA on the attention of the MoE base trains (adapters only, the experts frozen), and
+  with ``algorithm.routing_replay=false`` the update routes freely and counts the flips it made;
+* resuming at another expert-parallel size is refused up front, naming both layouts.
 
 Adam's epsilon is raised to 1e-6 here: gradients that are zero in exact arithmetic come out as
 rounding noise, differently per layout, and Adam with eps 1e-8 turns that noise into lr-sized steps.
@@ -48,6 +51,22 @@ def _train(rank, world_size, fixture, root):
     torch.distributed.barrier()
     train(load_config(None, overrides(fixture, resumed, f"model.prm_hf_path={fixture['prm_hf']}", *COMMON,
                                       "parallel.ep=2")))
+    train(load_config(None, overrides(fixture, os.path.join(root, "lora_observe"), *COMMON, "train.steps=2",
+                                      "parallel.ep=2", "model.lora.rank=4", "model.lora.alpha=8",
+                                      "model.lora.targets=[linear_qkv,linear_proj]", "algorithm.routing_replay=false")))
+    # last: the refused run leaves no state the runs above need
+    other = os.path.join(root, "ep1_from_ep2")
+    if rank == 0:
+        shutil.copytree(os.path.join(root, "ep2", "ckpt", "step_00000001"),
+                        os.path.join(other, "ckpt", "step_00000001"))
+    torch.distributed.barrier()
+    try:
+        train(load_config(None, overrides(fixture, other, f"model.prm_hf_path={fixture['prm_hf']}", *COMMON,
+                                          "parallel.ep=1")))
+    except Exception as e:  # noqa: BLE001 - what it says is the test's subject
+        if rank == 0:
+            with open(os.path.join(other, "refused.txt"), "w") as f:
+                f.write(f"{type(e).__name__}: {e}")
 
 
 def _scalars(run_dir: str) -> dict[int, dict]:
@@ -119,3 +138,26 @@ def test_the_policy_update_replays_the_old_routes(runs):
     # the second mini-batch runs after an optimizer step: the router's own choice drifts there,
     # and replay keeps the recorded experts
     assert any(rows[step]["routing/flipped_frac"] > 0 for step in (1, 2, 3))
+
+
+def test_lora_on_the_moe_attention_trains_and_observes_route_flips(runs):
+    from safetensors.torch import load_file
+
+    root, fixture = runs
+    rows = _scalars(os.path.join(root, "lora_observe"))
+    assert all(0 <= rows[step]["routing/flipped_frac"] <= 1 for step in (1, 2))  # counted without replay
+    assert any(rows[step]["routing/flipped_frac"] > 0 for step in (1, 2))  # and the routes did move
+    adapter = load_file(os.path.join(root, "lora_observe", "export", "policy_adapter", "adapter_model.safetensors"))
+    modules = {name.split(".lora_")[0].rsplit(".", 1)[-1] for name in adapter}
+    assert modules == {"q_proj", "k_proj", "v_proj", "o_proj"}, modules
+    # the experts are the base's, the attention moved
+    start, merged = load_file(os.path.join(fixture["hf"], "model.safetensors")), _weights(os.path.join(root, "lora_observe"))
+    assert all(torch.equal(merged[n], start[n]) for n in start if ".mlp." in n)
+    assert max((merged[n] - start[n]).abs().max().item() for n in start if ".self_attn." in n) > 0
+
+
+def test_resuming_at_another_expert_parallel_size_is_refused(runs):
+    root, _ = runs
+    said = open(os.path.join(root, "ep1_from_ep2", "refused.txt")).read()
+    assert said.startswith("CheckpointError: ") and "written at tp=1 pp=1 ep=2, this run has tp=1 pp=1 ep=1" in said
+    assert "parallel.ep=2" in said

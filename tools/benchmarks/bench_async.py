@@ -2,7 +2,10 @@
 ``rollout.max_staleness=0`` (generate, then train) and ``1`` (the next batch generated while this one
 trains), both in remote mode against a rollout server of their own (the hf engine behind SGLang's
 protocol, ``megatron_prime.rollout.protocol_server``), the trainer pinned to one CPU core and the
-server to the other, one thread each.
+server to the other, one thread each. The trainer's answer-grading worker processes are moved to the
+server's core (``--grading-core server``, the default): the trainer's core stands for the training
+devices, and on a cluster grading runs on the hosts' CPUs beside them, not on the devices;
+``--grading-core trainer`` leaves them where they start, on the trainer's core.
 
 Builds the demo's toy task and tiny Qwen2 (or takes ``--hf``), then for each of ``--repeats``
 repeats runs both settings (sync first, then async) for ``--steps`` steps and takes the mean
@@ -12,6 +15,7 @@ min / median / max per setting and, last, ``async/sync step time: R``, R the med
 the async/sync ratio (target: at most 0.75).
 
     python tools/benchmarks/bench_async.py [--steps 8] [--repeats 3] [--hf HF_DIR] [--workdir DIR]
+                                           [--grading-core server|trainer]
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import print_table, quiet  # noqa: E402
@@ -32,7 +37,40 @@ TRAINER_CPU, SERVER_CPU = 0, 1
 LAUNCH_VARIABLES = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")
 
 
-def run(cfg_overrides: list[str], hf: str, log_dir: str, staleness: int) -> list[float]:
+def _descendants(pid: int) -> list[int]:
+    found = []
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:  # gone
+        return found
+    for task in tasks:
+        try:
+            with open(f"/proc/{pid}/task/{task}/children") as f:
+                children = [int(c) for c in f.read().split()]
+        except OSError:
+            continue
+        for child in children:
+            found += [child, *_descendants(child)]
+    return found
+
+
+def pin_grading_workers(trainer: subprocess.Popen, cpu: int, done: threading.Event) -> None:
+    """Move the trainer's math-grading workers (started lazily, replaced when killed) to ``cpu``."""
+    pinned = set()
+    while not done.wait(0.1):
+        for pid in _descendants(trainer.pid):
+            if pid in pinned:
+                continue
+            try:
+                with open(f"/proc/{pid}/cmdline", "rb") as f:
+                    if b"_math_worker" in f.read():
+                        os.sched_setaffinity(pid, {cpu})
+                        pinned.add(pid)
+            except OSError:  # exited meanwhile
+                continue
+
+
+def run(cfg_overrides: list[str], hf: str, log_dir: str, staleness: int, grading_core: str) -> list[float]:
     """Seconds per step of one run (its ``time/step`` metrics)."""
     from megatron_prime.config import SHIPPED_EXAMPLES
     from megatron_prime.platform.distributed import free_port
@@ -49,9 +87,15 @@ def run(cfg_overrides: list[str], hf: str, log_dir: str, staleness: int) -> list
         cmd = ["taskset", "-c", str(TRAINER_CPU), sys.executable, "-m", "megatron_prime.cli", "train", *args]
         # a fresh single-process launch: not the rendezvous this process used for its SFT
         env = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARIABLES}
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(env, OMP_NUM_THREADS="1"))
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                env=dict(env, OMP_NUM_THREADS="1"))
+        done = threading.Event()
+        if grading_core == "server":
+            threading.Thread(target=pin_grading_workers, args=(proc, SERVER_CPU, done), daemon=True).start()
+        stdout, stderr = proc.communicate()
+        done.set()
     if proc.returncode != 0:
-        raise SystemExit(f"the trainer failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+        raise SystemExit(f"the trainer failed:\n{stdout[-3000:]}\n{stderr[-3000:]}")
     rows = [json.loads(line) for line in open(os.path.join(log_dir, "scalars.jsonl"))]
     return [r["time/step"] for r in rows if "time/step" in r]
 
@@ -63,6 +107,8 @@ def main() -> None:
     parser.add_argument("--hf", default=None, help="an HF checkpoint of the demo's shape (default: the demo's "
                         "tiny Qwen2 after 100 SFT steps, made here)")
     parser.add_argument("--workdir", default=None)
+    parser.add_argument("--grading-core", choices=("server", "trainer"), default="server",
+                        help="where the trainer's math-grading workers run (default: the server's core)")
     args = parser.parse_args()
     if len(os.sched_getaffinity(0)) < 2:
         raise SystemExit("needs two CPU cores: one for the trainer, one for the rollout server")
@@ -83,7 +129,7 @@ def main() -> None:
     per_step = {0: [], 1: []}
     for repeat in range(args.repeats):
         for staleness in (0, 1):
-            times = run(common, hf, os.path.join(work, f"r{repeat}_s{staleness}"), staleness)
+            times = run(common, hf, os.path.join(work, f"r{repeat}_s{staleness}"), staleness, args.grading_core)
             per_step[staleness].append(statistics.fmean(times[1:]))
             print(f"repeat {repeat + 1}: max_staleness={staleness}: {per_step[staleness][-1]:.2f} s/step "
                   f"(steps 2..{len(times)})", flush=True)
