@@ -7,8 +7,11 @@ r_o(y^i) - 1/(K-1) sum_{j!=i} r_o(y^j)). Its *process term* is the rest of its m
 response is *flipped* when its mean advantage has the opposite sign of its outcome term: an
 incorrect response pushed up, or a correct one pushed down, because summed process rewards
 outweigh the outcome (the reward-hacking channel PURE, arXiv 2504.15275, attributes to sum-form
-credit assignment). Responses whose outcome term is 0 (a group whose outcomes are all equal) and
-empty responses do not count.
+credit assignment). Responses whose outcome term is 0 (with a group baseline: a group whose
+outcomes are all equal) and empty responses do not count. The outcome term is the estimator's own:
+one that whitens over the batch (``prime_official``, ``reinforce_pp``, ``algorithm.whiten``) whitens
+it too, so an all-equal group's responses get a non-zero term and count; ``reinforce`` has no
+baseline, so an incorrect response's term is 0 and ``flip_incorrect_up`` stays 0.
 """
 
 from __future__ import annotations

@@ -70,7 +70,7 @@ def load_plain_data(path: str):
                               f"dicts), which loading could run as code ({reason})") from None
 
 
-# Everything torch's distributed-checkpoint metadata pickles reference (torch 2.4 - 2.13): its own
+# Everything torch's distributed-checkpoint metadata pickles reference (torch 2.6 - 2.13): its own
 # dataclasses and enums, torch's sizes, dtypes and layouts, paths. Constructing any of them runs
 # no code of the file's choosing (whole modules are not allowed: they also hold functions).
 _DCP = "torch.distributed.checkpoint."

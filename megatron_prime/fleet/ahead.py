@@ -27,7 +27,12 @@ import time
 from megatron_prime.config import Config
 from megatron_prime.fleet.collect import CollectStats, Group, collect_groups_on_rank0
 from megatron_prime.fleet.fleet import RolloutFleet
+from megatron_prime.platform import watchdog
 from megatron_prime.platform.distributed import broadcast_object, is_rank0
+
+# How often the ranks waiting for a collection tell each other (and their watchdogs) it goes on: a
+# collection of several filter rounds may outlast train.hang_timeout_minutes and is no hang.
+DRAIN_BEAT_S = 10.0
 
 
 class RolloutAhead:
@@ -62,16 +67,30 @@ class RolloutAhead:
         self._thread.start()
 
     def drain(self) -> float:
-        """Wait for the collection in flight, if any (rank 0); the seconds waited. Its batch is
-        kept for ``take``; its error, if it failed, is raised here."""
-        if self._thread is None:
-            return 0.0
+        """Every rank: wait for the collection in flight on rank 0, if any; the seconds waited. The
+        ranks wait together, beating their watchdogs every ``DRAIN_BEAT_S`` while the collection
+        goes on. Its batch is kept for ``take`` (rank 0); if it failed, every rank raises (rank 0
+        its error)."""
         start = time.perf_counter()
-        self._thread.join()
-        self._thread = None
-        if "error" in self._outcome:
-            raise self._outcome["error"]
-        self.pending = self._outcome["result"]
+        while True:
+            state = None
+            if is_rank0():
+                if self._thread is not None:
+                    self._thread.join(DRAIN_BEAT_S)
+                running = self._thread is not None and self._thread.is_alive()
+                state = "running" if running else "failed" if "error" in self._outcome else "done"
+            state = broadcast_object(state)
+            if state != "running":
+                break
+            watchdog.heartbeat()
+        if state == "failed":
+            if is_rank0():
+                self._thread = None
+                raise self._outcome["error"]
+            raise RuntimeError("the one-step-off rollout collection failed on rank 0 (its error is in rank 0's log)")
+        if self._thread is not None:
+            self._thread = None
+            self.pending = self._outcome["result"]
         return time.perf_counter() - start
 
     # ---- every rank ---------------------------------------------------------------------------------
@@ -82,17 +101,15 @@ class RolloutAhead:
         ``rollout.max_staleness``, one collected now. Rank 0 also returns its stats; every rank the
         ``rollout/`` metrics: staleness, dropped groups, the seconds the trainer waited for it."""
         result = None
+        waited, dropped = self.drain(), 0
+        if is_rank0() and self.pending is not None and any(
+                step - g.policy_version > self.cfg.rollout.max_staleness for g in self.pending[0]):
+            dropped = len(self.pending[0])  # a batch has one version: too old, dropped whole
+            self.pending = None
+        if broadcast_object(self.pending is None if is_rank0() else None):
+            self.launch(step, version=step)  # collected now, the ranks waiting together
+            waited += self.drain()
         if is_rank0():
-            waited = self.drain()
-            dropped = 0
-            if self.pending is not None and any(step - g.policy_version > self.cfg.rollout.max_staleness
-                                                for g in self.pending[0]):
-                dropped = len(self.pending[0])  # a batch has one version: too old, dropped whole
-                self.pending = None
-            if self.pending is None:
-                start = time.perf_counter()
-                self.pending = self._collect(step, version=step)
-                waited += time.perf_counter() - start
             (groups, stats), self.pending = self.pending, None
             staleness = [step - g.policy_version for g in groups]
             metrics = {"rollout/staleness_mean": sum(staleness) / len(staleness),

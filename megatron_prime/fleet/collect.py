@@ -164,6 +164,7 @@ def collect_groups_on_rank0(engine: RolloutEngine, end_tokens, sampler, buffer: 
     rounds, seeds and samples, and no collective, so that it can run in a thread beside training."""
     rounds = _FilterRounds(sampler, buffer, cfg, step, rank0=True)
     while (rows := rounds.next_rows()) is not None:
+        watchdog.heartbeat()
         generate, verify = _round_functions(tokenizer, cfg, rounds.seed, render, end_tokens)
         rounds.take(rows, _groups_of([verify(rows, 0, generate(engine, rows, 0))], rounds.stats))
     return rounds.finish(version), rounds.stats

@@ -50,9 +50,13 @@ def share_with_peers(store, world_size: int) -> None:
 
 
 def set_step(step: int | None) -> None:
-    """The training step the active watchdog reports (None: between steps)."""
+    """The training step the active watchdog reports (None: the steps are over). Outside the named
+    phases of a step the rank is in ``step`` (advantages, metrics, the stop check), after the
+    steps in ``finish``."""
     if _ACTIVE is not None:
         _ACTIVE.step = step
+        _ACTIVE.current_phase = "step" if step is not None else "finish"
+        _ACTIVE.beat()
 
 
 @contextmanager
@@ -77,6 +81,7 @@ class Watchdog:
         self.step: int | None = None
         self._last_beat = time.monotonic()
         self._signal_name: str | None = None
+        self._signal_at = 0.0  # when it arrived (time.monotonic)
         self._stop = threading.Event()
         self._read_fd = self._write_fd = None
         self._previous_wakeup_fd = None
@@ -149,8 +154,11 @@ class Watchdog:
             idle = time.monotonic() - self._last_beat
             if self.timeout_s and idle > self.timeout_s:
                 self._fire(f"no progress for {idle:.0f} s (train.hang_timeout_minutes={self.timeout_s / 60:g})")
-            if self._signal_name is not None and idle > self.grace_s:
-                self._fire(f"{self._signal_name} received and no progress for {idle:.0f} s since "
+            # the grace period runs from the signal (or the last progress after it), not from
+            # progress made before it
+            since = time.monotonic() - max(self._last_beat, self._signal_at)
+            if self._signal_name is not None and since > self.grace_s:
+                self._fire(f"{self._signal_name} received and no progress for {since:.0f} s since "
                            f"(train.stop_grace_minutes={self.grace_s / 60:g}): stuck, not stopping at a step boundary")
 
     def _read_signals(self) -> None:
@@ -163,6 +171,7 @@ class Watchdog:
         for number in os.read(self._read_fd, 64):
             if number in [int(s) for s in self.signals] and self._signal_name is None:
                 self._signal_name = signal.Signals(number).name
+                self._signal_at = time.monotonic()
 
     def _peer_report(self) -> str | None:
         """What another rank's watchdog reported, if one fired."""

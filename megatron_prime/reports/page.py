@@ -252,7 +252,9 @@ def response_html(sample: dict, number: int, scale: float) -> str:
     flip = ""
     if sample.get("flipped"):
         classes += " flipped"
-        pushed = "pushed down although correct" if correct else "pushed up although incorrect"
+        # the direction from the advantage's sign: with partial scores "correct" is not the outcome term's sign
+        pushed = ("pushed down against its outcome" if (sample.get("advantage") or 0.0) < 0
+                  else "pushed up against its outcome")
         flip = f' · <span class="flip" title="mean advantage and outcome term of opposite signs">⚠ {pushed}</span>'
     return (f'<div class="response {classes}" data-outcome="{outcome:g}">'
             f'<div class="rhead">#{number} <span class="verdict">{"✓ correct" if correct else "✗ incorrect"}</span>'

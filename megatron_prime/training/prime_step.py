@@ -154,8 +154,12 @@ def rollout(ctx: PrimeContext, step: int, timer: PhaseTimer, metrics: dict):
         metrics.update({"rollout/staleness_mean": 0.0, "rollout/staleness_max": 0.0, "rollout/dropped_groups": 0.0,
                         "rollout/wait_s": time.perf_counter() - start})
     if stats is not None:
-        timer.seconds["rollout"] = stats.rollout_s
-        timer.seconds["verify"] = stats.verify_s
+        if ctx.ahead is None:
+            timer.seconds["rollout"] = stats.rollout_s
+            timer.seconds["verify"] = stats.verify_s
+        else:  # collected beside the previous step's training: not part of this step's time
+            metrics["time/rollout_background"] = stats.rollout_s
+            metrics["time/verify_background"] = stats.verify_s
         warn_on_timeouts(step, stats, ctx.cfg.train.warn_verify_timeout_frac)
     return groups, stats
 
@@ -309,8 +313,10 @@ def update_policy(ctx: PrimeContext, local: RolloutBatch, step: int, pass_args: 
         for i in range(num_minibatches):
             rows = order[i * per_rank:(i + 1) * per_rank]
             if "policy_mask" in local.extras and dp_sum(float(local.extras["policy_mask"][rows].sum())) == 0:
-                # the rollout correction dropped every response of this mini-batch: nothing to learn
+                # the rollout correction dropped every response of this mini-batch: nothing to learn,
+                # but the lr schedule (sized in mini-batches) moves on as for any other
                 steps.append({"update_ok": False, "grad_norm": 0.0, "lr": ctx.policy.optimizer.param_groups[0]["lr"]})
+                ctx.policy.scheduler.step(increment=1)
                 continue
             ctx.policy.zero_grad()
             result = run_pass(ctx.policy.model, local.rows(rows), loss_fn=loss_fn, with_entropy=True,

@@ -123,6 +123,12 @@ class PrimeRun:
                 print(f"resumed from step {state['step']} ({cfg.checkpoint.dir})", flush=True)
             # plain dicts in the checkpoint (it holds data only: nothing in it can run code on loading)
             ctx.buffer.load_state_dict({"prompts": [PromptRow(**row) for row in state["buffer"]["prompts"]]})
+            pending = (state.get("rollout_ahead") or {}).get("pending")
+            if ctx.ahead is None and pending is not None:
+                raise checkpoint.CheckpointError(
+                    f"{cfg.checkpoint.dir}: step {state['step']} was saved by a one-step-off run "
+                    "(rollout.max_staleness=1) with the next step's batch already collected; resuming it "
+                    "synchronously would skip that batch's prompts. Resume with rollout.max_staleness=1")
             if ctx.ahead is not None and is_rank0():  # the batch collected during the saved step
                 ctx.ahead.load_state_dict(state.get("rollout_ahead") or {})
         ctx.fleet.sync()  # the engines start from the (possibly resumed) policy

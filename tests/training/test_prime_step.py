@@ -83,6 +83,7 @@ def _variants(rank, world_size, fixture, root):
             result["rewards_before_update"] = _rewards_of(ctx, before["prm"], groups)
             result["rewards_after_update"] = _rewards_of(ctx, after["prm"], groups)
         result["policy_after"] = after["policy"]
+        result["policy_schedule_steps"] = ctx.policy.scheduler.num_steps
         ctx.fleet.shutdown()
         out[name] = result
     return out
@@ -166,6 +167,8 @@ def test_seq_mask_drops_every_response_outside_its_bounds(variants):
     assert masked["rollout_correction/masked_frac"] == 1.0
     assert masked["policy/updates"] == 0 and masked["policy/skipped_updates"] == 1 and base["policy/updates"] == 1
     assert masked["advantage/mean"] == pytest.approx(base["advantage/mean"], rel=1e-6, abs=1e-9)
+    # the skipped mini-batch still takes its step of the lr schedule (sized in mini-batches)
+    assert variants["seq_mask"]["policy_schedule_steps"] == variants["single"]["policy_schedule_steps"] > 0
 
 
 def test_several_mini_batches_and_epochs_take_more_updates(variants):

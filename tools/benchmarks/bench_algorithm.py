@@ -28,6 +28,7 @@ from megatron_prime.algorithm import (
     implicit_process_rewards,
     policy_loss,
     prm_loss,
+    rollout_correction_weights,
 )
 from megatron_prime.algorithm.fusion import set_kernel_fusion
 
@@ -100,9 +101,13 @@ def main() -> None:
 
     def policy_step(all_options: bool, adv=fixed_advantages):
         logprobs, entropy = leaf("logprobs"), leaf("entropy")
-        options = dict(rollout_logprobs=b["rollout"])  # mismatch metrics are always on
+        # as the trainer does: the engine-mismatch weights and metrics once per batch, whatever the mode
+        with torch.no_grad():
+            weights, _, _ = rollout_correction_weights(b["old"], b["rollout"], mask, "token_tis" if all_options else "none")
+        options = {}
         if all_options:
-            options.update(ref_logprobs=b["ref"], kl_coef=0.01, entropy=entropy, entropy_coef=0.001, tis_cap=2.0)
+            options.update(ref_logprobs=b["ref"], kl_coef=0.01, entropy=entropy, entropy_coef=0.001,
+                           correction_weights=weights)
         loss, _ = policy_loss(logprobs, b["old"], adv, mask, loss_normalizer=num_tokens, **options)
         loss.backward()
 
@@ -118,7 +123,7 @@ def main() -> None:
         ("prm_loss fwd+bwd", prm_step),
         ("compute_advantages prime_rloo (Eq. 5, incl. Eq. 3)", advantages),
         ("policy_loss fwd+bwd, paper (PPO clip)", lambda: policy_step(False)),
-        ("policy_loss fwd+bwd, + k3 KL + entropy + TIS", lambda: policy_step(True)),
+        ("policy_loss fwd+bwd, + k3 KL + entropy + token TIS", lambda: policy_step(True)),
     ]
     for name in ADVANTAGE_ESTIMATORS:
         for gamma in (1.0, 0.99):
