@@ -8,12 +8,15 @@ and a rollout server (the hf engine behind SGLang's protocol, ``rollout.protocol
 * A run stopped after its first step (the next batch already collected, and checkpointed) resumes
   to exactly the uninterrupted run's steps.
 * Step 0 (nothing to overlap yet) equals the synchronous loop's step 0 on the same server.
+* The stopped run's checkpoint resumed with ``rollout.max_staleness=0`` is refused (its collected
+  batch would be skipped).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -57,8 +60,9 @@ SAME_STEP = ("prm/loss", "prm/accuracy", "policy/loss", "policy/pg_loss", "advan
              "response/length_mean", "policy/grad_norm")
 
 
-def train(fixture, run_dir: str, *extra: str, exit_early: bool = False) -> list[dict]:
-    """A 4-step run against a rollout server of its own; the hooks' records."""
+def train(fixture, run_dir: str, *extra: str, exit_early: bool = False, refused: bool = False):
+    """A 4-step run against a rollout server of its own; the hooks' records (``refused``: a run
+    expected to stop with an error, its output)."""
     from megatron_prime.platform.distributed import free_port
     from megatron_prime.rollout.protocol_server import local_server
 
@@ -76,6 +80,9 @@ def train(fixture, run_dir: str, *extra: str, exit_early: bool = False) -> list[
             args.append("train.exit_after_minutes=0.0001")  # stops at the first step boundary
         proc = subprocess.run([sys.executable, script, *args], capture_output=True, text=True, timeout=600,
                               env=dict(os.environ, RECORD=record, OMP_NUM_THREADS="1"))
+    if refused:
+        assert proc.returncode != 0, proc.stdout[-3000:]
+        return proc.stdout + proc.stderr
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return [json.loads(line) for line in open(record)]
 
@@ -95,9 +102,12 @@ def runs(tmp_path_factory):
     dirs = {name: os.path.join(root, name) for name in ("whole", "parts", "sync")}
     records = {"whole": train(fixture, dirs["whole"], "rollout.max_staleness=1")}
     records["stopped"] = train(fixture, dirs["parts"], "rollout.max_staleness=1", exit_early=True)
+    # the same checkpoint resumed synchronously would skip the batch it holds: refused
+    shutil.copytree(os.path.join(dirs["parts"], "ckpt"), os.path.join(root, "sync_resume", "ckpt"))
+    refusal = train(fixture, os.path.join(root, "sync_resume"), "rollout.max_staleness=0", refused=True)
     records["resumed"] = train(fixture, dirs["parts"], "rollout.max_staleness=1")
     records["sync"] = train(fixture, dirs["sync"], "rollout.max_staleness=0", "train.steps=1")
-    return {"records": records, "dirs": dirs}
+    return {"records": records, "dirs": dirs, "refusal": refusal}
 
 
 def test_every_batch_comes_from_one_policy_version_at_most_one_step_old(runs):
@@ -137,6 +147,12 @@ def test_stopped_run_resumes_to_the_uninterrupted_steps(runs):
     for step in (1, 2, 3, 4):
         for key in SAME_STEP:
             assert parts[step][key] == pytest.approx(whole[step][key], rel=1e-5, abs=1e-7), (step, key)
+
+
+def test_a_one_step_off_checkpoint_is_not_resumed_synchronously(runs):
+    assert "CheckpointError" in runs["refusal"]
+    assert "saved by a one-step-off run (rollout.max_staleness=1) with the next step's batch already collected" \
+        in runs["refusal"] and "Resume with rollout.max_staleness=1" in runs["refusal"]
 
 
 def test_first_step_is_the_synchronous_loops(runs):
