@@ -221,7 +221,7 @@ def plot(runs: list[Run], png: str, window: int, title: str | None) -> None:
     axes[0].set_title("Training reward (sampled responses)" + suffix)
     axes[1].set_title("Held-out greedy accuracy")
     axes[2].set_title("Implicit PRM accuracy on each fresh batch,\nbefore its update" + suffix)
-    fig.suptitle(title or "PRIME vs outcome-only RLOO (same seeds, same budget)")
+    fig.suptitle(title or f"{' vs '.join(dict.fromkeys(r.label for r in runs))} (same seeds, same budget)")
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(png)), exist_ok=True)
     fig.savefig(png, dpi=120)

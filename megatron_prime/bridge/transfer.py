@@ -93,6 +93,7 @@ def load_hf_weights(model, arch: HFArch, source: SliceSource, vocab_pad_multiple
     names = local_to_global_names(model)
     params = dict(unwrap(model).named_parameters())
     for local_name, global_name in names.items():
+        watchdog.heartbeat()  # a 70B model read from slow storage takes a while: progress per tensor
         spec = param_spec(arch, global_name)
         try:
             with torch.no_grad():

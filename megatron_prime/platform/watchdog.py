@@ -1,7 +1,7 @@
 """A hang must never be silent: a per-rank watchdog that ends a run which stops making progress.
 
 The training loop marks progress (``heartbeat()``, called per micro-batch, weight bucket, rollout
-round and checkpoint) and names the phase it is in (``phase("policy update")``). A thread of its
+round, checkpoint and tensor loaded at start-up) and names the phase it is in (``phase("policy update")``). A thread of its
 own checks the time since the last heartbeat. When it exceeds the timeout — a rank stuck in a
 collective that a peer never joins, an engine that never answers — the rank writes which phase
 it was in and the Python stack of every thread to stderr, and exits with ``HANG_EXIT_CODE``, so

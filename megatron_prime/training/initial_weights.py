@@ -12,6 +12,7 @@ from megatron_prime.bridge.transfer import load_hf_weights
 from megatron_prime.config import Config, ConfigError
 from megatron_prime.models.wrappers import unwrap
 from megatron_prime.passes.trainable import TrainableModel
+from megatron_prime.platform import watchdog
 from megatron_prime.training import checkpoint
 
 
@@ -52,6 +53,7 @@ def load_initial_weights(target, path: str, arch, cfg: Config) -> None:
     """Weights of a trainable or frozen model from ``path``: a Megatron checkpoint dir (any TP/PP)
     or an HF checkpoint dir."""
     model = unwrap(target.model if isinstance(target, TrainableModel) else target)
+    watchdog.heartbeat()  # each model of the start-up loads in its own time
     if os.path.exists(os.path.join(path, META_FILE)):
         load_model(model, path)
     else:
