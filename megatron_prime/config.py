@@ -145,6 +145,9 @@ class AlgorithmConfig:
     # mixture-of-experts bases: the policy update replays the experts its old-log-prob pass chose for every
     # token (R2), so that the PPO ratio compares the same experts; the PRM and the reference route freely
     routing_replay: bool = True
+    # R3 (rollout routing replay): the routes the engine took while sampling (SGLang returns them) are
+    # replayed in the old-log-prob pass and the update, instead of the old pass's own (needs routing_replay)
+    replay_engine_routes: bool = False
     compile_kernels: bool = False  # fuse Eq. 3/5 and the losses' elementwise kernels with torch.compile
 
 
@@ -561,6 +564,14 @@ def validate(cfg: Config, world_size: int | None = None, *, model_shape: ModelSh
         _check(not mlp, "model.lora.targets", cfg.model.lora.targets,
                f"a mixture-of-experts model's MLPs are its experts, which take no LoRA adapters here: leave out "
                f"{', '.join(mlp)} (e.g. model.lora.targets=[linear_qkv,linear_proj])")
+    if cfg.algorithm.replay_engine_routes:
+        _check(cfg.rollout.engine == "sglang", "algorithm.replay_engine_routes", True,
+               f"needs rollout.engine=sglang (SGLang returns the experts it routed to; vLLM only with its "
+               f"model runner V2 on CUDA, not wired here; the {cfg.rollout.engine} engine does not)")
+        _check(cfg.algorithm.routing_replay, "algorithm.replay_engine_routes", True,
+               "needs algorithm.routing_replay=true (the engine's routes are replayed in the policy's passes)")
+        _check(model_shape is None or bool(model_shape.num_experts), "algorithm.replay_engine_routes", True,
+               "is for mixture-of-experts models; this model is dense")
     if model_shape is not None and model_shape.num_experts and cfg.parallel.tp > 1:
         _check(cfg.parallel.sequence_parallel, "parallel.sequence_parallel", False,
                f"must be true for a mixture-of-experts model at parallel.tp={cfg.parallel.tp}: megatron-core's "

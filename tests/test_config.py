@@ -188,6 +188,20 @@ def test_expert_layouts_refused(overrides, world_size, message):
              2, model_shape=_Shape(**TINY, num_experts=4))
 
 
+@pytest.mark.parametrize("overrides, experts, message", [
+    (["rollout.engine=hf"], 4, r"replay_engine_routes.*needs rollout.engine=sglang"),
+    (["rollout.engine=vllm"], 4, r"replay_engine_routes.*needs rollout.engine=sglang.*model runner V2"),
+    (["rollout.engine=sglang", "algorithm.routing_replay=false"], 4, r"needs algorithm.routing_replay=true"),
+    (["rollout.engine=sglang"], 0, r"replay_engine_routes.*for mixture-of-experts models; this model is dense"),
+])
+def test_engine_routes_need_sglang_replay_and_experts(overrides, experts, message):
+    cfg = config_from_dict({}, ["algorithm.replay_engine_routes=true", *overrides])
+    with pytest.raises(ConfigError, match=message):
+        validate(cfg, 1, model_shape=_Shape(**TINY, num_experts=experts))
+    validate(config_from_dict({}, ["algorithm.replay_engine_routes=true", "rollout.engine=sglang"]), 1,
+             model_shape=_Shape(**TINY, num_experts=4))
+
+
 def test_sft_batch_split_over_data_parallel_ranks():
     cfg = config_from_dict({}, ["sft.batch_size=6", "train.prompts_per_step=4", "train.mini_batch_responses=16"])
     validate(cfg, 4)  # PRIME's batch splits; SFT's is not checked for a PRIME run

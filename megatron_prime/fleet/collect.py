@@ -38,6 +38,7 @@ class Group:
     truncated: list[bool]
     data_index: int = -1
     policy_version: int = 0  # the policy (its training step) whose weights the engine sampled with
+    routes: list[str] | None = None  # the engine's routed experts per response (Response.routes), when asked
     # Per token, filled in by the PRIME step for the sample log: the implicit process rewards
     # (None for outcome-only estimators) and the advantages the policy was trained with.
     process_rewards: list[list[float]] | None = None
@@ -90,6 +91,7 @@ def _round_functions(tokenizer, cfg: Config, seed: int, render, end_tokens, num_
             n=r.n, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k, max_new_tokens=cfg.data.max_response_len,
             stop_token_ids=end_tokens, seed=seed,
             prompt_offset=offset,  # global prompt index: samples independent of the engine count
+            return_routes=cfg.algorithm.replay_engine_routes,
         )
         start = time.perf_counter()
         responses = engine.generate([ids for ids, _ in prompts], sampling)
@@ -112,6 +114,7 @@ def _round_functions(tokenizer, cfg: Config, seed: int, render, end_tokens, num_
                 outcomes=outcomes[g * k:(g + 1) * k],
                 truncated=[r.finish_reason == "length" for r in rs],
                 data_index=row.index,
+                routes=[r.routes for r in rs] if cfg.algorithm.replay_engine_routes else None,
             ))
         return groups, rollout_s, time.perf_counter() - start, outcomes.timeouts
 

@@ -268,6 +268,7 @@ def build_fleet(cfg: Config, tokenizer, policy, arch: HFArch) -> RolloutFleet:
                 seed=cfg.train.seed, port=r.base_port + 100 * index, nccl_port=r.base_port + 100 * index + 50,
                 bucket_bytes=r.bucket_mb * 2**20, **lora,
                 lora_targets=[m.rsplit(".", 1)[-1] for t in cfg.model.lora.targets for m in hf_modules(arch, t)],
+                return_routes=cfg.algorithm.replay_engine_routes,
             )
         # CUDA graphs pay off on GPU; on CPU, compiling costs 20-40 s per start and restart.
         return build_engine("vllm", model_path=cfg.model.hf_path, tp_size=ranks_per_engine, seed=cfg.train.seed,

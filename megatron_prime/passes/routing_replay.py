@@ -4,6 +4,8 @@ passes use them again, so that the PPO ratio pi_theta / pi_theta_old compares th
 routing is discontinuous: after an update, or with nondeterministic kernels, a token near a tie
 changes experts and its ratio jumps). The router still computes its scores, and the probabilities of
 the replayed experts come from them (megatron-core's ``RouterReplay``), so the router keeps learning.
+With R3 (``engine_routes``) the routes replayed in both passes are the ones the rollout engine took
+while sampling, so the trainer's log-probs are those of the experts the samples came from.
 
 Routes are kept per response row, whatever the micro-batches of a pass: ``routes`` is
 ``[rows, MoE layers of this pipeline stage, sequence, k]`` (the batch's ``extras["routes"]``, which
@@ -17,6 +19,9 @@ recorded ones (``flipped``): with replay on, the drift it prevented; off, the dr
 
 from __future__ import annotations
 
+import base64
+
+import numpy as np
 import torch
 from megatron.core import parallel_state, tensor_parallel
 from megatron.core.transformer.moe.router_replay import RouterReplay, RouterReplayAction
@@ -31,6 +36,42 @@ class TrackedReplay(RouterReplay):
         if self.router_replay_action == RouterReplayAction.REPLAY_FORWARD:
             self.natural_topk_idx = default_compute_topk(scores, topk, num_groups, group_topk)[1]
         return super().get_replay_topk(scores, topk, num_groups, group_topk, default_compute_topk)
+
+
+def stage_layers(model) -> list[int]:
+    """The global (0-based) layer index of every router of this pipeline stage, in order."""
+    return [router.layer_number - 1 for router in routers(model)]
+
+
+def engine_routes(encoded: list[str | None], seq_lens: list[int], *, num_layers: int, num_experts: int,
+                  topk: int, layers: list[int], width: int) -> torch.Tensor:
+    """R3 (rollout routing replay, arXiv 2510.11370): the experts the engine routed every token to,
+    in the layout the policy's passes replay, ``[rows, len(layers), width, topk]`` int16.
+
+    Row ``i``'s ``encoded`` is SGLang's ``meta_info["routed_experts"]``: base64 of int32
+    ``[seq_lens[i] - 1, num_layers, topk]``, positions 0 .. seq_len - 2 of prompt + response (the
+    last token is never fed back). That last position, whose output no log-prob reads, and the
+    padding repeat the last route given (a replayed route must name real experts). ``layers``: the
+    global layers of this pipeline stage."""
+    out = torch.zeros(len(encoded), len(layers), width, topk, dtype=torch.int16)
+    for i, (text, seq_len) in enumerate(zip(encoded, seq_lens)):
+        if text is None:
+            raise ValueError(f"rollout row {i}: the engine returned no routed experts")
+        ids = np.frombuffer(base64.b64decode(text), dtype=np.int32)
+        expected = (seq_len - 1) * num_layers * topk
+        if ids.size != expected:
+            raise ValueError(f"rollout row {i}: the engine returned {ids.size} routed-expert ids, expected "
+                             f"(prompt + response - 1 = {seq_len - 1}) x {num_layers} layers x top-{topk} = {expected}")
+        if ids.size and (ids.min() < 0 or ids.max() >= num_experts):
+            raise ValueError(f"rollout row {i}: routed-expert ids outside 0..{num_experts - 1} "
+                             f"({int(ids.min())}..{int(ids.max())})")
+        routes = torch.from_numpy(ids.reshape(seq_len - 1, num_layers, topk)[:, layers].copy())
+        if routes.shape[0] == 0:  # a one-token sequence: nothing routed that a log-prob reads
+            routes = torch.arange(topk, dtype=torch.int32).expand(1, len(layers), topk)
+        filled = torch.cat([routes, routes[-1:].expand(width - routes.shape[0], -1, -1)]) if width > routes.shape[0] \
+            else routes[:width]
+        out[i] = filled.transpose(0, 1).to(torch.int16)
+    return out
 
 
 def install(model) -> None:
@@ -86,13 +127,16 @@ class RoutePass:
                 width = min(s, self.routes.shape[2])
                 self.routes[rows.to(self.routes.device), layer, :width] = chosen[:width].transpose(0, 1).to(torch.int16)
             else:
-                self._count(chosen, _frame(mb["batch"].extras["routes"][:, layer], s), mb["batch"].attention_mask, s)
+                # positions whose recorded route is real (R3: the engine's; its last position is filled in)
+                known = mb["batch"].extras.get("routes_known", mb["batch"].attention_mask)
+                self._count(chosen, _frame(mb["batch"].extras["routes"][:, layer], s), known, s)
             replay.clear_indices()
             replay.clear_router_replay_action()
 
-    def _count(self, chosen: torch.Tensor, recorded: torch.Tensor, attention_mask: torch.Tensor, s: int) -> None:
-        """Routes (token x layer) whose set of experts differs from the recorded one, real tokens only."""
-        real = _frame(attention_mask[:, :, None], s)[..., 0].bool().to(chosen.device)  # [s, b]
+    def _count(self, chosen: torch.Tensor, recorded: torch.Tensor, known: torch.Tensor, s: int) -> None:
+        """Routes (token x layer) whose set of experts differs from the recorded one, at the
+        positions ``known`` ``[b, width]`` marks (real tokens with a recorded route)."""
+        real = _frame(known[:, :, None], s)[..., 0].bool().to(chosen.device)  # [s, b]
         differs = (chosen.sort(-1).values != recorded.to(chosen.device).sort(-1).values).any(-1) & real
         self.flipped += int(differs.sum())
         self.compared += int(real.sum())

@@ -71,6 +71,9 @@ class SamplingParams:
     # global index, so a batch split over several engines samples exactly what one
     # engine would have sampled for the whole batch.
     prompt_offset: int = 0
+    # Return the experts a mixture-of-experts model routed every token to (``Response.routes``);
+    # SGLang only (algorithm.replay_engine_routes).
+    return_routes: bool = False
 
     def __post_init__(self):
         if self.n < 1:
@@ -105,6 +108,9 @@ class Response:
     text: str
     finish_reason: Literal["stop", "length"]
     logprobs: list[float]
+    # With ``SamplingParams.return_routes``: the experts of every position of prompt + response but the
+    # last, as SGLang returns them (base64 of int32 [positions, layers, top-k]); None otherwise.
+    routes: str | None = None
 
 
 def sample_seed(seed: int, prompt_index: int, sample_index: int) -> int:

@@ -8,6 +8,10 @@ It is the receiving side of SGLang 0.5.23 as read in its source, not SGLang itse
 * ``/generate``: rows of ``input_ids`` with one sampling dict each (``sampling_seed`` seeds the
   row), answered as SGLang does: ``output_ids``, ``text``, ``meta_info.finish_reason.type`` and
   ``meta_info.output_token_logprobs`` as ``(logprob, token_id, None)``.
+* ``/generate`` with ``return_routed_experts`` (R3, a mixture-of-experts model):
+  ``meta_info.routed_experts``, the experts transformers' routers chose for positions 0 .. len - 2
+  of prompt + response, as SGLang encodes them (base64 int32 ``[positions, layers, top-k]``); taken
+  from a teacher-forced forward of the finished sequence, the same weights and tokens.
 * ``/init_weights_update_group``: joins the trainer's broadcast group as rank ``rank_offset``
   (one TP rank per server) with ``join_broadcast_group``, the torch calls SGLang's
   ``init_custom_process_group`` makes (a ``tcp://`` rendezvous, the store keyed by the group
@@ -29,6 +33,7 @@ Run: ``python -m megatron_prime.rollout.protocol_server --model HF_DIR --port PO
 from __future__ import annotations
 
 import argparse
+import base64
 import contextlib
 import json
 import os
@@ -85,6 +90,10 @@ class Server:
                             "output_token_logprobs": [[lp, t, None] for lp, t in zip(logprobs, tokens)],
                         },
                     }
+                    if body.get("return_routed_experts"):
+                        if body.get("routed_experts_start_len", 0) != 0:
+                            raise ValueError("routed_experts_start_len other than 0 is not served here")
+                        outputs[i]["meta_info"]["routed_experts"] = routed_experts(self.engine.model, rows[i] + tokens)
         return outputs
 
     def init_weights_update_group(self, body: dict) -> dict:
@@ -145,6 +154,27 @@ class Server:
             "/destroy_weights_update_group": self.destroy_weights_update_group,
             "/get_weights_by_name": self.get_weights_by_name,
         }
+
+
+@torch.no_grad()
+def routed_experts(model, ids: list[int]) -> str:
+    """The experts every position of ``ids`` but the last was routed to (what the next token's
+    log-prob depends on), in SGLang's encoding: base64 of int32 ``[len - 1, layers, top-k]``."""
+    routers = [m for m in model.modules() if type(m).__name__.endswith("TopKRouter")]
+    if not routers:
+        raise ValueError(f"{type(model).__name__} has no mixture-of-experts routers: no routed experts to return")
+    if len(ids) < 2:
+        return ""
+    chosen: list[torch.Tensor] = []
+    hooks = [r.register_forward_hook(lambda _m, _in, out: chosen.append(out[2])) for r in routers]
+    try:
+        device = next(model.parameters()).device
+        model(input_ids=torch.tensor([ids[:-1]], device=device))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    routes = torch.stack(chosen, dim=1).to(torch.int32).cpu()  # [len - 1, layers, top-k], layer order
+    return base64.b64encode(routes.numpy().tobytes()).decode()
 
 
 def serve(model_dir: str, port: int) -> None:

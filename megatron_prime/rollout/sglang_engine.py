@@ -48,9 +48,10 @@ SGLANG_API_USED: dict[str, tuple[str, ...]] = {
         "model_path", "tp_size", "base_gpu_id", "gpu_id_step", "random_seed",
         "mem_fraction_static", "enable_memory_saver", "dtype", "port", "nccl_port",
         "log_level", "enable_deterministic_inference", "enable_lora", "max_lora_rank", "lora_target_modules",
-        "max_loras_per_batch",
+        "max_loras_per_batch", "enable_return_routed_experts",
     ),
-    "srt/entrypoints/engine.py:Engine.generate": ("input_ids", "sampling_params", "return_logprob", "lora_path"),
+    "srt/entrypoints/engine.py:Engine.generate": ("input_ids", "sampling_params", "return_logprob", "lora_path",
+                                                  "return_routed_experts", "routed_experts_start_len"),
     "srt/entrypoints/engine.py:Engine.load_lora_adapter_from_tensors": ("lora_name", "tensors", "config_dict"),
     "srt/entrypoints/engine.py:Engine.unload_lora_adapter": ("lora_name",),
     "srt/entrypoints/engine.py:Engine.begin_weight_update": (),
@@ -79,7 +80,8 @@ SGLANG_MEMORY_TAGS = ("weights", "kv_cache", "cuda_graph")
 # HTTP routes the remote engine uses (srt/entrypoints/http_server.py), with the request
 # class (srt/managers/io_struct.py, or the /generate JSON schema) and the body keys sent.
 SGLANG_HTTP_USED: dict[str, tuple[str, str | None, tuple[str, ...]]] = {
-    "/generate": ("POST", "GenerateReqInput", ("input_ids", "sampling_params", "return_logprob")),
+    "/generate": ("POST", "GenerateReqInput", ("input_ids", "sampling_params", "return_logprob",
+                                               "return_routed_experts", "routed_experts_start_len")),
     "/health": ("GET", None, ()),
     "/flush_cache": ("POST", None, ()),
     "/begin_weight_update": ("POST", "BeginWeightUpdateReqInput", ()),
@@ -135,9 +137,16 @@ def expand_requests(prompts: list[list[int]], sampling: SamplingParams):
     return input_ids, params, [p for p, _ in rows]
 
 
-def parse_output(engine: str, request: str, out: dict, prompt_index: int) -> Response:
+def routes_request(sampling: SamplingParams) -> dict:
+    """The request keys that ask SGLang for the experts it routed every token to, from position 0
+    (``meta_info["routed_experts"]``: positions ``[0, prompt + response - 1)``); none unless asked."""
+    return {"return_routed_experts": True, "routed_experts_start_len": 0} if sampling.return_routes else {}
+
+
+def parse_output(engine: str, request: str, out: dict, prompt_index: int, routes: bool = False) -> Response:
     """One SGLang output dict -> Response. SGLang keeps a matched stop token in
-    ``output_ids`` (only the text is trimmed), which is our convention too."""
+    ``output_ids`` (only the text is trimmed), which is our convention too. ``routes``: the
+    request asked for the routed experts, which must be there."""
     meta = out.get("meta_info", {})
     reason = (meta.get("finish_reason") or {}).get("type")
     if reason not in ("stop", "length"):
@@ -148,7 +157,11 @@ def parse_output(engine: str, request: str, out: dict, prompt_index: int) -> Res
         raise RolloutError(
             engine, request, f"{len(token_ids)} output tokens but {len(logprobs)} log-probs (return_logprob lost?)"
         )
-    return Response(prompt_index, token_ids, out.get("text") or "", reason, logprobs)
+    routed = meta.get("routed_experts")
+    if routes and not routed:
+        raise RolloutError(engine, request, "no routed_experts in the response: start the SGLang server with "
+                                            "--enable-return-routed-experts (algorithm.replay_engine_routes)")
+    return Response(prompt_index, token_ids, out.get("text") or "", reason, logprobs, routed if routes else None)
 
 
 def check_result(engine: str, request: str, result: Any) -> None:
@@ -223,6 +236,7 @@ class SGLangEngine(RolloutEngine):
         extra_server_args: dict | None = None,
         lora_max_rank: int | None = None,
         lora_targets: Sequence[str] = (),
+        return_routes: bool = False,
     ):
         self.group = group
         self.tp_size = tp_size
@@ -249,6 +263,8 @@ class SGLangEngine(RolloutEngine):
         if lora_max_rank is not None:
             self._start_kwargs["extra"].update(enable_lora=True, max_lora_rank=lora_max_rank,
                                                lora_target_modules=list(lora_targets), max_loras_per_batch=1)
+        if return_routes:  # the engine captures the routed experts (SamplingParams.return_routes asks for them)
+            self._start_kwargs["extra"].update(enable_return_routed_experts=True)
         self.lora = lora_max_rank is not None
         self._adapter_version = 0
         self._adapter_name = None  # the loaded policy adapter's name (what generate asks for)
@@ -319,12 +335,12 @@ class SGLangEngine(RolloutEngine):
         try:
             lora_path = [self._adapter_name] * len(input_ids) if self._adapter_name else None
             outs = self._engine.generate(input_ids=input_ids, sampling_params=params, return_logprob=True,
-                                         lora_path=lora_path)
+                                         lora_path=lora_path, **routes_request(sampling))
         except Exception as exc:
             raise RolloutError(self.name, request, repr(exc)) from exc
         if len(outs) != len(input_ids):
             raise RolloutError(self.name, request, f"asked for {len(input_ids)} responses, got {len(outs)}")
-        return [parse_output(self.name, request, out, p) for out, p in zip(outs, prompt_of_row)]
+        return [parse_output(self.name, request, out, p, sampling.return_routes) for out, p in zip(outs, prompt_of_row)]
 
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Collective over the group. The engine must be idle and its weights resumed

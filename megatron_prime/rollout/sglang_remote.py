@@ -32,7 +32,7 @@ from typing import Iterable
 import torch
 
 from .base import Response, RolloutEngine, RolloutError, SamplingParams, check_prompts, describe_request
-from .sglang_engine import expand_requests, parse_output
+from .sglang_engine import expand_requests, parse_output, routes_request
 from .weight_buckets import DEFAULT_BUCKET_BYTES, bucket_meta, iter_buckets
 
 
@@ -169,13 +169,14 @@ class SGLangRemoteEngine(RolloutEngine):
             # sglang-router takes one sampling dict per request (a list of them is refused, HTTP 422),
             # so each row, with its own seed, is its own request; the router spreads them.
             for row, p in zip(input_ids, params):
-                body = {"input_ids": row, "sampling_params": p, "return_logprob": True}
+                body = {"input_ids": row, "sampling_params": p, "return_logprob": True, **routes_request(sampling)}
                 chunks.append(self._pool.submit(self._post, self.router, "/generate", body))
         else:
             targets = itertools.cycle(self.workers)
             for start in range(0, len(input_ids), self.samples_per_request):
                 rows = slice(start, start + self.samples_per_request)
-                body = {"input_ids": input_ids[rows], "sampling_params": params[rows], "return_logprob": True}
+                body = {"input_ids": input_ids[rows], "sampling_params": params[rows], "return_logprob": True,
+                        **routes_request(sampling)}
                 chunks.append(self._pool.submit(self._post, next(targets), "/generate", body))
         outs = []
         for future in chunks:
@@ -186,7 +187,7 @@ class SGLangRemoteEngine(RolloutEngine):
                 raise RolloutError(self.name, f"{request} via {exc.request}", exc.reason) from exc
         if len(outs) != len(input_ids):
             raise RolloutError(self.name, request, f"asked for {len(input_ids)} responses, got {len(outs)}")
-        return [parse_output(self.name, request, out, p) for out, p in zip(outs, prompt_of_row)]
+        return [parse_output(self.name, request, out, p, sampling.return_routes) for out, p in zip(outs, prompt_of_row)]
 
     # ---- weights ------------------------------------------------------------------------------
 

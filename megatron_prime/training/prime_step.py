@@ -37,6 +37,7 @@ from megatron_prime.models.hf_config import HFArch
 from megatron_prime.passes.batch import RolloutBatch, build_rollout_batch
 from megatron_prime.passes.data_parallel import dp_rank_and_size, dp_rows, dp_sum, gather_dp_rows, reduce_metric_pairs
 from megatron_prime.passes.forward_backward import run_pass
+from megatron_prime.passes import routing_replay
 from megatron_prime.passes.offload import offloaded
 from megatron_prime.passes.trainable import TrainableModel
 from megatron_prime.platform import distributed, watchdog
@@ -76,7 +77,8 @@ def prime_step(ctx: PrimeContext, step: int) -> tuple[dict[str, float], list[Gro
 
     # Alg. 1 l.3-6: sample prompts, generate K responses each, outcome rewards r_o, accuracy filter.
     groups, stats = rollout(ctx, step, timer, metrics)
-    share = BatchShare(to_batch(groups, cfg.rollout.n, ctx.tokenizer).to(distributed.device()))
+    routed = ctx.policy.model if a.replay_engine_routes else None  # R3: the engine's routes come along
+    share = BatchShare(to_batch(groups, cfg.rollout.n, ctx.tokenizer, ctx.arch, routed).to(distributed.device()))
     batch, mask = share.batch, share.batch.response_mask
     # Alg. 1 l.7: forward pass of pi_ref (and of pi_phi, inside l.8 in single-forward mode).
     ref_logprobs = reference_logprobs(ctx, share, model_args, policy_args, timer)
@@ -90,8 +92,13 @@ def prime_step(ctx: PrimeContext, step: int) -> tuple[dict[str, float], list[Gro
     share.keep("advantages", advantages)
     # Alg. 1 l.10: update pi_theta by the PPO loss (Eq. 6), pi_theta_old recomputed by Megatron and
     # the engine's samples weighted for what separates it from pi_theta_old.
-    with timer("old_logprobs"):  # mixture of experts: the routes of pi_theta_old, for the update to replay
-        old_logprobs = share.logprobs(ctx.policy.model, "old_logprobs", routing="record", **policy_args)
+    # mixture of experts: the routes of pi_theta_old for the update to replay (R2), or the engine's (R3)
+    routing = "replay" if "routes" in share.local.extras else "record"
+    with timer("old_logprobs"):
+        old_logprobs = share.logprobs(ctx.policy.model, "old_logprobs", routing=routing, **policy_args)
+    if routing == "replay":  # R3: the routes the trainer's own router would have chosen otherwise
+        metrics["routing/engine_flipped_frac"] = metric_means(
+            reduce_metric_pairs(share.pass_metrics))["routing/flipped_frac"]
     correct_for_the_engine(cfg, share, old_logprobs, metrics)
     with timer("policy_update"), offloaded(ctx.prm, enabled=ctx.offload):
         metrics.update(update_policy(ctx, share.local, step, policy_args))
@@ -118,12 +125,14 @@ class BatchShare:
         self.batch = batch
         self.rows = dp_rows(batch.size)
         self.local = batch.rows(self.rows)
+        self.pass_metrics: dict = {}  # the last pass's metric pairs on this rank
 
     def logprobs(self, model, name: str, **pass_args) -> torch.Tensor:
         """Per-token log-probs of the whole batch: this rank's rows through ``model``, gathered over
         data-parallel ranks; this rank's rows are also kept for the losses as ``local.extras[name]``
         (and the routes a mixture-of-experts model recorded as ``local.extras["routes"]``)."""
         result = run_pass(model, self.local, **pass_args)
+        self.pass_metrics = result.metrics  # this rank's (sum, count) pairs of the pass
         self.local.extras[name] = result.logprobs
         if result.routes is not None:
             self.local.extras["routes"] = result.routes
@@ -164,11 +173,12 @@ def rollout(ctx: PrimeContext, step: int, timer: PhaseTimer, metrics: dict):
     return groups, stats
 
 
-def to_batch(groups: list[Group], k: int, tokenizer) -> RolloutBatch:
+def to_batch(groups: list[Group], k: int, tokenizer, arch: HFArch | None = None, routed_model=None) -> RolloutBatch:
     """The groups' prompts and responses as one right-padded batch, the K responses of a prompt
-    adjacent."""
+    adjacent. ``routed_model``: the engine's routes go with it (``extras["routes"]``) for the layers
+    of this pipeline stage of that model (R3)."""
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    return build_rollout_batch(
+    batch = build_rollout_batch(
         prompts=[g.prompt_ids for g in groups for _ in range(k)],
         responses=[r for g in groups for r in g.responses],
         outcomes=[o for g in groups for o in g.outcomes],
@@ -177,6 +187,16 @@ def to_batch(groups: list[Group], k: int, tokenizer) -> RolloutBatch:
         group_size=k,
         pad_id=pad,
     )
+    if routed_model is not None:
+        batch.extras["routes"] = routing_replay.engine_routes(
+            [r for g in groups for r in (g.routes or [None] * k)], batch.attention_mask.sum(dim=1).tolist(),
+            num_layers=arch.num_layers, num_experts=arch.num_experts, topk=arch.moe_topk,
+            layers=routing_replay.stage_layers(routed_model), width=batch.input_ids.shape[1])
+        # the engine routed every position but the last (filled in): flips are counted where it did
+        known = batch.attention_mask.clone()
+        known[torch.arange(batch.size), batch.attention_mask.sum(dim=1) - 1] = 0
+        batch.extras["routes_known"] = known
+    return batch
 
 
 def reference_logprobs(ctx: PrimeContext, share: BatchShare, model_args: dict, policy_args: dict,

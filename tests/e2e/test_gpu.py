@@ -4,6 +4,8 @@ weight sync, checkpoint)."""
 
 from __future__ import annotations
 
+import importlib.util
+
 import pytest
 import torch
 
@@ -131,3 +133,32 @@ def test_lora_prime_steps_on_cuda(tmp_path):
     assert metrics["policy/grad_norm"] > 0 and metrics["prm/grad_norm"] > 0
     assert metrics["rollout/abs_logprob_diff"] < 0.05  # the hf engine got the merged bf16 policy
     assert (tmp_path / "export" / "policy_adapter" / "adapter_model.safetensors").exists()
+
+
+def _moe_steps_with_engine_routes(rank, world_size, fixture, root):
+    from megatron_prime.config import load_config
+    from megatron_prime.training.trainer import train
+
+    register_test_verifier()
+    cfg = load_config(None, overrides(fixture, root, "model.dtype=bf16", "train.steps=2", "checkpoint.interval=2",
+                                      "rollout.engine=sglang", "rollout.mem_fraction=0.3",
+                                      "algorithm.replay_engine_routes=true"))
+    return train(cfg)
+
+
+@cuda
+@pytest.mark.skipif(importlib.util.find_spec("sglang") is None, reason="needs sglang (the engine that returns routes)")
+def test_moe_prime_steps_replay_the_engines_routes_on_cuda(tmp_path):
+    """R3 on CUDA: a tiny Qwen3-MoE sampled by a colocated SGLang engine that returns its routed
+    experts; the old-log-prob pass and the update replay them. The engine's routes agree with most
+    of the trainer's own choices, and the train/rollout mismatch stays at the bf16 level."""
+    import math
+
+    fixture = make_trainer_fixture(str(tmp_path), moe=True)
+    summary = run_distributed(_moe_steps_with_engine_routes, fixture, str(tmp_path), world_size=1, backend="nccl")
+    metrics = summary["last_metrics"]
+    print({k: v for k, v in metrics.items() if k.startswith(("routing/", "rollout/", "policy/"))})
+    for key in ("policy/loss", "prm/loss", "policy/grad_norm", "routing/engine_flipped_frac"):
+        assert math.isfinite(metrics[key]), key
+    assert metrics["routing/engine_flipped_frac"] < 0.5
+    assert metrics["rollout/abs_logprob_diff"] < 0.05

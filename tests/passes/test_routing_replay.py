@@ -18,6 +18,8 @@ weight change is what makes routes drift, as an optimizer step between mini-batc
 
 from __future__ import annotations
 
+import base64
+
 import pytest
 import torch
 
@@ -60,6 +62,16 @@ def _run(rank, world_size, hf_dir):
             router.weight[hijacker] *= 25.0
     out["hijacker"] = hijacker
     out["replay"] = run_pass(policy.model, batch, temperature=1.0, token_budget=12, routing="replay")
+    # R3: the recorded routes as SGLang returns them (positions 0 .. len - 2, every layer), replayed
+    seq_lens = batch.attention_mask.sum(dim=1).tolist()
+    encoded = [base64.b64encode(record.routes[i, :, :n - 1].transpose(0, 1).numpy().astype("int32").tobytes()).decode()
+               for i, n in enumerate(seq_lens)]
+    out["stage_layers"] = routing_replay.stage_layers(policy.model.module)
+    engine_batch = build_rollout_batch(PROMPTS, RESPONSES, [1.0] * 5, None, [False] * 5, group_size=5)
+    engine_batch.extras["routes"] = routing_replay.engine_routes(
+        encoded, seq_lens, num_layers=arch.num_layers, num_experts=arch.num_experts, topk=arch.moe_topk,
+        layers=out["stage_layers"], width=engine_batch.input_ids.shape[1])
+    out["engine"] = run_pass(policy.model, engine_batch, temperature=1.0, token_budget=12, routing="replay")
     out["observe"] = run_pass(policy.model, batch, temperature=1.0, token_budget=12, routing="observe")
     out["free"] = run_pass(policy.model, batch, temperature=1.0, token_budget=12)
     out["response_index"] = batch.response_index
@@ -112,3 +124,15 @@ def test_without_replay_routes_flip_and_logprobs_move(replay):
     unaffected_with_replay = mask & ~used.gather(1, replay["response_index"])
     # where replay kept the old log-probs, free routing moved them
     assert (free.logprobs[unaffected_with_replay] - old[unaffected_with_replay]).abs().max() > 1e-3
+
+
+def test_the_engines_routes_replayed_give_the_recorded_routes_logprobs(replay):
+    """R3's path: the routes in SGLang's format (the last position missing) decoded for this stage's
+    layers and replayed give what replaying the trainer's own recorded routes gives. (Not bit for bit:
+    the last position's route, which SGLang does not return, changes how many tokens each expert's
+    matmul takes, and with it the rounding of the others.)"""
+    assert replay["stage_layers"] == [0, 1]
+    mask = replay["response_mask"].bool()
+    engine, recorded, free = (replay[k].logprobs[mask] for k in ("engine", "replay", "free"))
+    torch.testing.assert_close(engine, recorded, rtol=0, atol=1e-5)
+    assert (free - recorded).abs().max() > 0.1  # replay mattered: free routing moves them far more
