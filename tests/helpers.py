@@ -14,6 +14,8 @@ to disk, what a Megatron policy itself says about token sequences, and a tiny tr
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import shutil
@@ -295,6 +297,20 @@ def overrides(fixture: dict, root: str, *extra: str) -> list[str]:
         "logging.progress=false",
         *extra,
     ]
+
+
+@contextlib.contextmanager
+def vllm_tp_engines_one_at_a_time():
+    """Hold while a vLLM engine over several ranks may run. vLLM's CPU build names the shared-memory
+    segment of a TP group after the launcher's init method, which is "env://" for every in-process
+    (external launcher) engine: two such engines on one machine at once fail with EEXIST ("create shm
+    in SHMManager failed. errno: 17"). The suite's workers take turns on a lock file."""
+    with open(os.path.join(tempfile.gettempdir(), "megatron-prime-vllm-tp.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 # head_dim 32 (128 / 4): vLLM's CPU attention refuses head_dim 16 ("Unsupported CPU attention configuration").

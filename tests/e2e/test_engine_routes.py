@@ -21,7 +21,7 @@ import pytest
 
 from tests.helpers import ROOT, make_trainer_fixture, overrides
 
-pytestmark = [pytest.mark.multi_rank, pytest.mark.slow]
+pytestmark = pytest.mark.slow
 
 LAUNCHER = """
 import sys

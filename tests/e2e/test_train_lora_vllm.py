@@ -17,7 +17,7 @@ import shutil
 import pytest
 
 from tests.e2e.test_train_vllm import run, samples, scalars
-from tests.helpers import make_vllm_trainer_fixture, overrides
+from tests.helpers import make_vllm_trainer_fixture, overrides, vllm_tp_engines_one_at_a_time
 
 pytestmark = pytest.mark.multi_rank
 
@@ -40,8 +40,9 @@ def runs(tmp_path_factory):
     os.makedirs(os.path.join(dirs["resumed_tp2"], "ckpt"))
     for name in ("step_00000000", "step_00000001"):
         shutil.copytree(os.path.join(dirs["adapter"], "ckpt", name), os.path.join(dirs["resumed_tp2"], "ckpt", name))
-    out["resumed_tp2"] = run(overrides(fixture, dirs["resumed_tp2"], *LORA, "rollout.lora_sync=adapter",
-                                       "parallel.tp=2", "rollout.tp=2"), root, ranks=2)
+    with vllm_tp_engines_one_at_a_time():
+        out["resumed_tp2"] = run(overrides(fixture, dirs["resumed_tp2"], *LORA, "rollout.lora_sync=adapter",
+                                           "parallel.tp=2", "rollout.tp=2"), root, ranks=2)
     return out
 
 

@@ -22,7 +22,8 @@ import sys
 
 import pytest
 
-from tests.helpers import ROOT, greedy_contains7_accuracy, make_vllm_trainer_fixture, overrides
+from tests.helpers import (ROOT, greedy_contains7_accuracy, make_vllm_trainer_fixture, overrides,
+                           vllm_tp_engines_one_at_a_time)
 
 pytestmark = pytest.mark.multi_rank
 
@@ -94,8 +95,9 @@ def runs(tmp_path_factory):
     for name in ("step_00000000", "step_00000001"):
         shutil.copytree(os.path.join(one, "ckpt", name), os.path.join(resumed, "ckpt", name))
     out["resumed"] = run(overrides(fixture, resumed, prm, *COMMON), root, kill_before=2)
-    out["two"] = run(overrides(fixture, two, prm, *COMMON, "rollout.tp=2", "parallel.tp=2",
-                               f"data.eval_files=[{fixture['eval7']}]"), root, ranks=2, kill_before=2)
+    with vllm_tp_engines_one_at_a_time():
+        out["two"] = run(overrides(fixture, two, prm, *COMMON, "rollout.tp=2", "parallel.tp=2",
+                                   f"data.eval_files=[{fixture['eval7']}]"), root, ranks=2, kill_before=2)
     return out
 
 

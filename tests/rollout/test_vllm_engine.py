@@ -151,13 +151,15 @@ def run(tmp_path_factory):
     import os
 
     from tests.helpers import make_vllm_trainer_fixture as make
+    from tests.helpers import vllm_tp_engines_one_at_a_time
 
     root = str(tmp_path_factory.mktemp("rollout_vllm"))
     fixture = make(root, tied=True)  # tied output layer: the case vLLM's reload alone leaves stale on CPU
     # Two more policies of other weights: the engine starts from prm_hf, the TP=2 policy is hf,
     # the PP=2 policy a third model, so each sync must overwrite every tensor.
     third = make(os.path.join(root, "third"), seed=1, tied=True)
-    return run_distributed(_checks, fixture, [fixture["hf"], third["hf"]], world_size=2)
+    with vllm_tp_engines_one_at_a_time():
+        return run_distributed(_checks, fixture, [fixture["hf"], third["hf"]], world_size=2)
 
 
 def test_starting_the_engine_keeps_the_trainers_rng_and_threads(run):
