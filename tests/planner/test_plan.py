@@ -36,46 +36,12 @@ MOE_CASES = [("qwen3_moe", 1, 1, "bf16", True, 2), ("qwen3_moe", 1, 1, "bf16", T
 LAYOUTS = [(1, 1), (2, 1), (1, 2)]  # (tp, pp) on 2 ranks: DP=2, TP=2, PP=2
 
 
-def _storage_bytes(tensors, exclude=()) -> int:
-    seen = {t.untyped_storage().data_ptr() for t in exclude}
-    total = 0
-    for t in tensors:
-        ptr = t.untyped_storage().data_ptr()
-        if ptr not in seen:
-            seen.add(ptr)
-            total += t.untyped_storage().nbytes()
-    return total
-
-
-def _allocated(trainable) -> dict:
-    """Bytes the DDP buffers (or the parameters themselves) and the optimizer hold on this rank."""
-    ddp = trainable.model
-    params = list(ddp.module.parameters())
-    buffers = ddp.buffers + ddp.expert_parallel_buffers
-    if buffers and buffers[0].param_data is not None:
-        param_bytes = sum(b.param_data.untyped_storage().nbytes() for b in buffers)
-        param_tensors = [b.param_data for b in buffers]
-    else:
-        param_bytes = _storage_bytes(params)
-        param_tensors = params
-    grad_bytes = sum(b.grad_data.untyped_storage().nbytes() for b in buffers)
-    optimizers = getattr(trainable.optimizer, "chained_optimizers", [trainable.optimizer])
-    state = []
-    for opt in optimizers:
-        inner = opt.optimizer
-        for group in inner.param_groups:
-            state += list(group["params"])  # main params: fp32 copies, or views of the model's
-        for s in inner.state.values():
-            state += [v for v in s.values() if hasattr(v, "untyped_storage") and v.dim() > 0]
-    opt_bytes = _storage_bytes(state, exclude=param_tensors + params + [b.grad_data for b in buffers])
-    return {"params": param_bytes, "grads": grad_bytes, "optimizer": opt_bytes}
-
-
 def _state_checks(rank, world_size, cases):
     from megatron.core import parallel_state
 
     from megatron_prime.config import OptimizerConfig
     from megatron_prime.models.gpt import ModelOptions
+    from megatron_prime.planner.measured import trainable_bytes
     from megatron_prime.planner.state_memory import frozen_state_bytes, stage_parameters, trainable_state_bytes
     from megatron_prime.platform import distributed
     from megatron_prime.passes.trainable import build_frozen, build_trainable
@@ -90,7 +56,7 @@ def _state_checks(rank, world_size, cases):
                                     distributed_optimizer=dist_opt)
         trainable.zero_grad()
         trainable.step()  # Adam allocates its moments on the first step
-        measured = _allocated(trainable)
+        measured = trainable_bytes(trainable)
         pp_rank = parallel_state.get_pipeline_model_parallel_rank()
         dp = parallel_state.get_data_parallel_world_size()
         params = stage_parameters(arch, tp=tp, pp=pp, pp_rank=pp_rank, vocab_pad_multiple=128, ep=ep)
@@ -122,6 +88,7 @@ def _lora_check(family, tp, pp, dtype, targets):
     from megatron_prime.models.gpt import ModelOptions
     from megatron_prime.models.lora import LoRASettings
     from megatron_prime.passes.trainable import build_shared_base
+    from megatron_prime.planner.measured import trainable_bytes
     from megatron_prime.planner.state_memory import lora_parameters, stage_parameters, trainable_state_bytes
     from megatron_prime.platform import distributed
 
@@ -139,8 +106,7 @@ def _lora_check(family, tp, pp, dtype, targets):
         tm.zero_grad()
         tm.step()
         adapter = [p for p in base.parameters() if getattr(p, "is_lora", False) and p in set(tm.model.buffers[0].params)]
-        measured = _allocated(tm)
-        measured["params"] = _storage_bytes(adapter)
+        measured = trainable_bytes(tm, adapter)
         planned = trainable_state_bytes(lora_parameters(arch, rank=ranks[name], targets=targets, tp=tp, pp=pp),
                                         dtype=dtype, dp=parallel_state.get_data_parallel_world_size(), dp_rank=0,
                                         distributed_optimizer=False)

@@ -25,31 +25,6 @@ from _common import add_model_args, print_table, quiet  # noqa: E402
 TARGETS = ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2")
 
 
-def _storage_bytes(tensors, exclude=()) -> int:
-    seen = {t.untyped_storage().data_ptr() for t in exclude}
-    total = 0
-    for t in tensors:
-        ptr = t.untyped_storage().data_ptr()
-        if ptr not in seen:
-            seen.add(ptr)
-            total += t.untyped_storage().nbytes()
-    return total
-
-
-def allocated(trainable, params) -> dict:
-    """Bytes of ``params`` (the trained parameters), the DDP gradient buffers and the optimizer's
-    own tensors (moments, fp32 main copies), each storage once."""
-    buffers = trainable.model.buffers
-    grads = [b.grad_data for b in buffers]
-    state = []
-    for group in trainable.optimizer.optimizer.param_groups:
-        state += list(group["params"])
-    for s in trainable.optimizer.optimizer.state.values():
-        state += [v for v in s.values() if hasattr(v, "untyped_storage") and v.dim() > 0]
-    return {"params": _storage_bytes(params), "grads": _storage_bytes(grads),
-            "optimizer": _storage_bytes(state, exclude=list(params) + grads)}
-
-
 def step_once(trainable) -> None:
     trainable.zero_grad()
     trainable.step()  # zero gradients: Adam allocates its state, the weights do not move
@@ -60,28 +35,28 @@ def measure(arch, dtype: str, ranks: dict[str, int]) -> dict[str, dict]:
     from megatron_prime.models.gpt import ModelOptions
     from megatron_prime.models.lora import LoRASettings
     from megatron_prime.passes.trainable import build_frozen, build_shared_base, build_trainable
+    from megatron_prime.planner.measured import storage_bytes, trainable_bytes
 
     opts = ModelOptions(dtype=dtype)
     out = {}
     for role in ("policy", "prm"):
         tm = build_trainable(arch, opts, OptimizerConfig(), total_steps=1, distributed_optimizer=True)
         step_once(tm)
-        params = [b.param_data for b in tm.model.buffers if b.param_data is not None] or list(tm.model.module.parameters())
-        out[f"full {role}"] = allocated(tm, params)
+        out[f"full {role}"] = trainable_bytes(tm)
         del tm
         gc.collect()
     reference = build_frozen(arch, opts)
-    out["full reference"] = {"params": _storage_bytes(list(reference.parameters())), "grads": 0, "optimizer": 0}
+    out["full reference"] = {"params": storage_bytes(list(reference.parameters())), "grads": 0, "optimizer": 0}
     del reference
     gc.collect()
     settings = LoRASettings(ranks=ranks, alpha=2.0 * ranks["policy"], targets=TARGETS)
     trainables, base = build_shared_base(arch, opts, settings, {r: (OptimizerConfig(), 1) for r in ranks},
                                          distributed_optimizer=False, seed=0)
     frozen = [p for p in base.parameters() if not getattr(p, "is_lora", False)]
-    out["LoRA base (+ reference)"] = {"params": _storage_bytes(frozen), "grads": 0, "optimizer": 0}
+    out["LoRA base (+ reference)"] = {"params": storage_bytes(frozen), "grads": 0, "optimizer": 0}
     for role, tm in trainables.items():
         step_once(tm)
-        out[f"LoRA {role} adapter"] = allocated(tm, list(tm.model.buffers[0].params))
+        out[f"LoRA {role} adapter"] = trainable_bytes(tm, list(tm.model.buffers[0].params))
     return out
 
 
