@@ -19,6 +19,8 @@ import fcntl
 import json
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 import time
 import traceback
@@ -359,3 +361,58 @@ def vllm_prompt_logprobs(engine, prompt_token_ids: list[list[int]]) -> list[list
                             sampling_params=params, use_tqdm=False)
     return [[float(pos[t].logprob) for pos, t in zip(out.prompt_logprobs[1:], ids[1:])]
             for out, ids in zip(outs, prompt_token_ids)]
+
+
+# ---- a training run's logs, and a trainer run in a process of its own --------------------------------
+
+def run_scalars(run_dir: str) -> dict[int, dict]:
+    """``logs/scalars.jsonl`` of a run as {step: its records merged}."""
+    rows = {}
+    for line in open(os.path.join(run_dir, "logs", "scalars.jsonl")):
+        row = json.loads(line)
+        rows.setdefault(row["step"], {}).update(row)
+    return rows
+
+
+def run_samples(run_dir: str, step: int) -> list[tuple[str, str]]:
+    """The (prompt, response) pairs a run logged at ``step``."""
+    return [(r["prompt"], r["response"]) for r in map(json.loads, open(os.path.join(run_dir, "logs", "samples.jsonl")))
+            if r["step"] == step]
+
+
+# The trainer, with the rollout engine shut down (as if it had died) before step $KILL_ENGINE_BEFORE_STEP.
+TRAIN_KILLING_THE_ENGINE = """
+import os, sys
+sys.path.insert(0, {root!r})
+from tests.helpers import register_test_verifier
+from megatron_prime.config import load_config
+from megatron_prime.training import trainer
+
+kill_before = int(os.environ.get("KILL_ENGINE_BEFORE_STEP", "-1"))
+step = trainer.prime_step
+
+def prime_step(ctx, index):
+    if index == kill_before:
+        ctx.fleet.engine.shutdown()
+    return step(ctx, index)
+
+trainer.prime_step = prime_step
+if __name__ == "__main__":
+    register_test_verifier()
+    trainer.train(load_config(None, sys.argv[1:]))
+"""
+
+
+def train_in_subprocess(args: list[str], tmp, ranks: int = 1, kill_before: int = -1) -> str:
+    """``megatron-prime train`` with ``args`` in a process of its own (``ranks`` > 1: under torchrun);
+    its output. ``kill_before``: the rollout engine is shut down before that step."""
+    script = os.path.join(tmp, "train.py")
+    with open(script, "w") as f:
+        f.write(TRAIN_KILLING_THE_ENGINE.format(root=ROOT))
+    launcher = [script] if ranks == 1 else ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+                                            str(ranks), script]
+    env = dict(os.environ, KILL_ENGINE_BEFORE_STEP=str(kill_before), VLLM_LOGGING_LEVEL="WARNING")
+    proc = subprocess.run([sys.executable, *launcher, *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          text=True, env=env, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-6000:]
+    return proc.stdout

@@ -12,14 +12,13 @@ old-log-prob pass and update replay the engine's routes:
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
 
 import pytest
 
-from tests.helpers import ROOT, make_trainer_fixture, overrides
+from tests.helpers import ROOT, make_trainer_fixture, overrides, run_scalars
 
 pytestmark = pytest.mark.slow
 
@@ -53,11 +52,7 @@ def train(fixture, run_dir: str, *extra: str) -> dict[int, dict]:
         proc = subprocess.run([sys.executable, script, *args], capture_output=True, text=True, timeout=600,
                               env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    rows = {}
-    for line in open(os.path.join(run_dir, "logs", "scalars.jsonl")):
-        row = json.loads(line)
-        rows.setdefault(row["step"], {}).update(row)
-    return rows
+    return run_scalars(run_dir)
 
 
 @pytest.fixture(scope="module")

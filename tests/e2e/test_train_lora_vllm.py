@@ -16,8 +16,8 @@ import shutil
 
 import pytest
 
-from tests.e2e.test_train_vllm import run, samples, scalars
-from tests.helpers import make_vllm_trainer_fixture, overrides, vllm_tp_engines_one_at_a_time
+from tests.helpers import (make_vllm_trainer_fixture, overrides, run_samples, run_scalars, train_in_subprocess,
+                           vllm_tp_engines_one_at_a_time)
 
 pytestmark = pytest.mark.multi_rank
 
@@ -35,20 +35,20 @@ def runs(tmp_path_factory):
     fixture = make_vllm_trainer_fixture(root)
     dirs = {name: os.path.join(root, name) for name in ("adapter", "merged", "resumed_tp2")}
     out = {"dirs": dirs}
-    out["adapter"] = run(overrides(fixture, dirs["adapter"], *LORA, "rollout.lora_sync=adapter"), root)
-    out["merged"] = run(overrides(fixture, dirs["merged"], *LORA, "rollout.lora_sync=merged"), root)
+    out["adapter"] = train_in_subprocess(overrides(fixture, dirs["adapter"], *LORA, "rollout.lora_sync=adapter"), root)
+    out["merged"] = train_in_subprocess(overrides(fixture, dirs["merged"], *LORA, "rollout.lora_sync=merged"), root)
     os.makedirs(os.path.join(dirs["resumed_tp2"], "ckpt"))
     for name in ("step_00000000", "step_00000001"):
         shutil.copytree(os.path.join(dirs["adapter"], "ckpt", name), os.path.join(dirs["resumed_tp2"], "ckpt", name))
     with vllm_tp_engines_one_at_a_time():
-        out["resumed_tp2"] = run(overrides(fixture, dirs["resumed_tp2"], *LORA, "rollout.lora_sync=adapter",
+        out["resumed_tp2"] = train_in_subprocess(overrides(fixture, dirs["resumed_tp2"], *LORA, "rollout.lora_sync=adapter",
                                            "parallel.tp=2", "rollout.tp=2"), root, ranks=2)
     return out
 
 
 @pytest.mark.parametrize("mode", ["adapter", "merged"])
 def test_three_steps_every_update_lands(runs, mode):
-    rows = scalars(runs["dirs"][mode])
+    rows = run_scalars(runs["dirs"][mode])
     for step in (1, 2, 3):
         assert rows[step]["rollout/logprob_diff_max"] <= 1e-4, (mode, step, rows[step]["rollout/logprob_diff_max"])
         assert rows[step]["policy/grad_norm"] > 0 and rows[step]["prm/grad_norm"] > 0
@@ -57,14 +57,14 @@ def test_three_steps_every_update_lands(runs, mode):
 def test_both_sync_modes_sample_the_same_tokens(runs):
     adapter, merged = runs["dirs"]["adapter"], runs["dirs"]["merged"]
     for step in (0, 1, 2):
-        assert samples(adapter, step) and samples(adapter, step) == samples(merged, step), step
+        assert run_samples(adapter, step) and run_samples(adapter, step) == run_samples(merged, step), step
 
 
 def test_lora_checkpoint_resumes_at_another_tensor_parallel_size(runs):
     assert "resumed from step 1" in runs["resumed_tp2"]
     adapter, resumed = runs["dirs"]["adapter"], runs["dirs"]["resumed_tp2"]
-    assert samples(resumed, 2) == samples(adapter, 2)
-    a, b = scalars(adapter)[3], scalars(resumed)[3]
+    assert run_samples(resumed, 2) == run_samples(adapter, 2)
+    a, b = run_scalars(adapter)[3], run_scalars(resumed)[3]
     for key in SAME_STEP:
         assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), key
     assert b["rollout/logprob_diff_max"] <= 1e-4

@@ -14,72 +14,22 @@ policy at parallel.tp=2).
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
-import subprocess
-import sys
 
 import pytest
 
-from tests.helpers import (ROOT, greedy_contains7_accuracy, make_vllm_trainer_fixture, overrides,
-                           vllm_tp_engines_one_at_a_time)
+from tests.helpers import (greedy_contains7_accuracy, make_vllm_trainer_fixture, overrides, run_samples,
+                           run_scalars, train_in_subprocess, vllm_tp_engines_one_at_a_time)
 
 pytestmark = pytest.mark.multi_rank
 
 pytest.importorskip("vllm", reason="vLLM is not installed (scripts/setup.sh installs its CPU build)")
 
-# The trainer, with the rollout engine shut down (as if it had died) before step $KILL_ENGINE_BEFORE_STEP.
-TRAIN = """
-import os, sys
-sys.path.insert(0, {root!r})
-from tests.helpers import register_test_verifier
-from megatron_prime.config import load_config
-from megatron_prime.training import trainer
-
-kill_before = int(os.environ.get("KILL_ENGINE_BEFORE_STEP", "-1"))
-step = trainer.prime_step
-
-def prime_step(ctx, index):
-    if index == kill_before:
-        ctx.fleet.engine.shutdown()
-    return step(ctx, index)
-
-trainer.prime_step = prime_step
-if __name__ == "__main__":
-    register_test_verifier()
-    trainer.train(load_config(None, sys.argv[1:]))
-"""
 COMMON = ("rollout.engine=vllm", "train.steps=3", "checkpoint.interval=1", "checkpoint.keep_last=3",
           "checkpoint.export_hf=false", "logging.sample_every=1", "optim.policy.lr=1e-4")
 SAME_STEP = ("prm/loss", "policy/loss", "policy/pg_loss", "policy/grad_norm", "prm/grad_norm", "advantage/mean",
              "outcome/accuracy_sampled", "rollout/logprob_diff_max")
-
-
-def run(args: list[str], tmp, ranks: int = 1, kill_before: int = -1) -> str:
-    script = os.path.join(tmp, "train.py")
-    with open(script, "w") as f:
-        f.write(TRAIN.format(root=ROOT))
-    launcher = [script] if ranks == 1 else ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
-                                            str(ranks), script]
-    env = dict(os.environ, KILL_ENGINE_BEFORE_STEP=str(kill_before), VLLM_LOGGING_LEVEL="WARNING")
-    proc = subprocess.run([sys.executable, *launcher, *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                          text=True, env=env, timeout=900)
-    assert proc.returncode == 0, proc.stdout[-6000:]
-    return proc.stdout
-
-
-def scalars(run_dir: str) -> dict[int, dict]:
-    rows = {}
-    for line in open(os.path.join(run_dir, "logs", "scalars.jsonl")):
-        row = json.loads(line)
-        rows.setdefault(row["step"], {}).update(row)
-    return rows
-
-
-def samples(run_dir: str, step: int) -> list[tuple[str, str]]:
-    return [(r["prompt"], r["response"]) for r in map(json.loads, open(os.path.join(run_dir, "logs", "samples.jsonl")))
-            if r["step"] == step]
 
 
 @pytest.fixture(scope="module")
@@ -89,21 +39,21 @@ def runs(tmp_path_factory):
     prm = f"model.prm_hf_path={fixture['prm_hf']}"
     one, resumed, two = (os.path.join(root, name) for name in ("one", "resumed", "two"))
     out = {"fixture": fixture, "dirs": {"one": one, "resumed": resumed, "two": two}}
-    out["one"] = run(overrides(fixture, one, prm, *COMMON), root)
+    out["one"] = train_in_subprocess(overrides(fixture, one, prm, *COMMON), root)
     # Resume from the step-1 checkpoint of that run; the engine dies before step 2.
     os.makedirs(os.path.join(resumed, "ckpt"))
     for name in ("step_00000000", "step_00000001"):
         shutil.copytree(os.path.join(one, "ckpt", name), os.path.join(resumed, "ckpt", name))
-    out["resumed"] = run(overrides(fixture, resumed, prm, *COMMON), root, kill_before=2)
+    out["resumed"] = train_in_subprocess(overrides(fixture, resumed, prm, *COMMON), root, kill_before=2)
     with vllm_tp_engines_one_at_a_time():
-        out["two"] = run(overrides(fixture, two, prm, *COMMON, "rollout.tp=2", "parallel.tp=2",
+        out["two"] = train_in_subprocess(overrides(fixture, two, prm, *COMMON, "rollout.tp=2", "parallel.tp=2",
                                    f"data.eval_files=[{fixture['eval7']}]"), root, ranks=2, kill_before=2)
     return out
 
 
 @pytest.mark.parametrize("name", ["one", "two"])
 def test_three_steps_every_sync_lands(runs, name):
-    rows = scalars(runs["dirs"][name])
+    rows = run_scalars(runs["dirs"][name])
     for step in (1, 2, 3):
         assert rows[step]["rollout/logprob_diff_max"] <= 1e-4, (step, rows[step]["rollout/logprob_diff_max"])
         assert rows[step]["policy/grad_norm"] > 0
@@ -114,15 +64,15 @@ def test_resume_with_a_dead_engine_gives_the_uninterrupted_step(runs):
     assert "resumed from step 1" in runs["resumed"]
     assert "restarting them" in runs["resumed"]
     one, resumed = runs["dirs"]["one"], runs["dirs"]["resumed"]
-    assert samples(resumed, 2) == samples(one, 2)
-    a, b = scalars(one)[3], scalars(resumed)[3]
+    assert run_samples(resumed, 2) == run_samples(one, 2)
+    a, b = run_scalars(one)[3], run_scalars(resumed)[3]
     for key in SAME_STEP:
         assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-7), key
 
 
 def test_two_ranks_engine_restarted_and_resynced(runs):
     assert "restarting them" in runs["two"]
-    rows = scalars(runs["dirs"]["two"])
+    rows = run_scalars(runs["dirs"]["two"])
     # Greedy evaluation over the fleet before training (step 0) is transformers' own greedy decoding
     # of the starting model (vLLM and transformers may split a near-tie differently: one prompt of
     # 16 either way); the one after the last step (step 3) is a measured fraction of the 16 prompts.
@@ -132,4 +82,4 @@ def test_two_ranks_engine_restarted_and_resynced(runs):
     # The two-rank run samples what the one-rank run samples (same seeds, same policy up to fp32
     # rounding), the failed step included.
     for step in (0, 1, 2):
-        assert samples(runs["dirs"]["two"], step) == samples(runs["dirs"]["one"], step), step
+        assert run_samples(runs["dirs"]["two"], step) == run_samples(runs["dirs"]["one"], step), step

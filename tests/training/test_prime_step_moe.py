@@ -17,14 +17,14 @@ rounding noise, differently per layout, and Adam with eps 1e-8 turns that noise 
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 
 import pytest
 import torch
 
-from tests.helpers import make_trainer_fixture, overrides, register_test_verifier, run_distributed
+from tests.helpers import (make_trainer_fixture, overrides, register_test_verifier, run_distributed, run_samples,
+                           run_scalars)
 
 pytestmark = [pytest.mark.multi_rank, pytest.mark.slow]
 
@@ -69,19 +69,6 @@ def _train(rank, world_size, fixture, root):
                 f.write(f"{type(e).__name__}: {e}")
 
 
-def _scalars(run_dir: str) -> dict[int, dict]:
-    rows = {}
-    for line in open(os.path.join(run_dir, "logs", "scalars.jsonl")):
-        row = json.loads(line)
-        rows.setdefault(row["step"], {}).update(row)
-    return rows
-
-
-def _samples(run_dir: str, step: int) -> list:
-    return [(r["prompt"], r["response"]) for r in map(json.loads, open(os.path.join(run_dir, "logs", "samples.jsonl")))
-            if r["step"] == step]
-
-
 def _weights(run_dir: str, model: str = "policy") -> dict:
     from safetensors.torch import load_file
 
@@ -98,9 +85,9 @@ def runs(tmp_path_factory):
 
 def test_three_steps_at_ep2_equal_ep1(runs):
     root, fixture = runs
-    ep1, ep2 = _scalars(os.path.join(root, "ep1")), _scalars(os.path.join(root, "ep2"))
+    ep1, ep2 = run_scalars(os.path.join(root, "ep1")), run_scalars(os.path.join(root, "ep2"))
     for step in (1, 2, 3):
-        assert _samples(os.path.join(root, "ep2"), step - 1) == _samples(os.path.join(root, "ep1"), step - 1)
+        assert run_samples(os.path.join(root, "ep2"), step - 1) == run_samples(os.path.join(root, "ep1"), step - 1)
         for key in SAME:
             if key != "rollout/logprob_diff_max":  # rounding noise itself (both <= 1e-4 below)
                 assert ep2[step][key] == pytest.approx(ep1[step][key], rel=1e-5, abs=1e-6), (step, key)
@@ -121,9 +108,9 @@ def test_three_steps_at_ep2_equal_ep1(runs):
 
 def test_a_stopped_ep2_run_resumes_exactly(runs):
     root, _ = runs
-    whole, resumed = _scalars(os.path.join(root, "ep2")), _scalars(os.path.join(root, "ep2_resumed"))
+    whole, resumed = run_scalars(os.path.join(root, "ep2")), run_scalars(os.path.join(root, "ep2_resumed"))
     assert 2 not in resumed and 3 in resumed  # steps 0 and 1 came from the checkpoint
-    assert _samples(os.path.join(root, "ep2_resumed"), 2) == _samples(os.path.join(root, "ep2"), 2)
+    assert run_samples(os.path.join(root, "ep2_resumed"), 2) == run_samples(os.path.join(root, "ep2"), 2)
     for key in SAME:
         assert resumed[3][key] == whole[3][key], key
     for model in ("policy", "prm"):
@@ -134,7 +121,7 @@ def test_a_stopped_ep2_run_resumes_exactly(runs):
 
 def test_the_policy_update_replays_the_old_routes(runs):
     root, _ = runs
-    rows = _scalars(os.path.join(root, "ep2"))
+    rows = run_scalars(os.path.join(root, "ep2"))
     # the second mini-batch runs after an optimizer step: the router's own choice drifts there,
     # and replay keeps the recorded experts
     assert any(rows[step]["routing/flipped_frac"] > 0 for step in (1, 2, 3))
@@ -144,7 +131,7 @@ def test_lora_on_the_moe_attention_trains_and_observes_route_flips(runs):
     from safetensors.torch import load_file
 
     root, fixture = runs
-    rows = _scalars(os.path.join(root, "lora_observe"))
+    rows = run_scalars(os.path.join(root, "lora_observe"))
     assert all(0 <= rows[step]["routing/flipped_frac"] <= 1 for step in (1, 2))  # counted without replay
     assert any(rows[step]["routing/flipped_frac"] > 0 for step in (1, 2))  # and the routes did move
     adapter = load_file(os.path.join(root, "lora_observe", "export", "policy_adapter", "adapter_model.safetensors"))
