@@ -7,8 +7,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.e2e.test_train_vllm import run, scalars
-from tests.helpers import make_trainer_fixture, overrides
+from tests.helpers import make_trainer_fixture, overrides, run_scalars, train_in_subprocess
 
 pytestmark = pytest.mark.multi_rank
 
@@ -18,9 +17,10 @@ pytest.importorskip("vllm", reason="vLLM is not installed (scripts/setup.sh inst
 def test_moe_policy_reaches_vllm_exactly_every_step(tmp_path):
     root = str(tmp_path)
     fixture = make_trainer_fixture(root, moe=True)
-    out = run(overrides(fixture, f"{root}/run", "rollout.engine=vllm", "train.steps=3", "checkpoint.export_hf=false",
-                        f"model.prm_hf_path={fixture['prm_hf']}", "optim.policy.lr=1e-3", "optim.prm.lr=1e-3"), root)
-    rows = scalars(f"{root}/run")
+    out = train_in_subprocess(overrides(fixture, f"{root}/run", "rollout.engine=vllm", "train.steps=3",
+                                        "checkpoint.export_hf=false", f"model.prm_hf_path={fixture['prm_hf']}",
+                                        "optim.policy.lr=1e-3", "optim.prm.lr=1e-3"), root)
+    rows = run_scalars(f"{root}/run")
     for step in (1, 2, 3):
         assert rows[step]["rollout/logprob_diff_max"] <= 1e-4, (step, rows[step]["rollout/logprob_diff_max"])
         assert rows[step]["policy/grad_norm"] > 0
